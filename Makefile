@@ -1,0 +1,35 @@
+# The two commands: `make run` (the main job on the local stack) and `make test`.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The prefect CLI talks to the local server that `make run` starts (see flows/local_stack.py).
+PREFECT := PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_HOME=$(CURDIR)/.stack/prefect $(VENV)/bin/prefect
+
+.PHONY: install run stop status test bench clean
+
+install: $(STAMP)
+
+# Re-installs only when pyproject.toml changes: the venv is ~3 GB and must be reused.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+run: install
+	$(PY) -m flows.local_stack up
+	$(PREFECT) deployment run train-and-serve/on-demand --watch; status=$$?; \
+	$(PY) -m flows.report; \
+	if [ $$status -eq 0 ]; then $(PY) -m serving.client --server 127.0.0.1:8500 --num_tests 1000; fi; \
+	exit $$status
+
+stop:
+	@test -x $(PY) && $(PY) -m flows.local_stack down || true
+
+status: install
+	@$(PY) -m flows.local_stack status
+
+test: install
+	$(PY) -m pytest -q
+
+clean: stop
+	rm -rf .stack

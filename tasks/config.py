@@ -1,0 +1,161 @@
+"""The pipeline's configuration: YAML files in ``configs/``, validated into typed objects.
+
+``load_config(path, overrides)`` reads a file, applies ``dotted.key=value`` overrides (values parsed
+as YAML, so ``train.epochs=3`` is an int and ``push.servers=[a:1,b:2]`` a list) and validates the
+result. Every error is a ``ConfigError`` whose message names the offending key, and it is raised
+before any work starts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "mnist.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    dir: Path = REPO_ROOT / "data" / "mnist"
+
+
+class ModelConfig(_Section):
+    kind: Literal["softmax", "mlp", "cnn"] = "softmax"
+    hidden_units: int = Field(128, gt=0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(5, gt=0)
+    batch_size: int = Field(100, gt=0)
+    learning_rate: float = Field(0.5, gt=0)
+    device: str = "auto"
+    log_device_placement: bool = False
+    seed: int = 0
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|gpu|gpu:\d+", value):
+            raise ValueError("must be auto, cpu, gpu or gpu:N")
+        return value
+
+
+class ExportConfig(_Section):
+    base_path: Path = REPO_ROOT / ".stack" / "exports"
+    model_name: str = Field("mnist", pattern=r"^[A-Za-z0-9_.-]+$")
+    warmup_requests: int = Field(4, ge=0, le=1000)
+
+
+class ValidateConfig(_Section):
+    max_error_rate: float = Field(0.12, ge=0, le=1)
+    max_regression: float = Field(0.005, ge=0, le=1)
+    num_canary_images: int = Field(16, gt=0)
+
+
+class PushConfig(_Section):
+    model_base_path: Path = REPO_ROOT / ".stack" / "models"
+    servers: list[str] = ["127.0.0.1:8500"]
+    timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("servers")
+    @classmethod
+    def _host_ports(cls, servers: list[str]) -> list[str]:
+        for server in servers:
+            if not re.fullmatch(r"[^\s:]+:\d+", server):
+                raise ValueError(f"{server!r} is not host:port")
+        return servers
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str = "http://127.0.0.1:5000"
+    experiment: str = "train-and-serve"
+    # Used only when the experiment does not exist yet; None lets the tracking server decide.
+    artifact_location: str | None = None
+
+
+class PipelineConfig(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    push: PushConfig = PushConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def flat(self) -> dict[str, str]:
+        """``{"train.epochs": "5", ...}``: the whole configuration as MLflow params."""
+        flat: dict[str, str] = {}
+        for section, values in self.model_dump(mode="json", by_alias=True).items():
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = str(value)
+        return flat
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: depth + 1])}: is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+", key):
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot parse {raw!r}: {exc}") from None
+    return key, value
+
+
+def _relative_to(base: Path, tree: dict[str, Any]) -> None:
+    """Relative paths in a config file are relative to the repository root, wherever it runs from."""
+    for section, key in (("data", "dir"), ("export", "base_path"), ("push", "model_base_path")):
+        value = tree.get(section, {}).get(key) if isinstance(tree.get(section), dict) else None
+        if isinstance(value, str) and not Path(value).is_absolute():
+            tree[section][key] = str(base / value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections")
+    for override in overrides:
+        key, value = parse_override(override)
+        _set_dotted(tree, key, value)
+    _relative_to(REPO_ROOT, tree)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"])
+            message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+            problems.append(f"{key}: {message}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

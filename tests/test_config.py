@@ -1,0 +1,62 @@
+"""The configuration: defaults, overrides, and errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from tasks.config import REPO_ROOT, ConfigError, load_config
+
+
+def test_default_config_matches_the_tutorial_setup():
+    cfg = load_config()
+    assert cfg.model.kind == "softmax"
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.learning_rate) == (5, 100, 0.5)
+    assert cfg.export.model_name == "mnist"
+    assert cfg.mlflow.experiment == "train-and-serve"
+    assert cfg.data.dir == REPO_ROOT / "data" / "mnist"  # relative paths are taken from the repo root
+
+
+def test_overrides_are_parsed_as_yaml_values():
+    cfg = load_config(overrides=["train.epochs=3", "train.device=gpu:1", "push.servers=[a:1, b:2]",
+                                 "validate.max_error_rate=0.2", "export.base_path=/tmp/x"])
+    assert cfg.train.epochs == 3
+    assert cfg.train.device == "gpu:1"
+    assert cfg.push.servers == ["a:1", "b:2"]
+    assert cfg.validate_.max_error_rate == 0.2
+    assert cfg.export.base_path == Path("/tmp/x")
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("train.epoch=3", "train.epoch: unknown key"),
+        ("trian.epochs=3", "trian: unknown key"),
+        ("train.epochs=zero", "train.epochs"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.device=tpu", "train.device"),
+        ("model.kind=transformer", "model.kind"),
+        ("validate.max_error_rate=1.5", "validate.max_error_rate"),
+        ("push.servers=[nohostport]", "push.servers"),
+        ("train.epochs.deep=1", "train.epochs"),
+        ("noequals", "noequals"),
+    ],
+)
+def test_bad_keys_and_values_fail_naming_the_key(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.").replace("[", r"\[")):
+        load_config(overrides=[override])
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  batch_size: -1\n")
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(bad)
+
+
+def test_flat_params_cover_every_key():
+    flat = load_config().flat()
+    assert flat["train.epochs"] == "5"
+    assert flat["validate.max_regression"] == "0.005"
+    assert "push.servers" in flat and "mlflow.tracking_uri" in flat
