@@ -1,0 +1,237 @@
+"""Export a trained Keras model as a TF Serving SavedModel under the next free version number.
+
+Layout: ``<export.base_path>/<model_name>/<version>/`` with
+  * ``serving_default``: ``images`` float32 [None, 784] in 0..1 -> ``scores`` float32 [None, 10]
+    (softmax), ``classes`` int64 [None] (argmax), for TF Serving's Predict API;
+  * ``classify``: ``inputs`` string [None] of serialized ``tf.Example`` with a float feature ``image``
+    of 784 values -> ``classes`` string [None, 10] ("0".."9") and ``scores`` float32 [None, 10], with
+    method name ``tensorflow/serving/classify`` so TF Serving's Classify API accepts it;
+  * ``assets.extra/tf_serving_warmup_requests``: PredictionLog records TF Serving replays on load,
+    so the first real request does not pay for graph initialisation.
+
+Versions are never reused: the new one is above every version in the export base *and* in the
+serving store (a version pushed earlier and since deleted from the exports must not be shadowed),
+and the SavedModel appears under its number only when complete (written under a hidden temporary
+name, then renamed), so neither a concurrent export nor a model server ever sees half a model.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import classification_pb2, predict_pb2, prediction_log_pb2
+
+from tasks.config import ExportConfig
+from tasks.logs import logger as _logger
+from tasks.mnist import IMAGE_PIXELS, NUM_CLASSES
+
+SERVING_SIGNATURE = "serving_default"
+CLASSIFY_SIGNATURE = "classify"
+CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
+IMAGE_FEATURE = "image"
+WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+CLASS_LABELS = tuple(str(digit) for digit in range(NUM_CLASSES))
+
+# rename(2) of a directory onto an existing one fails with one of these when the target is taken
+# (a non-empty directory) or is not a directory at all.
+_TAKEN = {errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR}
+# Each failed rename means another export just took a version; this many in a row means something
+# else is wrong (e.g. a directory that cannot be renamed into), not contention.
+_MAX_ATTEMPTS = 100
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    model_name: str
+    version: int
+    path: Path  # <export.base_path>/<model_name>/<version>
+
+
+def existing_versions(*model_dirs: Path) -> set[int]:
+    """Version numbers of the directories named by a positive integer in any of ``model_dirs``."""
+    versions: set[int] = set()
+    for model_dir in model_dirs:
+        if not model_dir.is_dir():
+            continue
+        for entry in model_dir.iterdir():
+            # ASCII digits only: TF Serving parses version directory names as integers, and skips the
+            # rest (hidden temporary directories of exports in progress among them).
+            if re.fullmatch(r"[0-9]+", entry.name) and int(entry.name) > 0 and entry.is_dir():
+                versions.add(int(entry.name))
+    return versions
+
+
+def next_version(*model_dirs: Path) -> int:
+    """One above the highest version in any of ``model_dirs``; 1 when there is none."""
+    return max(existing_versions(*model_dirs), default=0) + 1
+
+
+def publish(staging: Path, export_dir: Path, serving_dir: Path) -> tuple[int, Path]:
+    """Rename the complete SavedModel at ``staging`` to the next free version under ``export_dir``.
+
+    ``staging`` must be in ``export_dir`` (rename is atomic only within a file system). If another
+    export takes the number between the scan and the rename, the rename fails because the target is
+    non-empty, and the next number is tried.
+    """
+    candidate = next_version(export_dir, serving_dir)
+    for _ in range(_MAX_ATTEMPTS):
+        target = export_dir / str(candidate)
+        try:
+            os.rename(staging, target)
+            return candidate, target
+        except OSError as exc:
+            if exc.errno not in _TAKEN:
+                raise
+        # Rescan too: a concurrent export may have pushed the highest version further than +1.
+        candidate = max(candidate + 1, next_version(export_dir, serving_dir))
+    raise RuntimeError(f"no free version under {export_dir} after {_MAX_ATTEMPTS} attempts")
+
+
+class _ServingModule(tf.Module):
+    """The serving signatures, as ``tf.function``s over the Keras model.
+
+    It tracks the model's underlying ``tf.Variable``s, not the Keras model: a Keras 3 model tracked
+    as an attribute exports its variables twice (keras-team/keras#20095), and the TF1 loader that
+    TF Serving uses then restores one copy while the signatures read the other, uninitialised one.
+    """
+
+    def __init__(self, model: keras.Model) -> None:
+        super().__init__(name="mnist_serving")
+        self._model = _Untracked(model)
+        self.model_variables = [variable.value for variable in model.variables]
+
+    def _scores(self, images: tf.Tensor) -> tf.Tensor:
+        return tf.cast(self._model.value(images, training=False), tf.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_PIXELS], tf.float32, name="images")])
+    def serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        scores = self._scores(images)
+        return {"scores": scores, "classes": tf.argmax(scores, axis=1, output_type=tf.int64)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    def classify(self, inputs: tf.Tensor) -> dict[str, tf.Tensor]:
+        features = tf.io.parse_example(
+            inputs, {IMAGE_FEATURE: tf.io.FixedLenFeature([IMAGE_PIXELS], tf.float32)}
+        )
+        scores = self._scores(features[IMAGE_FEATURE])
+        # TF Serving's Classify pairs every score with a class label, row by row.
+        labels = tf.constant([CLASS_LABELS], dtype=tf.string)
+        classes = tf.tile(labels, [tf.shape(scores)[0], 1])
+        return {"classes": classes, "scores": scores}
+
+
+class _Untracked:
+    """Holds an object out of sight of tf.Module's automatic dependency tracking."""
+
+    def __init__(self, value: keras.Model) -> None:
+        self.value = value
+
+
+def _set_classify_method_name(saved_model_dir: Path) -> None:
+    """TF2's ``tf.saved_model.save`` marks every signature as Predict; TF Serving's Classify API
+    only accepts a signature whose method name is ``tensorflow/serving/classify``."""
+    pb_path = saved_model_dir / "saved_model.pb"
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString(pb_path.read_bytes())
+    for meta_graph in saved_model.meta_graphs:
+        if CLASSIFY_SIGNATURE in meta_graph.signature_def:
+            meta_graph.signature_def[CLASSIFY_SIGNATURE].method_name = CLASSIFY_METHOD_NAME
+    pb_path.write_bytes(saved_model.SerializeToString())
+    try:
+        # fingerprint.pb holds a checksum of saved_model.pb; recompute it so it describes the
+        # patched file. Private API, and nothing fails on a stale fingerprint, hence best effort.
+        from tensorflow.python.saved_model import fingerprinting_utils
+
+        fingerprinting_utils.write_fingerprint(str(saved_model_dir))
+    except (ImportError, AttributeError):
+        pass
+
+
+def image_example(image: np.ndarray) -> tf.train.Example:
+    """The ``tf.Example`` the ``classify`` signature parses: a float feature ``image`` of 784 values."""
+    values = np.asarray(image, dtype=np.float32).reshape(IMAGE_PIXELS)
+    feature = tf.train.Feature(float_list=tf.train.FloatList(value=values.tolist()))
+    return tf.train.Example(features=tf.train.Features(feature={IMAGE_FEATURE: feature}))
+
+
+def warmup_records(model_name: str, images: np.ndarray, num_predict: int) -> list[prediction_log_pb2.PredictionLog]:
+    """``num_predict`` Predict requests (cycling through ``images``) and one Classify request."""
+    records = []
+    for index in range(num_predict):
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model_name
+        request.model_spec.signature_name = SERVING_SIGNATURE
+        image = images[index % len(images)].reshape(1, IMAGE_PIXELS)
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(image, dtype=tf.float32, shape=[1, IMAGE_PIXELS]))
+        records.append(prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request)))
+    classify = classification_pb2.ClassificationRequest()
+    classify.model_spec.name = model_name
+    classify.model_spec.signature_name = CLASSIFY_SIGNATURE
+    classify.input.example_list.examples.add().CopyFrom(image_example(images[0]))
+    records.append(
+        prediction_log_pb2.PredictionLog(classify_log=prediction_log_pb2.ClassifyLog(request=classify))
+    )
+    return records
+
+
+def _write_warmup(saved_model_dir: Path, records: list[prediction_log_pb2.PredictionLog]) -> Path:
+    path = saved_model_dir / WARMUP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in records:
+            writer.write(record.SerializeToString())
+    return path
+
+
+def _check_images(warmup_images: np.ndarray) -> np.ndarray:
+    images = np.asarray(warmup_images, dtype=np.float32)
+    if images.ndim != 2 or images.shape[1] != IMAGE_PIXELS or len(images) == 0:
+        raise ValueError(f"warmup_images: expected float32 [N>=1, {IMAGE_PIXELS}], got shape {images.shape}")
+    return images
+
+
+@task(name="export", cache_policy=NO_CACHE)
+def export(
+    model: keras.Model,
+    cfg: ExportConfig,
+    serving_base_path: Path,
+    warmup_images: np.ndarray,
+) -> ExportResult:
+    """Write ``model`` as the next version of ``cfg.model_name`` under ``cfg.base_path``."""
+    logger = _logger()
+    images = _check_images(warmup_images)
+    export_dir = Path(cfg.base_path) / cfg.model_name
+    serving_dir = Path(serving_base_path) / cfg.model_name
+    export_dir.mkdir(parents=True, exist_ok=True)
+    # Hidden, and in the same directory as the final version so the rename is atomic.
+    staging = export_dir / f".tmp-{uuid.uuid4().hex}"
+    try:
+        module = _ServingModule(model)
+        tf.saved_model.save(
+            module,
+            str(staging),
+            signatures={SERVING_SIGNATURE: module.serve, CLASSIFY_SIGNATURE: module.classify},
+        )
+        _set_classify_method_name(staging)
+        _write_warmup(staging, warmup_records(cfg.model_name, images, cfg.warmup_requests))
+        version, path = publish(staging, export_dir, serving_dir)
+    finally:
+        # Only left when something failed before or during the rename.
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info(
+        "exported %s version %d to %s (warmup: %d predict + 1 classify requests)",
+        cfg.model_name, version, path, cfg.warmup_requests,
+    )
+    return ExportResult(model_name=cfg.model_name, version=version, path=path)

@@ -1,0 +1,110 @@
+"""A client for one model server, through TF Serving's public gRPC API only.
+
+validate (the baseline error rate) and push (availability and canary checks) talk to servers
+through this class, so the same pipeline drives our ``serving/`` server or real
+``tensorflow_model_server`` replicas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+END = get_model_status_pb2.ModelVersionStatus.END
+_UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    version: int
+    state: str  # START | LOADING | AVAILABLE | UNLOADING | END
+    error_code: int  # grpc status code number; 0 = OK
+    error_message: str
+
+
+def float_tensor(array: np.ndarray) -> tensor_pb2.TensorProto:
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    shape = tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in array.shape]
+    )
+    return tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=shape, tensor_content=array.tobytes())
+
+
+def float_array(proto: tensor_pb2.TensorProto) -> np.ndarray:
+    if proto.dtype != types_pb2.DT_FLOAT:
+        raise ValueError(f"expected a float tensor, got dtype {types_pb2.DataType.Name(proto.dtype)}")
+    shape = [dim.size for dim in proto.tensor_shape.dim]
+    if proto.tensor_content:
+        return np.frombuffer(proto.tensor_content, dtype=np.float32).reshape(shape)
+    return np.asarray(proto.float_val, dtype=np.float32).reshape(shape)
+
+
+class ModelServer:
+    """One server at ``host:port`` serving ``model_name``."""
+
+    def __init__(self, address: str, model_name: str, rpc_timeout_s: float = 30.0):
+        self.address = address
+        self.model_name = model_name
+        self._timeout = rpc_timeout_s
+        self._channel = grpc.insecure_channel(address, options=_UNLIMITED)
+        self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+        self._predictions = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ModelServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def version_statuses(self) -> list[VersionStatus]:
+        """Every version the server reports; [] when it does not know the model (NOT_FOUND)."""
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = self.model_name
+        try:
+            response = self._models.GetModelStatus(request, timeout=self._timeout)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return []
+            raise
+        return [
+            VersionStatus(
+                version=status.version,
+                state=get_model_status_pb2.ModelVersionStatus.State.Name(status.state),
+                error_code=status.status.error_code,
+                error_message=status.status.error_message,
+            )
+            for status in response.model_version_status
+        ]
+
+    def serving_version(self) -> int | None:
+        """The version answering unpinned requests now (the newest AVAILABLE), or None."""
+        available = [s.version for s in self.version_statuses() if s.state == "AVAILABLE"]
+        return max(available) if available else None
+
+    def predict_scores(self, images: np.ndarray, version: int | None = None, batch_size: int = 1000) -> np.ndarray:
+        """``serving_default`` scores for ``images`` [N,784], in requests of ``batch_size``."""
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = self.model_name
+            request.model_spec.signature_name = "serving_default"
+            if version is not None:
+                request.model_spec.version.value = version
+            request.inputs["images"].CopyFrom(float_tensor(images[start : start + batch_size]))
+            request.output_filter.append("scores")
+            response = self._predictions.Predict(request, timeout=self._timeout)
+            chunks.append(float_array(response.outputs["scores"]))
+        return np.concatenate(chunks) if chunks else np.zeros((0, 10), np.float32)
