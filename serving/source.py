@@ -1,0 +1,101 @@
+"""Filesystem source: which versions of a model exist on disk, and which of them to serve.
+
+Mirrors TF Serving's ``FileSystemStoragePathSource`` + the default version policy (latest 1).
+A version is a directory ``<base>/<n>`` whose name is a positive int64 in plain decimal digits
+(``1``, ``00000001``). Anything else (files, hidden or temporary dirs such as ``.tmp-x``) is
+ignored, as is a version directory without ``saved_model.pb``: pushers write elsewhere and rename,
+but a dir without the graph can never load, so it is not aspired. A missing base path is simply
+"no versions" so the server can start before the first push.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("serving.source")
+
+_VERSION_RE = re.compile(r"^[0-9]+$")
+_INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class VersionDir:
+    """One version on disk; ``fingerprint`` changes when the directory is replaced or rewritten."""
+
+    version: int
+    path: str
+    fingerprint: tuple[int, int]
+
+
+def parse_version(name: str) -> int | None:
+    """The version number a directory name stands for, or None if it is not a version dir."""
+    if not _VERSION_RE.match(name):
+        return None
+    value = int(name)
+    if value <= 0 or value > _INT64_MAX:
+        return None
+    return value
+
+
+def list_versions(base_path: str | os.PathLike[str]) -> dict[int, VersionDir]:
+    """All complete versions under ``base_path`` (empty when it is missing or unreadable)."""
+    found: dict[int, VersionDir] = {}
+    try:
+        entries = list(os.scandir(base_path))
+    except FileNotFoundError:
+        return found
+    except OSError as e:
+        log.warning("cannot list model base path %s: %s", base_path, e)
+        return found
+    for entry in entries:
+        version = parse_version(entry.name)
+        if version is None:
+            continue
+        try:
+            if not entry.is_dir():
+                continue
+            st = entry.stat()
+            if not (Path(entry.path) / "saved_model.pb").is_file():
+                continue
+        except OSError:
+            continue  # vanished while we looked
+        if version in found:
+            # "1" and "001" both exist: keep the lexically-smallest path so the choice is stable.
+            if found[version].path <= entry.path:
+                continue
+        found[version] = VersionDir(version, entry.path, (st.st_ino, st.st_mtime_ns))
+    return found
+
+
+def aspired_versions(on_disk: dict[int, VersionDir], num_latest: int = 1) -> dict[int, VersionDir]:
+    """Version policy "latest N" (TF Serving default N=1): the N highest versions on disk."""
+    keep = sorted(on_disk, reverse=True)[:num_latest]
+    return {v: on_disk[v] for v in keep}
+
+
+class FileSystemSource:
+    """Polls one model's base path and reports the aspired versions (logging what changed)."""
+
+    def __init__(self, model_name: str, base_path: str, num_latest: int = 1) -> None:
+        self.model_name = model_name
+        self.base_path = base_path
+        self.num_latest = num_latest
+        self._last: tuple[int, ...] | None = None
+
+    def poll(self) -> dict[int, VersionDir]:
+        """One poll of the filesystem; returns the aspired versions."""
+        aspired = aspired_versions(list_versions(self.base_path), self.num_latest)
+        key = tuple(sorted(aspired))
+        if key != self._last:
+            if aspired:
+                log.info("model %s: aspired versions %s under %s", self.model_name, list(key),
+                         self.base_path)
+            else:
+                log.warning("model %s: no versions found under base path %s", self.model_name,
+                            self.base_path)
+            self._last = key
+        return aspired

@@ -1,0 +1,167 @@
+"""In-process tests of the server's parts: flags, filesystem source, manager with real SavedModels."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import saved_models  # noqa: E402
+
+from serving.errors import ServingError  # noqa: E402
+from serving.flags import parse_args  # noqa: E402
+from serving.source import aspired_versions, list_versions, parse_version  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# -- flags ---------------------------------------------------------------------------------------
+
+
+def test_flags_defaults_and_both_syntaxes():
+    o = parse_args(["--model_base_path", "/m"])
+    assert (o.port, o.rest_api_port, o.model_name, o.bind_address) == (8500, 0, "default",
+                                                                        "127.0.0.1")
+    assert o.file_system_poll_wait_seconds == 1.0 and o.enable_model_warmup is True
+    o = parse_args(["--port=9000", "--rest_api_port", "9001", "--model_name=mnist",
+                    "--model_base_path=/m", "--file_system_poll_wait_seconds=0.25",
+                    "--enable_model_warmup=false", "--bind_address", "0.0.0.0"])
+    assert (o.port, o.rest_api_port, o.model_name) == (9000, 9001, "mnist")
+    assert o.file_system_poll_wait_seconds == 0.25 and o.enable_model_warmup is False
+    assert parse_args(["--model_base_path=/m", "--file_system_poll_wait_seconds=-1"]
+                      ).file_system_poll_wait_seconds == -1
+
+
+def test_flags_errors_name_the_flag(capsys):
+    for argv, named in [(["--model_base_path=/m", "--port=70000"], "--port"),
+                        (["--model_base_path=/m", "--model_config_file=/c"], "--model_config_file"),
+                        ([], "--model_base_path")]:
+        with pytest.raises(SystemExit) as info:
+            parse_args(argv)
+        assert info.value.code != 0
+        assert named in capsys.readouterr().err
+
+
+# -- source --------------------------------------------------------------------------------------
+
+
+def test_parse_version():
+    assert parse_version("1") == 1
+    assert parse_version("00000001") == 1
+    assert parse_version("1732500000") == 1732500000
+    for bad in ("0", "-1", "+1", " 1", "1_000", "1.0", "abc", ".tmp1", str(2**63), ""):
+        assert parse_version(bad) is None, bad
+
+
+def test_list_versions_filters_entries(tmp_path):
+    assert list_versions(tmp_path / "missing") == {}
+    for name in ("1", "00000002", "3", ".tmp-4", "+5", "0", "abc", "7"):
+        (tmp_path / name).mkdir()
+    for name in ("1", "00000002", ".tmp-4", "+5", "0", "abc"):
+        (tmp_path / name / "saved_model.pb").write_bytes(b"x")
+    (tmp_path / "6").write_text("a file")
+    found = list_versions(tmp_path)
+    assert sorted(found) == [1, 2]  # 3 and 7 lack saved_model.pb
+    assert found[2].path.endswith("00000002")
+    assert sorted(aspired_versions(found)) == [2]
+    assert sorted(aspired_versions(found, 2)) == [1, 2]
+
+
+def test_fingerprint_changes_when_directory_replaced(tmp_path):
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "saved_model.pb").write_bytes(b"x")
+    before = list_versions(tmp_path)[1].fingerprint
+    shutil.rmtree(tmp_path / "1")
+    os.makedirs(tmp_path / ".new")
+    (tmp_path / ".new" / "saved_model.pb").write_bytes(b"y")
+    os.utime(tmp_path / ".new", ns=(1, 1))
+    os.rename(tmp_path / ".new", tmp_path / "1")
+    assert list_versions(tmp_path)[1].fingerprint != before
+
+
+# -- manager with real SavedModels ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    return saved_models.make_template(tmp_path_factory.mktemp("tpl") / "m", 6, warmup_records=2)
+
+
+def test_manager_failed_version_keeps_old_and_retries_only_on_change(tmp_path, template):
+    from serving.manager import Manager, State
+
+    base = tmp_path / "m"
+    saved_models.copy_version(template, base, 1)
+    manager = Manager(enable_warmup=True)
+    manager.start()
+    try:
+        def apply() -> dict[int, State]:
+            manager.set_aspired_versions("m", aspired_versions(list_versions(base)))
+            assert manager.wait_until_idle(timeout=60)
+            return {s.version: s.state for s in manager.statuses("m")}
+
+        assert apply() == {1: State.AVAILABLE}
+        with manager.acquire("m") as handle:
+            sig = handle.servable.signature("")
+            x = {"images": np.zeros((2, 784), np.float32)}
+            out = handle.servable.run(sig, x, handle.servable.validate(sig, x))
+            assert out["classes"].tolist() == [6, 6]
+
+        saved_models.write_broken_version(base, 2)
+        assert apply() == {1: State.AVAILABLE, 2: State.END}
+        status = manager.statuses("m", 2)[0]
+        assert status.error_code != grpc.StatusCode.OK and "saved_model.pb" in status.error_message
+        with manager.acquire("m") as handle:
+            assert handle.version == 1  # old version still routed
+        entry_before = manager._models["m"].versions[2]
+        apply()
+        assert manager._models["m"].versions[2] is entry_before  # not retried: dir unchanged
+
+        # Replace the broken directory by a good one: it is retried and takes over.
+        shutil.rmtree(base / "2")
+        saved_models.copy_version(template, base, 2)
+        assert apply() == {1: State.END, 2: State.AVAILABLE}
+
+        with pytest.raises(ServingError) as info:
+            manager.acquire("m", 1)
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+        assert info.value.message == "Servable not found for request: Specific(m, 1)"
+    finally:
+        manager.stop()
+
+
+def test_unload_waits_for_in_flight_requests(tmp_path, template):
+    from serving.manager import Manager, State
+
+    base = tmp_path / "m"
+    saved_models.copy_version(template, base, 1)
+    manager = Manager(enable_warmup=False)
+    manager.start()
+    try:
+        manager.set_aspired_versions("m", aspired_versions(list_versions(base)))
+        manager.wait_until_idle(60)
+        handle = manager.acquire("m")  # an in-flight request on version 1
+        saved_models.copy_version(template, base, 2)
+        manager.set_aspired_versions("m", aspired_versions(list_versions(base)))
+        import time
+
+        deadline = time.monotonic() + 30
+        while manager.statuses("m", 1)[0].state != State.UNLOADING and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert manager.statuses("m", 1)[0].state == State.UNLOADING
+        with manager.acquire("m") as new:
+            assert new.version == 2  # new requests go to 2 already
+        sig = handle.servable.signature("serving_default")
+        x = {"images": np.zeros((1, 784), np.float32)}
+        assert handle.servable.run(sig, x, ("classes",))["classes"].tolist() == [6]
+        handle.release()
+        assert manager.wait_until_idle(30)
+        assert manager.statuses("m", 1)[0].state == State.END
+    finally:
+        manager.stop()
