@@ -1,0 +1,169 @@
+"""The local stack ``make run`` works against: Prefect server and worker, MLflow server, model server.
+
+    python -m flows.local_stack up | down | status
+
+``up`` starts, in the background, whichever service is not running yet and waits until each
+answers; ``down`` stops them by pid and keeps their data. Everything (databases, logs, pid files,
+exports, the serving model store) lives under ``.stack/``. Deliberately free of TensorFlow so it
+starts in a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasks.config import REPO_ROOT, load_config
+
+STACK = REPO_ROOT / ".stack"
+BIN = Path(sys.executable).parent
+WORK_POOL = "train-and-serve"
+PREFECT_API = "http://127.0.0.1:4200/api"
+PREFECT_ENV = {
+    "PREFECT_HOME": str(STACK / "prefect"),
+    "PREFECT_API_URL": PREFECT_API,
+    "PREFECT_SERVER_API_HOST": "127.0.0.1",
+    "PREFECT_SERVER_API_PORT": "4200",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    command: list[str]
+    ready_url: str | None  # answers (any HTTP status) once the service is up
+    url: str  # what a person opens
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid_file(self) -> Path:
+        return STACK / "run" / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return STACK / "logs" / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        """The pid of our running process, or None (a stale pid file is removed)."""
+        try:
+            pid = int(self.pid_file.read_text())
+            os.kill(pid, 0)
+            return pid
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            self.pid_file.unlink(missing_ok=True)
+            return None
+
+
+def services() -> list[Service]:
+    cfg = load_config()
+    model_name = cfg.export.model_name
+    model_base_path = cfg.push.model_base_path / model_name
+    mlflow_dir = STACK / "mlflow"
+    return [
+        Service("prefect-server", [str(BIN / "prefect"), "server", "start"], f"{PREFECT_API}/health",
+                "http://127.0.0.1:4200", PREFECT_ENV),
+        Service("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", "5000", "--workers", "1",
+                           "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+                           "--artifacts-destination", str(mlflow_dir / "artifacts")],
+                "http://127.0.0.1:5000/health", "http://127.0.0.1:5000"),
+        Service("model-server", [sys.executable, "-m", "serving", "--port", "8500", "--rest_api_port", "8501",
+                                 "--model_name", model_name, "--model_base_path", str(model_base_path)],
+                f"http://127.0.0.1:8501/v1/models/{model_name}", f"http://127.0.0.1:8501/v1/models/{model_name}"),
+        Service("prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"],
+                None, f"{WORK_POOL} work pool", PREFECT_ENV),
+    ]
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        return True
+    except urllib.error.HTTPError:
+        return True  # it answered, with an error status (e.g. 404: no model yet)
+    except OSError:
+        return False
+
+
+def start(service: Service, timeout_s: float = 120.0) -> None:
+    for directory in (service.pid_file.parent, service.log_file.parent, STACK / "mlflow"):
+        directory.mkdir(parents=True, exist_ok=True)
+    with service.log_file.open("ab") as log:
+        process = subprocess.Popen(service.command, cwd=REPO_ROOT, env={**os.environ, **service.env},
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)  # its own group: `down` stops its children too
+    service.pid_file.write_text(str(process.pid))
+    print(f"  started {service.name} (pid {process.pid}), log {service.log_file.relative_to(REPO_ROOT)}", flush=True)
+    if service.ready_url is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while not _answers(service.ready_url):
+        if process.poll() is not None:
+            sys.exit(f"{service.name} exited with {process.returncode}; see {service.log_file}")
+        if time.monotonic() > deadline:
+            sys.exit(f"{service.name} did not answer at {service.ready_url} within {timeout_s:.0f} s; see {service.log_file}")
+        time.sleep(0.5)
+
+
+def stop(service: Service, grace_s: float = 15.0) -> None:
+    pid = service.pid()
+    if pid is None:
+        return
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while service.pid() is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if service.pid() is not None:
+        os.killpg(pid, signal.SIGKILL)
+    service.pid_file.unlink(missing_ok=True)
+    print(f"  stopped {service.name} (pid {pid})")
+
+
+def prefect(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "prefect"), *args], cwd=REPO_ROOT, env={**os.environ, **PREFECT_ENV},
+                          capture_output=True, text=True)
+
+
+def up() -> None:
+    pending = [service for service in services() if service.pid() is None]
+    for service in pending:
+        if service.name == "prefect-worker" and prefect("work-pool", "inspect", WORK_POOL).returncode != 0:
+            created = prefect("work-pool", "create", WORK_POOL, "--type", "process")
+            if created.returncode != 0:
+                sys.exit(f"could not create work pool {WORK_POOL}: {created.stdout}{created.stderr}")
+        start(service)
+    deployed = prefect("--no-prompt", "deploy", "--all")
+    if deployed.returncode != 0:
+        sys.exit(f"prefect deploy failed:\n{deployed.stdout}{deployed.stderr}")
+    status()
+
+
+def down() -> None:
+    for service in reversed(services()):
+        stop(service)
+
+
+def status() -> None:
+    for service in services():
+        pid = service.pid()
+        state = f"running (pid {pid})" if pid else "stopped"
+        print(f"  {service.name:15s} {state:22s} {service.url}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.local_stack", description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["up", "down", "status"])
+    action = parser.parse_args(argv).action
+    {"up": up, "down": down, "status": status}[action]()
+
+
+if __name__ == "__main__":
+    main()

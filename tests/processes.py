@@ -1,0 +1,93 @@
+"""Real services for tests: our model server and an MLflow server as subprocesses on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from tasks.config import REPO_ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 120.0) -> None:
+    """Until ``url`` answers at all (an HTTP error status counts: the server is up)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[:3]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout_s} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
+@contextmanager
+def running(command: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass(frozen=True)
+class ModelServerProcess:
+    process: subprocess.Popen
+    grpc_address: str
+    rest_url: str
+    log: Path
+
+
+@contextmanager
+def model_server(model_base_path: Path, model_name: str, log: Path, poll_s: float = 0.2) -> Iterator[ModelServerProcess]:
+    grpc_port, rest_port = free_port(), free_port()
+    command = [sys.executable, "-m", "serving", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
+               f"--model_name={model_name}", f"--model_base_path={model_base_path}",
+               f"--file_system_poll_wait_seconds={poll_s}"]
+    with running(command, log) as process:
+        rest_url = f"http://127.0.0.1:{rest_port}"
+        wait_for_http(f"{rest_url}/v1/models/{model_name}", process, log)
+        yield ModelServerProcess(process, f"127.0.0.1:{grpc_port}", rest_url, log)
+
+
+@contextmanager
+def mlflow_server(directory: Path) -> Iterator[str]:
+    """``mlflow server`` on a SQLite backend with a local artifact store; yields its tracking URI."""
+    port = free_port()
+    command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
+               "--artifacts-destination", str(directory / "artifacts")]
+    log = directory / "mlflow-server.log"
+    with running(command, log) as process:
+        uri = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{uri}/health", process, log)
+        yield uri
