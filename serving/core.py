@@ -1,8 +1,10 @@
-"""The data plane: the one implementation of predict / status / metadata both front ends call.
+"""The data plane: the one implementation of every API both front ends call.
 
-The front ends only translate wire formats (protobuf, JSON) to numpy and ``ServingError`` back to
-status codes, so gRPC and REST cannot drift apart in behaviour. Model calls run in a thread pool:
-``Session.run`` releases the GIL, so the asyncio loop keeps accepting requests meanwhile.
+The front ends only translate wire formats (protobuf, JSON) to numpy / serialized examples and
+``ServingError`` back to status codes, so gRPC and REST cannot drift apart in behaviour. The
+methods here block; front ends call them through ``run``, on a thread pool, together with their
+own decoding and encoding: ``Session.run`` releases the GIL, so the asyncio loop keeps accepting
+requests meanwhile, and a large response is not built on the loop either.
 """
 
 from __future__ import annotations
@@ -10,14 +12,15 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Sequence, TypeVar, Union
 
 import numpy as np
 
 from serving.errors import ServingError, invalid
 from serving.manager import Manager, VersionStatus
-from serving.servable import SignatureInfo
+from serving.servable import DEFAULT_SIGNATURE, Classification, Regression, SignatureInfo
 
+T = TypeVar("T")
 
 Inputs = Union[dict[str, np.ndarray], Callable[[SignatureInfo], dict[str, np.ndarray]]]
 
@@ -30,13 +33,37 @@ class PredictResult:
 
 
 @dataclass(frozen=True)
+class InferenceResult:
+    """The answer of Classify (``value`` is a Classification) or Regress (a Regression)."""
+
+    version: int
+    signature_name: str
+    value: Classification | Regression
+
+
+@dataclass(frozen=True)
+class InferenceTask:
+    """One task of a MultiInference request: a ModelSpec and the method to run its signature as."""
+
+    model_name: str
+    version: int | None
+    label: str | None
+    signature_name: str
+    method_name: str
+
+
+@dataclass(frozen=True)
 class ModelMetadata:
     version: int
     signature_defs: dict[str, Any]  # name -> tensorflow.SignatureDef proto
 
 
 class DataPlane:
-    """Predict, status and metadata over the manager's loaded versions."""
+    """Predict, Classify, Regress, MultiInference, status and metadata over loaded versions.
+
+    A ModelSpec is (``model_name``, ``version``, ``label``): a version, else the version a label
+    points at, else the latest -- resolved by the manager under the same lock that pins it.
+    """
 
     def __init__(self, manager: Manager, num_threads: int) -> None:
         self.manager = manager
@@ -45,23 +72,28 @@ class DataPlane:
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
-    # -- predict -------------------------------------------------------------------------------
+    async def run(self, fn: Callable[[], T]) -> T:
+        """``fn`` (a request's decode + model call + encode) on the thread pool, off the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
-    def predict_sync(
+    # -- inference (blocking: call through ``run``) --------------------------------------------
+
+    def predict(
         self,
         model_name: str,
         version: int | None,
+        label: str | None,
         signature_name: str,
         inputs: Inputs,
         output_filter: Sequence[str] = (),
     ) -> PredictResult:
-        """Route, validate and run one request (blocking; call from a worker thread).
+        """Route, validate and run one Predict request.
 
         ``inputs`` may be a callable that builds the arrays from the routed signature: REST
         needs the signature's dtypes to decode JSON, and doing it under the same handle means a
         version swap between "look up signature" and "run" cannot fail the request.
         """
-        with self.manager.acquire(model_name, version) as handle:
+        with self.manager.acquire(model_name, version, label=label) as handle:
             servable = handle.servable
             sig = servable.signature(signature_name)
             if callable(inputs):
@@ -70,28 +102,49 @@ class DataPlane:
             values = servable.run(sig, inputs, outputs)
             return PredictResult(handle.version, sig.name, values)
 
-    async def predict(
-        self,
-        model_name: str,
-        version: int | None,
-        signature_name: str,
-        inputs: Inputs,
-        output_filter: Sequence[str] = (),
-    ) -> PredictResult:
-        """``predict_sync`` on the thread pool, off the event loop."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.executor, self.predict_sync, model_name, version, signature_name, inputs,
-            tuple(output_filter),
-        )
+    def classify(self, model_name: str, version: int | None, label: str | None,
+                 signature_name: str, examples: Sequence[bytes]) -> InferenceResult:
+        """Classify serialized ``tf.Example``s with a ``tensorflow/serving/classify`` signature."""
+        with self.manager.acquire(model_name, version, label=label) as handle:
+            value = handle.servable.classify(signature_name, examples)
+            return InferenceResult(handle.version, signature_name or DEFAULT_SIGNATURE, value)
+
+    def regress(self, model_name: str, version: int | None, label: str | None,
+                signature_name: str, examples: Sequence[bytes]) -> InferenceResult:
+        """Regress serialized ``tf.Example``s with a ``tensorflow/serving/regress`` signature."""
+        with self.manager.acquire(model_name, version, label=label) as handle:
+            value = handle.servable.regress(signature_name, examples)
+            return InferenceResult(handle.version, signature_name or DEFAULT_SIGNATURE, value)
+
+    def multi_inference(self, tasks: Sequence[InferenceTask],
+                        examples: Sequence[bytes]) -> list[InferenceResult]:
+        """Several classify/regress tasks over the same examples, in one model call.
+
+        As TF Serving: the first task's ModelSpec routes the request (the other tasks' versions
+        are not looked at), every task must name that same model, signatures must be distinct.
+        """
+        first = tasks[0] if tasks else InferenceTask("", None, None, "", "")
+        with self.manager.acquire(first.model_name, first.version, label=first.label) as handle:
+            for task in tasks:
+                if not task.model_name:
+                    raise invalid("Found ModelSpec with an empty model name.")
+                if task.model_name != first.model_name:
+                    raise invalid("All ModelSpecs in a MultiInferenceRequest must access the same "
+                                  "model name.")
+            values = handle.servable.multi_inference(
+                [(t.signature_name, t.method_name) for t in tasks], examples)
+            return [InferenceResult(handle.version, t.signature_name or DEFAULT_SIGNATURE, v)
+                    for t, v in zip(tasks, values)]
 
     # -- status / metadata ---------------------------------------------------------------------
 
-    def model_status(self, model_name: str, version: int | None = None) -> list[VersionStatus]:
-        return self.manager.statuses(model_name, version)
+    def model_status(self, model_name: str, version: int | None = None,
+                     label: str | None = None) -> list[VersionStatus]:
+        return self.manager.statuses(model_name, version, label=label)
 
-    def model_metadata(self, model_name: str, version: int | None = None) -> ModelMetadata:
-        with self.manager.acquire(model_name, version) as handle:
+    def model_metadata(self, model_name: str, version: int | None = None,
+                       label: str | None = None) -> ModelMetadata:
+        with self.manager.acquire(model_name, version, label=label) as handle:
             return ModelMetadata(handle.version, dict(handle.servable.signature_defs))
 
 
@@ -106,4 +159,5 @@ def parse_version(text: str) -> int:
     return value
 
 
-__all__ = ["DataPlane", "ModelMetadata", "PredictResult", "ServingError", "parse_version"]
+__all__ = ["DataPlane", "InferenceResult", "InferenceTask", "ModelMetadata", "PredictResult",
+           "ServingError", "parse_version"]

@@ -14,26 +14,33 @@ import math
 import os
 from dataclasses import dataclass
 
+DEFAULT_THREADS = 4 * (os.cpu_count() or 1)  # TF Serving's default for both thread flags
+
 
 @dataclass(frozen=True)
 class Options:
-    """Parsed, validated server options (single-model mode)."""
+    """Parsed, validated server options."""
 
     port: int = 8500
     rest_api_port: int = 0
     bind_address: str = "127.0.0.1"
     model_name: str = "default"
     model_base_path: str | None = None
+    model_config_file: str | None = None  # when set, model_name/model_base_path are ignored
+    model_config_file_poll_wait_seconds: float = 0.0
+    allow_version_labels_for_unavailable_models: bool = False
     file_system_poll_wait_seconds: float = 1.0
     enable_model_warmup: bool = True
     rest_api_timeout_in_ms: int = 30000
-    grpc_max_threads: int = 0
-    rest_api_num_threads: int = 0
+    grpc_max_threads: int = DEFAULT_THREADS
+    rest_api_num_threads: int = DEFAULT_THREADS
+    enable_grpc_healthcheck_service: bool = False
+    prometheus_path: str | None = None  # from --monitoring_config_file; None = no metrics page
 
     @property
     def num_threads(self) -> int:
-        """Size of the model-call thread pool (TF Serving: 4 x CPUs)."""
-        return max(self.grpc_max_threads, self.rest_api_num_threads) or 4 * (os.cpu_count() or 1)
+        """Size of the model-call pool both front ends share: as many as either may run at once."""
+        return max(self.grpc_max_threads, self.rest_api_num_threads)
 
 
 def _bool(text: str) -> bool:
@@ -65,24 +72,25 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {value}")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}: {value}")
+        return value
+
+    return parse
 
 
 # TF Serving flags accepted but not implemented yet: (name, type, default, help).
 _NOT_YET = [
-    ("model_config_file", str, "", "not supported yet (single-model mode only)"),
-    ("model_config_file_poll_wait_seconds", _seconds, 0.0, "not supported yet"),
     ("enable_batching", _bool, False, "not supported yet"),
     ("batching_parameters_file", str, "", "not supported yet"),
-    ("monitoring_config_file", str, "", "not supported yet"),
-    ("allow_version_labels_for_unavailable_models", _bool, False, "not supported yet"),
 ]
 
 
@@ -101,17 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model_name", default="default", help="name of the served model (default 'default')")
     add("--model_base_path", default=None,
         help="directory holding numbered version subdirectories of the model")
+    add("--model_config_file", default=None,
+        help="text-format ModelServerConfig listing the served models; when set, "
+             "--model_name and --model_base_path are ignored")
+    add("--model_config_file_poll_wait_seconds", type=_seconds, default=0.0,
+        help="seconds between re-reads of --model_config_file; 0 = read once (default 0)")
+    add("--allow_version_labels_for_unavailable_models", type=_bool, nargs="?", const=True,
+        default=False, help="let a new version label point at a version not loaded yet")
     add("--file_system_poll_wait_seconds", type=_seconds, default=1.0,
         help="seconds between polls of model_base_path; 0 = poll once, negative = never "
              "(fractions allowed, an extension)")
     add("--enable_model_warmup", type=_bool, nargs="?", const=True, default=True,
         help="replay assets.extra/tf_serving_warmup_requests before serving a version")
-    add("--rest_api_timeout_in_ms", type=_non_negative_int, default=30000,
+    add("--rest_api_timeout_in_ms", type=_int_at_least(0), default=30000,
         help="timeout of a REST request in ms (default 30000)")
-    add("--grpc_max_threads", type=_non_negative_int, default=0,
-        help="threads running model calls (default 4 x CPUs)")
-    add("--rest_api_num_threads", type=_non_negative_int, default=0,
-        help="threads running model calls (default 4 x CPUs)")
+    add("--grpc_max_threads", type=_int_at_least(1), default=DEFAULT_THREADS,
+        help=f"max concurrent gRPC model calls (default 4 x CPUs = {DEFAULT_THREADS})")
+    add("--rest_api_num_threads", type=_int_at_least(1), default=DEFAULT_THREADS,
+        help=f"max concurrent REST model calls (default 4 x CPUs = {DEFAULT_THREADS})")
+    add("--enable_grpc_healthcheck_service", type=_bool, nargs="?", const=True, default=False,
+        help="serve grpc.health.v1.Health on the gRPC port (default false)")
+    add("--monitoring_config_file", default=None,
+        help="text-format MonitoringConfig; prometheus_config { enable: true path: ... } serves "
+             "Prometheus metrics on the REST port")
     for name, type_, default, help_ in _NOT_YET:
         kwargs = {"nargs": "?", "const": True} if type_ is _bool else {}
         add(f"--{name}", type=type_, default=default, help=help_, **kwargs)
@@ -122,22 +142,42 @@ def parse_args(argv: list[str] | None = None) -> Options:
     """Parse ``argv``; on a bad flag print a message naming it and exit with status 2."""
     parser = build_parser()
     ns = parser.parse_args(argv)
+    if ns.batching_parameters_file and not ns.enable_batching:  # TF Serving refuses it too
+        parser.error("--batching_parameters_file is set without setting --enable_batching")
     for name, _type, default, _help in _NOT_YET:
         if getattr(ns, name) != default:
             parser.error(f"--{name} is not supported by this server yet")
-    if not ns.model_base_path:
-        parser.error("--model_base_path is required (--model_config_file is not supported yet)")
-    if not ns.model_name or "/" in ns.model_name or ":" in ns.model_name:
-        parser.error(f"--model_name: invalid model name {ns.model_name!r}")
+    if not ns.model_config_file:
+        if not ns.model_base_path:
+            parser.error("--model_base_path (or --model_config_file) is required")
+        if not ns.model_name or "/" in ns.model_name or ":" in ns.model_name:
+            parser.error(f"--model_name: invalid model name {ns.model_name!r}")
     return Options(
         port=ns.port,
         rest_api_port=ns.rest_api_port,
         bind_address=ns.bind_address,
         model_name=ns.model_name,
         model_base_path=ns.model_base_path,
+        model_config_file=ns.model_config_file or None,
+        model_config_file_poll_wait_seconds=ns.model_config_file_poll_wait_seconds,
+        allow_version_labels_for_unavailable_models=ns.allow_version_labels_for_unavailable_models,
         file_system_poll_wait_seconds=ns.file_system_poll_wait_seconds,
         enable_model_warmup=ns.enable_model_warmup,
         rest_api_timeout_in_ms=ns.rest_api_timeout_in_ms,
         grpc_max_threads=ns.grpc_max_threads,
         rest_api_num_threads=ns.rest_api_num_threads,
+        enable_grpc_healthcheck_service=ns.enable_grpc_healthcheck_service,
+        prometheus_path=_prometheus_path(parser, ns.monitoring_config_file),
     )
+
+
+def _prometheus_path(parser: argparse.ArgumentParser, config_file: str | None) -> str | None:
+    """Read --monitoring_config_file now, so that a bad one fails at startup naming the flag."""
+    if not config_file:
+        return None
+    from serving.metrics import read_monitoring_config  # only when given: --help stays instant
+
+    try:
+        return read_monitoring_config(config_file)
+    except ValueError as e:
+        parser.error(f"--monitoring_config_file: {e}")

@@ -1,31 +1,37 @@
 """gRPC front end: TF Serving's ``PredictionService`` and ``ModelService`` on ``grpc.aio``.
 
-Only translation lives here: ``TensorProto`` <-> numpy, ``ModelSpec`` -> (name, version),
-``ServingError`` -> gRPC status. Behaviour is in ``serving.core``. Numeric tensors are converted
-through ``tensor_content`` bytes directly (``tf.make_tensor_proto`` costs more than the model call
-for a small request); anything else falls back to TensorFlow's converters.
+Only translation lives here: ``TensorProto`` <-> numpy and ``Input`` -> serialized examples
+(``serving.tensors``), ``ModelSpec`` -> (name, version, label), results -> response protos,
+``ServingError`` -> gRPC status. Behaviour is in ``serving.core``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from typing import Any, Awaitable, Callable
 
 import grpc
-import numpy as np
-import tensorflow as tf
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from grpc_health.v1 import health, health_pb2_grpc
 from tensorflow_serving.apis import (
+    classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
+    inference_pb2,
+    model_management_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
+    regression_pb2,
 )
 
-from serving.core import DataPlane
+from serving import metrics
+from serving.core import DataPlane, InferenceTask
 from serving.errors import ServingError, invalid
+from serving.model_config import RELOAD_TIMEOUT_S, ModelConfigController
+from serving.servable import Classification, Regression
+from serving.tensors import serialized_examples, to_ndarray, to_tensor_proto
 
 log = logging.getLogger("serving.grpc")
 
@@ -36,67 +42,31 @@ GRPC_OPTIONS = [
     ("grpc.so_reuseport", 0),
 ]
 
-# Numeric dtypes whose TensorProto.tensor_content is the raw little-endian array bytes.
-_NUMPY_OF = {
-    types_pb2.DT_FLOAT: np.dtype("<f4"),
-    types_pb2.DT_DOUBLE: np.dtype("<f8"),
-    types_pb2.DT_INT32: np.dtype("<i4"),
-    types_pb2.DT_INT64: np.dtype("<i8"),
-    types_pb2.DT_UINT8: np.dtype("u1"),
-    types_pb2.DT_INT8: np.dtype("i1"),
-    types_pb2.DT_INT16: np.dtype("<i2"),
-    types_pb2.DT_UINT16: np.dtype("<u2"),
-    types_pb2.DT_UINT32: np.dtype("<u4"),
-    types_pb2.DT_UINT64: np.dtype("<u8"),
-    types_pb2.DT_HALF: np.dtype("<f2"),
-    types_pb2.DT_BOOL: np.dtype("?"),
-}
-_DT_OF = {np.dtype(v).newbyteorder("="): k for k, v in _NUMPY_OF.items()}
-
-
-def to_ndarray(alias: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
-    """TensorProto -> numpy; INVALID_ARGUMENT naming the input when it is malformed."""
-    shape = [d.size for d in proto.tensor_shape.dim]
-    np_dtype = _NUMPY_OF.get(proto.dtype)
-    try:
-        if np_dtype is not None and proto.tensor_content:
-            array = np.frombuffer(proto.tensor_content, dtype=np_dtype)
-            return array.reshape(shape).astype(np_dtype.newbyteorder("="), copy=False)
-        return tf.make_ndarray(proto)
-    except (ValueError, TypeError) as e:
-        raise invalid(f'Input "{alias}" is not a valid tensor: {e}') from None
-
-
-def to_tensor_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
-    """numpy -> TensorProto (fast path for numeric dtypes)."""
-    dt = _DT_OF.get(array.dtype)
-    if dt is None:
-        return tf.make_tensor_proto(array)
-    return tensor_pb2.TensorProto(
-        dtype=dt,
-        tensor_shape=tensor_shape_pb2.TensorShapeProto(
-            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in array.shape]
-        ),
-        tensor_content=np.ascontiguousarray(array).astype(_NUMPY_OF[dt], copy=False).tobytes(),
-    )
-
 
 def spec_version(model_spec: Any) -> int | None:
-    """The version a ModelSpec asks for (None = latest); labels are not configured yet."""
-    if model_spec.HasField("version"):
-        return int(model_spec.version.value)
-    if model_spec.version_label:
-        raise invalid(f"Unrecognized servable version label: {model_spec.version_label}")
-    return None
+    """The version a ModelSpec names (None = latest, or whatever its label points at)."""
+    return int(model_spec.version.value) if model_spec.HasField("version") else None
+
+
+def spec_label(model_spec: Any) -> str | None:
+    """The version label a ModelSpec names, if any (resolved by the manager)."""
+    return model_spec.version_label or None
+
+
+def _set_spec(target: Any, name: str, version: int, signature_name: str) -> None:
+    target.name = name
+    target.version.value = version
+    target.signature_name = signature_name
 
 
 def _errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Turn ServingError (and bugs) into gRPC status codes."""
+    """Turn ServingError (and bugs) into gRPC status codes; count and time every call."""
+    observed = metrics.grpc_observed(method)
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await method(self, request, context)
+            return await observed(self, request, context)
         except ServingError as e:
             await context.abort(e.code, e.message)
         except Exception as e:  # noqa: BLE001
@@ -107,24 +77,79 @@ def _errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """Predict + GetModelMetadata (Classify/Regress/MultiInference: UNIMPLEMENTED for now)."""
+    """Predict, Classify, Regress, MultiInference and GetModelMetadata.
+
+    Each call decodes, runs and builds its response proto in one job on the data plane's thread
+    pool, so neither the model call nor the conversion of a large tensor holds up the event loop.
+    """
 
     def __init__(self, data_plane: DataPlane) -> None:
         self.data_plane = data_plane
 
     @_errors
     async def Predict(self, request: predict_pb2.PredictRequest, context: Any) -> Any:
+        return await self.data_plane.run(lambda: self._predict(request))
+
+    def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
         spec = request.model_spec
         inputs = {alias: to_ndarray(alias, t) for alias, t in request.inputs.items()}
-        result = await self.data_plane.predict(
-            spec.name, spec_version(spec), spec.signature_name, inputs, list(request.output_filter)
-        )
+        result = self.data_plane.predict(spec.name, spec_version(spec), spec_label(spec),
+                                         spec.signature_name, inputs, list(request.output_filter))
         response = predict_pb2.PredictResponse()
-        response.model_spec.name = spec.name
-        response.model_spec.version.value = result.version
-        response.model_spec.signature_name = result.signature_name
+        _set_spec(response.model_spec, spec.name, result.version, result.signature_name)
         for alias, value in result.outputs.items():
             response.outputs[alias].CopyFrom(to_tensor_proto(value))
+        return response
+
+    @_errors
+    async def Classify(self, request: classification_pb2.ClassificationRequest,
+                       context: Any) -> Any:
+        return await self.data_plane.run(lambda: self._classify(request))
+
+    def _classify(self, request: classification_pb2.ClassificationRequest) -> Any:
+        spec = request.model_spec
+        result = self.data_plane.classify(spec.name, spec_version(spec), spec_label(spec),
+                                          spec.signature_name, serialized_examples(request.input))
+        response = classification_pb2.ClassificationResponse()
+        _set_spec(response.model_spec, spec.name, result.version, result.signature_name)
+        assert isinstance(result.value, Classification)
+        _fill_classifications(response.result, result.value)
+        return response
+
+    @_errors
+    async def Regress(self, request: regression_pb2.RegressionRequest, context: Any) -> Any:
+        return await self.data_plane.run(lambda: self._regress(request))
+
+    def _regress(self, request: regression_pb2.RegressionRequest) -> Any:
+        spec = request.model_spec
+        result = self.data_plane.regress(spec.name, spec_version(spec), spec_label(spec),
+                                         spec.signature_name, serialized_examples(request.input))
+        response = regression_pb2.RegressionResponse()
+        _set_spec(response.model_spec, spec.name, result.version, result.signature_name)
+        assert isinstance(result.value, Regression)
+        _fill_regressions(response.result, result.value)
+        return response
+
+    @_errors
+    async def MultiInference(self, request: inference_pb2.MultiInferenceRequest,
+                             context: Any) -> Any:
+        return await self.data_plane.run(lambda: self._multi_inference(request))
+
+    def _multi_inference(self, request: inference_pb2.MultiInferenceRequest) -> Any:
+        tasks = [
+            InferenceTask(t.model_spec.name, spec_version(t.model_spec), spec_label(t.model_spec),
+                          t.model_spec.signature_name, t.method_name)
+            for t in request.tasks
+        ]
+        results = self.data_plane.multi_inference(tasks, serialized_examples(request.input))
+        response = inference_pb2.MultiInferenceResponse()
+        for task, result in zip(tasks, results):
+            entry = response.results.add()
+            _set_spec(entry.model_spec, task.model_name, result.version, result.signature_name)
+            if isinstance(result.value, Classification):
+                _fill_classifications(entry.classification_result, result.value)
+            else:
+                _fill_regressions(entry.regression_result, result.value)
         return response
 
     @_errors
@@ -136,7 +161,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         for name in fields:
             if name != "signature_def":
                 raise invalid(f"Metadata field {name} is not supported")
-        metadata = self.data_plane.model_metadata(spec.name, spec_version(spec))
+        metadata = self.data_plane.model_metadata(spec.name, spec_version(spec), spec_label(spec))
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = spec.name
         response.model_spec.version.value = metadata.version
@@ -147,16 +172,38 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
 
-class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
-    """GetModelStatus (HandleReloadConfigRequest: UNIMPLEMENTED for now)."""
+def _fill_classifications(result: Any, value: Classification) -> None:
+    """``result.classifications[i].classes[j] = {label, score}``; a missing output stays unset."""
+    reference = value.classes if value.classes is not None else value.scores
+    assert reference is not None
+    labels = value.classes.tolist() if value.classes is not None else None
+    scores = value.scores.tolist() if value.scores is not None else None
+    for i in range(reference.shape[0]):
+        entry = result.classifications.add()
+        for j in range(reference.shape[1]):
+            cls = entry.classes.add()
+            if labels is not None:
+                cls.label = labels[i][j]
+            if scores is not None:
+                cls.score = scores[i][j]
 
-    def __init__(self, data_plane: DataPlane) -> None:
+
+def _fill_regressions(result: Any, value: Regression) -> None:
+    for v in value.values.tolist():
+        result.regressions.add(value=v)
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    """GetModelStatus + HandleReloadConfigRequest."""
+
+    def __init__(self, data_plane: DataPlane, models: ModelConfigController) -> None:
         self.data_plane = data_plane
+        self.models = models
 
     @_errors
     async def GetModelStatus(self, request: Any, context: Any) -> Any:
         spec = request.model_spec
-        statuses = self.data_plane.model_status(spec.name, spec_version(spec))
+        statuses = self.data_plane.model_status(spec.name, spec_version(spec), spec_label(spec))
         response = get_model_status_pb2.GetModelStatusResponse()
         for s in statuses:
             entry = response.model_version_status.add()
@@ -166,13 +213,52 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             entry.status.error_message = s.error_message
         return response
 
+    @_errors
+    async def HandleReloadConfigRequest(self, request: Any, context: Any) -> Any:
+        """Apply the new model list; answer once its versions are AVAILABLE or failed.
 
-async def start_grpc_server(data_plane: DataPlane, address: str, port: int) -> grpc.aio.Server:
-    """Create, bind and start the gRPC server; raises when the port cannot be bound."""
+        As TF Serving, a failure is the call's gRPC status (code + message naming the model and
+        version); the response's ``status`` carries OK otherwise. Unlike TF Serving the wait is
+        bounded: by ``RELOAD_TIMEOUT_S`` and by the client's deadline, whichever comes first.
+        """
+        if request.config.WhichOneof("config") != "model_config_list":
+            raise invalid("ServerModelConfig type not supported by HandleReloadConfigRequest. "
+                          "Only ModelConfigList is currently supported")
+        timeout_s = RELOAD_TIMEOUT_S
+        remaining = context.time_remaining()
+        if remaining is not None:  # leave time to send the answer before the client gives up
+            timeout_s = max(0.0, min(timeout_s, remaining - 0.5))
+        names = ", ".join(c.name for c in request.config.model_config_list.config) or "none"
+        log.info("HandleReloadConfigRequest: models %s", names)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self.models.reload, request.config, timeout_s)
+        except ServingError as e:
+            log.error("HandleReloadConfigRequest failed: %s: %s", e.code.name, e.message)
+            raise
+        log.info("HandleReloadConfigRequest: done (models %s)", names)
+        response = model_management_pb2.ReloadConfigResponse()
+        response.status.error_code = grpc.StatusCode.OK.value[0]
+        return response
+
+
+async def start_grpc_server(data_plane: DataPlane, address: str, port: int, *,
+                            models: ModelConfigController,
+                            health_servicer: health.aio.HealthServicer | None = None
+                            ) -> grpc.aio.Server:
+    """Create, bind and start the gRPC server; raises when the port cannot be bound.
+
+    ``health_servicer`` (``--enable_grpc_healthcheck_service``) answers ``grpc.health.v1.Health``:
+    SERVING for the whole server (service "") from the start, which is true once the port opens
+    because models load before it; the server turns it NOT_SERVING when shutting down.
+    """
     server = grpc.aio.server(options=GRPC_OPTIONS)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionServicer(data_plane), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(data_plane), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+        ModelServicer(data_plane, models), server)
+    if health_servicer is not None:
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     bound = server.add_insecure_port(target)
     if bound == 0:
@@ -182,4 +268,4 @@ async def start_grpc_server(data_plane: DataPlane, address: str, port: int) -> g
     return server
 
 
-__all__ = ["start_grpc_server", "to_ndarray", "to_tensor_proto"]
+__all__ = ["start_grpc_server"]

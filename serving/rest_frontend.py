@@ -1,10 +1,12 @@
 """REST front end (aiohttp): TF Serving's ``/v1/models/...`` JSON API.
 
-Only translation lives here: URL -> (name, version), JSON rows/columns <-> numpy, ServingError ->
-HTTP status + ``{"error": ...}``. Behaviour is in ``serving.core``. The ``:predict`` verb shares a
-path segment with the model name, which aiohttp's ``{name}`` placeholders cannot split, so one
-catch-all route parses the tail with a regex. JSON decoding needs the signature's dtypes, so it is
-done inside the data plane's worker thread against the routed version (see ``predict_sync``).
+Only translation lives here: URL -> (name, version, label), JSON rows/columns <-> numpy, JSON
+examples -> serialized ``tf.Example``s, ServingError -> HTTP status + ``{"error": ...}``. Behaviour
+is in ``serving.core``. The ``:predict`` verb shares a path segment with the model name, which
+aiohttp's ``{name}`` placeholders cannot split, so one catch-all route parses the tail with a
+regex. A POST is parsed, run and encoded in one job on the data plane's worker thread; predict's
+JSON decoding needs the signature's dtypes, so it runs against the routed version (see
+``DataPlane.predict``).
 """
 
 from __future__ import annotations
@@ -13,17 +15,20 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
 from aiohttp import web
 from google.protobuf import json_format
 
+from serving import metrics
 from serving.core import DataPlane, parse_version
 from serving.errors import ServingError, invalid
-from serving.servable import SignatureInfo, TensorInfo
+from serving.servable import Classification, Regression, SignatureInfo, TensorInfo
+from serving.tensors import serialized_examples
 
 log = logging.getLogger("serving.rest")
 
@@ -32,6 +37,11 @@ _PATH_RE = re.compile(
     r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
     r"(?:(?P<metadata>/metadata)|:(?P<verb>[A-Za-z]+))?$"
 )
+
+# The key of :classify / :regress answers. TF Serving's REST reference says "result", but the
+# server itself (util/json_tensor.cc, kClassifyRegressResponseKey) writes "results", and clients
+# written against a running TF Serving read that: a drop-in must answer what the server answers.
+RESULT_KEY = "results"
 
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200,
@@ -46,32 +56,55 @@ HTTP_STATUS = {
 }
 
 
-def _json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(text=json.dumps(body, separators=(",", ":")), status=status,
-                        content_type="application/json")
+class Route(NamedTuple):
+    """The model a URL names: ``/v1/models/{name}[/versions/{version} | /labels/{label}]``."""
+
+    name: str
+    version: int | None
+    label: str | None
+
+
+def _dumps(body: Any) -> str:
+    # NaN / Infinity are written as such, as TF Serving writes them.
+    return json.dumps(body, separators=(",", ":"))
+
+
+def _json_response(text: str, status: int = 200) -> web.Response:
+    return web.Response(text=text, status=status, content_type="application/json")
 
 
 def error_response(e: ServingError) -> web.Response:
-    return _json_response({"error": e.message}, HTTP_STATUS.get(e.code, 500))
+    response = _json_response(_dumps({"error": e.message}), HTTP_STATUS.get(e.code, 500))
+    response[metrics.REST_STATUS_CODE] = e.code  # the exact status for request_count
+    return response
 
 
 # -- JSON <-> numpy ----------------------------------------------------------------------------
+
+
+def _is_b64(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str)
+
+
+def _bytes_leaf(value: Any, alias: str) -> bytes:
+    """A JSON string (UTF-8) or ``{"b64": ...}`` -> bytes."""
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if _is_b64(value):
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except ValueError:
+            raise invalid("Unable to base64 decode") from None
+    if isinstance(value, dict):
+        raise invalid(f"JSON Value: {_dumps(value)} not formatted correctly for base64 data")
+    raise invalid(f'Input "{alias}" expects strings but got {type(value).__name__}')
 
 
 def _strings(value: Any, alias: str) -> Any:
     """Leaves of a JSON value for a string tensor -> bytes (``{"b64": ...}`` decoded)."""
     if isinstance(value, list):
         return [_strings(v, alias) for v in value]
-    if isinstance(value, dict):
-        if set(value) == {"b64"} and isinstance(value["b64"], str):
-            try:
-                return base64.b64decode(value["b64"], validate=True)
-            except ValueError:
-                raise invalid(f'Input "{alias}": invalid base64 value') from None
-        raise invalid(f'Input "{alias}": unexpected JSON object in a string tensor')
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    raise invalid(f'Input "{alias}" expects strings but got {type(value).__name__}')
+    return _bytes_leaf(value, alias)
 
 
 def to_array(info: TensorInfo, value: Any) -> np.ndarray:
@@ -105,7 +138,7 @@ def decode_instances(sig: SignatureInfo, instances: Any) -> dict[str, np.ndarray
     if not instances:
         raise invalid("'instances' is empty")
     names = list(sig.inputs)
-    objects = all(isinstance(i, dict) and not (set(i) == {"b64"}) for i in instances)
+    objects = all(isinstance(i, dict) and not _is_b64(i) for i in instances)
     if len(names) == 1 and not objects:
         return {names[0]: to_array(sig.inputs[names[0]], instances)}
     if not objects:
@@ -128,7 +161,7 @@ def decode_instances(sig: SignatureInfo, instances: Any) -> dict[str, np.ndarray
 def decode_columns(sig: SignatureInfo, columns: Any) -> dict[str, np.ndarray]:
     """Columnar format: the tensor itself (one input) or an object keyed by input name."""
     names = list(sig.inputs)
-    if isinstance(columns, dict) and not set(columns) == {"b64"}:
+    if isinstance(columns, dict) and not _is_b64(columns):
         inputs: dict[str, np.ndarray] = {}
         for key, value in columns.items():
             info = sig.inputs.get(key)
@@ -158,7 +191,31 @@ def _json_value(alias: str, array: np.ndarray) -> Any:
             return b
 
         return np.vectorize(leaf, otypes=[object])(array).tolist() if array.size else array.tolist()
-    return array.tolist()
+    return _floats(array) if array.dtype.kind == "f" else array.tolist()
+
+
+def _floats(array: np.ndarray) -> Any:
+    """Floats as nested lists that print like TF Serving prints them: the shortest decimal that
+    reads back as the same float32 ("0.1", not float64's "0.10000000149011612").
+
+    numpy's float32 -> str conversion finds that decimal; parsing it as float64 gives the double
+    Python's JSON encoder prints the same way. Costs ~1 us an element (``tolist`` alone: ~0.04).
+    """
+    if array.dtype.itemsize >= 8:
+        return array.tolist()
+    return array.astype(str).astype(np.float64).tolist()
+
+
+def encode_classification(value: Classification) -> list[Any]:
+    """``[[[label, score], ...] per example]``; label "" without a classes output, score 0.0
+    without a scores output (the proto defaults TF Serving writes)."""
+    reference = value.classes if value.classes is not None else value.scores
+    assert reference is not None
+    n, k = reference.shape
+    labels = ([[b.decode("utf-8", "replace") for b in row] for row in value.classes.tolist()]
+              if value.classes is not None else [[""] * k] * n)
+    scores = _floats(value.scores) if value.scores is not None else [[0.0] * k] * n
+    return [[[label, score] for label, score in zip(labels[i], scores[i])] for i in range(n)]
 
 
 def encode_rows(outputs: dict[str, np.ndarray]) -> list[Any]:
@@ -184,6 +241,88 @@ def encode_columns(outputs: dict[str, np.ndarray]) -> Any:
     return {alias: _json_value(alias, v) for alias, v in outputs.items()}
 
 
+def _json_type(value: Any) -> str:
+    """rapidjson's type names, which TF Serving's messages use."""
+    if value is None:
+        return "Null"
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, dict):
+        return "Object"
+    if isinstance(value, list):
+        return "Array"
+    if isinstance(value, str):
+        return "String"
+    return "Number"
+
+
+_FEATURE_KIND_NAMES = {"bytes_list": "bytes", "float_list": "float", "int64_list": "int64"}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _add_feature_value(name: str, value: Any, feature: Any) -> None:
+    """One JSON value into a ``tf.train.Feature``, by TF Serving's rules (json_tensor.cc):
+    floats -> float_list, ints and bools -> int64_list, strings and ``{"b64": ...}`` ->
+    bytes_list; all values of one feature must be of one kind."""
+    if isinstance(value, bool) or (isinstance(value, int) and not isinstance(value, bool)):
+        kind = "int64_list"
+    elif isinstance(value, float):
+        kind = "float_list"
+    elif isinstance(value, str) or (isinstance(value, dict) and _is_b64(value)):
+        kind = "bytes_list"
+    else:
+        raise invalid(f"Feature: {name} has element with unexpected JSON type: {_json_type(value)}")
+    current = feature.WhichOneof("kind")
+    if current is not None and current != kind:
+        raise invalid(f"Unexpected element type in feature: {name} expecting type: "
+                      f"{_FEATURE_KIND_NAMES[current]}")
+    if kind == "float_list":
+        if math.isfinite(value) and abs(value) > _FLOAT32_MAX:
+            raise invalid(f"Cannot convert JSON value: {value!r} to float without loss of "
+                          "precision.")
+        feature.float_list.value.append(value)
+    elif kind == "int64_list":
+        if not -(2**63) <= value < 2**63:
+            raise invalid(f"Feature: {name} has uint64 element. Only int64 is supported.")
+        feature.int64_list.value.append(int(value))
+    else:
+        feature.bytes_list.value.append(_bytes_leaf(value, name))
+
+
+def _example(value: Any, example: Any) -> None:
+    """A JSON object ``{feature: value or [values]}`` into a ``tf.train.Example``."""
+    if not isinstance(value, dict):
+        raise invalid(f"Example must be JSON object but got JSON {_json_type(value)}")
+    for name, content in value.items():
+        feature = example.features.feature[name]
+        for item in content if isinstance(content, list) else [content]:
+            _add_feature_value(name, item, feature)
+
+
+def decode_examples(body: dict[str, Any]) -> list[bytes]:
+    """``examples`` (+ optional ``context``) of a :classify/:regress body -> serialized examples,
+    through the same ``Input`` proto as gRPC so the context is merged the same way."""
+    from tensorflow_serving.apis import input_pb2
+
+    request_input = input_pb2.Input()
+    has_context = "context" in body
+    if has_context:
+        _example(body["context"], request_input.example_list_with_context.context)
+    examples = body.get("examples")
+    if examples is None:
+        raise invalid(f"JSON Value: {_dumps(body)} When method is classify, key 'examples' is "
+                      "expected and was not found")
+    if not isinstance(examples, list):
+        raise invalid(f"JSON Value: {_dumps(body)} Expecting 'examples' value to be an list/array")
+    if not examples:
+        raise invalid(f"JSON Value: {_dumps(body)} 'examples' value is an empty array")
+    listed = (request_input.example_list_with_context if has_context
+              else request_input.example_list)
+    for value in examples:
+        _example(value, listed.examples.add())
+    return serialized_examples(request_input)
+
+
 # -- handlers ----------------------------------------------------------------------------------
 
 
@@ -195,94 +334,78 @@ class RestApi:
         self.timeout_s = timeout_ms / 1000.0 if timeout_ms > 0 else None
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 31)
+        app = web.Application(client_max_size=1 << 31, middlewares=[metrics.rest_observed])
         app.router.add_route("GET", "/v1/models/{tail:.+}", self.handle_get)
         app.router.add_route("POST", "/v1/models/{tail:.+}", self.handle_post)
         return app
 
     @staticmethod
-    def _route(request: web.Request) -> tuple[str, int | None, re.Match[str]]:
+    def _route(request: web.Request) -> tuple[Route, re.Match[str]]:
         match = _PATH_RE.match(request.match_info["tail"])
         if match is None:
             raise ServingError(grpc.StatusCode.NOT_FOUND,
                                f"Malformed request: {request.method} {request.path}")
-        if match["label"] is not None:
-            raise invalid(f"Unrecognized servable version label: {match['label']}")
         version = parse_version(match["version"]) if match["version"] is not None else None
-        return match["name"], version, match
+        return Route(match["name"], version, match["label"]), match
 
     async def handle_get(self, request: web.Request) -> web.Response:
         try:
-            name, version, match = self._route(request)
+            route, match = self._route(request)
             if match["verb"] is not None:
                 raise ServingError(grpc.StatusCode.NOT_FOUND,
                                    f"Malformed request: GET {request.path}")
             if match["metadata"]:
-                return _json_response(self._metadata(name, version))
-            statuses = self.data_plane.model_status(name, version)
-            return _json_response({"model_version_status": [
+                return _json_response(_dumps(self._metadata(route)))
+            statuses = self.data_plane.model_status(route.name, route.version, route.label)
+            return _json_response(_dumps({"model_version_status": [
                 {"version": str(s.version), "state": s.state.name,
                  "status": {"error_code": s.error_code.name, "error_message": s.error_message}}
                 for s in statuses
-            ]})
+            ]}))
         except ServingError as e:
             return error_response(e)
 
-    def _metadata(self, name: str, version: int | None) -> dict[str, Any]:
+    def _metadata(self, route: Route) -> dict[str, Any]:
         from tensorflow_serving.apis import get_model_metadata_pb2
 
-        metadata = self.data_plane.model_metadata(name, version)
+        metadata = self.data_plane.model_metadata(route.name, route.version, route.label)
         sig_map = get_model_metadata_pb2.SignatureDefMap()
         for key, sig in metadata.signature_defs.items():
             sig_map.signature_def[key].CopyFrom(sig)
         return {
-            "model_spec": {"name": name, "signature_name": "", "version": str(metadata.version)},
+            "model_spec": {"name": route.name, "signature_name": "",
+                           "version": str(metadata.version)},
             "metadata": {"signature_def": json_format.MessageToDict(
                 sig_map, preserving_proto_field_name=True)},
         }
 
     async def handle_post(self, request: web.Request) -> web.Response:
         try:
-            name, version, match = self._route(request)
-            verb = match["verb"]
-            if match["metadata"] or verb is None:
+            route, match = self._route(request)
+            handler = {"predict": self._predict, "classify": self._classify,
+                       "regress": self._regress}.get(match["verb"] or "")
+            if match["metadata"] or handler is None:
                 raise ServingError(grpc.StatusCode.NOT_FOUND,
                                    f"Malformed request: POST {request.path}")
-            if verb in ("classify", "regress"):
-                raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
-                                   f"{verb} is not implemented by this server yet")
-            if verb != "predict":
-                raise ServingError(grpc.StatusCode.NOT_FOUND,
-                                   f"Malformed request: POST {request.path}")
-            body = self._parse_body(await request.text())
-            coro = self._predict(name, version, body)
-            if self.timeout_s is not None:
-                try:
-                    return await asyncio.wait_for(coro, self.timeout_s)
-                except asyncio.TimeoutError:
-                    raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                       "Deadline exceeded") from None
-            return await coro
+            text = await request.text()
+            # Parsing, the model call and encoding all run in the worker thread: a large body or
+            # response must not stall the event loop.
+            job = self.data_plane.run(lambda: handler(route, text))
+            if self.timeout_s is None:
+                return _json_response(await job)
+            try:
+                return _json_response(await asyncio.wait_for(job, self.timeout_s))
+            except asyncio.TimeoutError:
+                raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   "Deadline exceeded") from None
         except ServingError as e:
             return error_response(e)
         except Exception as e:  # noqa: BLE001
             log.exception("REST %s %s failed", request.method, request.path)
-            return _json_response({"error": f"{type(e).__name__}: {e}"}, 500)
+            return _json_response(_dumps({"error": f"{type(e).__name__}: {e}"}), 500)
 
-    @staticmethod
-    def _parse_body(text: str) -> dict[str, Any]:
-        try:
-            body = json.loads(text)
-        except ValueError as e:
-            raise invalid(f"JSON Parse error: {e}") from None
-        if not isinstance(body, dict):
-            raise invalid("JSON Value is not an object")
-        return body
-
-    async def _predict(self, name: str, version: int | None, body: dict[str, Any]) -> web.Response:
-        signature_name = body.get("signature_name", "")
-        if not isinstance(signature_name, str):
-            raise invalid("'signature_name' must be a string")
+    def _predict(self, route: Route, text: str) -> str:
+        body = _parse_body(text)
         has_rows, has_cols = "instances" in body, "inputs" in body
         if has_rows == has_cols:
             raise invalid("Missing 'inputs' or 'instances' key" if not has_rows else
@@ -293,17 +416,60 @@ class RestApi:
         else:
             def decode(sig: SignatureInfo) -> dict[str, np.ndarray]:
                 return decode_columns(sig, body["inputs"])
-        result = await self.data_plane.predict(name, version, signature_name, decode)
+        result = self.data_plane.predict(route.name, route.version, route.label,
+                                         _signature_name(body), decode)
         if has_rows:
-            return _json_response({"predictions": encode_rows(result.outputs)})
-        return _json_response({"outputs": encode_columns(result.outputs)})
+            return _dumps({"predictions": encode_rows(result.outputs)})
+        return _dumps({"outputs": encode_columns(result.outputs)})
+
+    def _classify(self, route: Route, text: str) -> str:
+        body = _parse_body(text)
+        signature_name = _signature_name(body)
+        result = self.data_plane.classify(route.name, route.version, route.label, signature_name,
+                                          decode_examples(body))
+        assert isinstance(result.value, Classification)
+        return _dumps({RESULT_KEY: encode_classification(result.value)})
+
+    def _regress(self, route: Route, text: str) -> str:
+        body = _parse_body(text)
+        signature_name = _signature_name(body)
+        result = self.data_plane.regress(route.name, route.version, route.label, signature_name,
+                                         decode_examples(body))
+        assert isinstance(result.value, Regression)
+        return _dumps({RESULT_KEY: _floats(result.value.values)})
 
 
-async def start_rest_server(data_plane: DataPlane, address: str, port: int,
-                            timeout_ms: int) -> web.AppRunner:
-    """Start the REST server; returns the runner (``await runner.cleanup()`` to stop)."""
-    runner = web.AppRunner(RestApi(data_plane, timeout_ms).app(), access_log=None,
-                           handle_signals=False)
+def _parse_body(text: str) -> dict[str, Any]:
+    if not text:
+        raise invalid("JSON Parse error: The document is empty")
+    try:
+        body = json.loads(text)  # accepts NaN and Infinity, as TF Serving does
+    except ValueError as e:
+        raise invalid(f"JSON Parse error: {e}") from None
+    if not isinstance(body, dict):
+        raise invalid(f"JSON Value: {_dumps(body)} Is not object")
+    return body
+
+
+def _signature_name(body: dict[str, Any]) -> str:
+    name = body.get("signature_name", "")
+    if not isinstance(name, str):
+        raise invalid(f"JSON Value: {_dumps(body)} not formatted correctly. 'signature_name' key "
+                      "must be a string value.")
+    return name
+
+
+async def start_rest_server(data_plane: DataPlane, address: str, port: int, timeout_ms: int, *,
+                            prometheus_path: str | None = None) -> web.AppRunner:
+    """Start the REST server; returns the runner (``await runner.cleanup()`` to stop).
+
+    ``prometheus_path`` (from ``--monitoring_config_file``) adds the metrics page, as TF Serving
+    serves it on the REST port.
+    """
+    app = RestApi(data_plane, timeout_ms).app()
+    if prometheus_path:
+        app.router.add_routes([metrics.prometheus_route(prometheus_path)])
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, address, port)
     await site.start()

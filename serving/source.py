@@ -1,6 +1,7 @@
 """Filesystem source: which versions of a model exist on disk, and which of them to serve.
 
-Mirrors TF Serving's ``FileSystemStoragePathSource`` + the default version policy (latest 1).
+Mirrors TF Serving's ``FileSystemStoragePathSource`` + its version policies (``latest{N}``, default
+N=1; ``all{}``; ``specific{versions}``).
 A version is a directory ``<base>/<n>`` whose name is a positive int64 in plain decimal digits
 (``1``, ``00000001``). Anything else (files, hidden or temporary dirs such as ``.tmp-x``) is
 ignored, as is a version directory without ``saved_model.pb``: pushers write elsewhere and rename,
@@ -15,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 log = logging.getLogger("serving.source")
 
@@ -77,25 +79,55 @@ def aspired_versions(on_disk: dict[int, VersionDir], num_latest: int = 1) -> dic
     return {v: on_disk[v] for v in keep}
 
 
+@dataclass(frozen=True)
+class VersionPolicy:
+    """TF Serving's ``ServableVersionPolicy``: which of the versions on disk are aspired."""
+
+    kind: Literal["latest", "all", "specific"] = "latest"
+    num_versions: int = 1  # latest{N}
+    versions: frozenset[int] = frozenset()  # specific{versions}
+
+    def select(self, on_disk: dict[int, VersionDir]) -> dict[int, VersionDir]:
+        if self.kind == "all":
+            return dict(on_disk)
+        if self.kind == "specific":
+            return {v: d for v, d in on_disk.items() if v in self.versions}
+        return aspired_versions(on_disk, self.num_versions)
+
+    def __str__(self) -> str:
+        if self.kind == "latest":
+            return f"latest{{{self.num_versions}}}"
+        if self.kind == "all":
+            return "all{}"
+        return "specific{" + ",".join(str(v) for v in sorted(self.versions)) + "}"
+
+
 class FileSystemSource:
     """Polls one model's base path and reports the aspired versions (logging what changed)."""
 
-    def __init__(self, model_name: str, base_path: str, num_latest: int = 1) -> None:
+    def __init__(self, model_name: str, base_path: str,
+                 policy: VersionPolicy = VersionPolicy()) -> None:
         self.model_name = model_name
         self.base_path = base_path
-        self.num_latest = num_latest
-        self._last: tuple[int, ...] | None = None
+        self.policy = policy
+        self.last_aspired: tuple[int, ...] = ()  # what the last poll reported, ascending
+        self._polled = False
 
     def poll(self) -> dict[int, VersionDir]:
         """One poll of the filesystem; returns the aspired versions."""
-        aspired = aspired_versions(list_versions(self.base_path), self.num_latest)
+        aspired = self.policy.select(list_versions(self.base_path))
         key = tuple(sorted(aspired))
-        if key != self._last:
+        if key != self.last_aspired or not self._polled:
             if aspired:
-                log.info("model %s: aspired versions %s under %s", self.model_name, list(key),
-                         self.base_path)
+                log.info("model %s: aspired versions %s under %s (policy %s)", self.model_name,
+                         list(key), self.base_path, self.policy)
             else:
-                log.warning("model %s: no versions found under base path %s", self.model_name,
-                            self.base_path)
-            self._last = key
+                log.warning("model %s: no versions for policy %s under base path %s",
+                            self.model_name, self.policy, self.base_path)
+            if self.policy.kind == "specific" and len(aspired) < len(self.policy.versions):
+                # A pinned version that is not on disk is most likely a typo in the config.
+                log.warning("model %s: version(s) %s of policy %s not found under %s",
+                            self.model_name, sorted(self.policy.versions - set(aspired)),
+                            self.policy, self.base_path)
+            self.last_aspired, self._polled = key, True
         return aspired

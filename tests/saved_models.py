@@ -5,6 +5,7 @@ beside it, then ``os.rename``), so a polling server never sees a half-written ve
 ``scores = softmax(images @ W + b)``, ``classes = argmax(scores)`` with ``W = 0`` and a large ``b`` at
 ``bias_class``: every input is classified as ``bias_class``, so a test can tell versions apart by the
 answer. ``write_broken_version`` writes a directory whose ``saved_model.pb`` is garbage.
+``extra_mib`` adds an unused variable of that size, so that a leaked version shows in the RSS.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def expected_scores(bias_class: int, batch: int = 1) -> np.ndarray:
     return np.tile((e / e.sum()).astype(np.float32), (batch, 1))
 
 
-def _export(path: Path, bias_class: int) -> None:
+def _export(path: Path, bias_class: int, extra_mib: int = 0) -> None:
     import tensorflow as tf
 
     bias = np.zeros(NUM_CLASSES, dtype=np.float32)
@@ -39,6 +40,10 @@ def _export(path: Path, bias_class: int) -> None:
             super().__init__()
             self.w = tf.Variable(tf.zeros([IMAGE_PIXELS, NUM_CLASSES]), name="w")
             self.b = tf.Variable(bias, name="b")
+            if extra_mib:  # random: neither the checkpoint nor the loaded tensor can be sparse
+                self.ballast = tf.Variable(
+                    np.random.default_rng(bias_class).random(extra_mib * 2**18, dtype=np.float32),
+                    name="ballast")
 
         @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_PIXELS], tf.float32, name="images")])
         def serve(self, images):
@@ -106,10 +111,11 @@ def write_broken_version(base: str | Path, version: int | str) -> Path:
     return _publish(Path(base), version, fill)
 
 
-def make_template(directory: str | Path, bias_class: int, warmup_records: int = 0) -> Path:
+def make_template(directory: str | Path, bias_class: int, warmup_records: int = 0,
+                  extra_mib: int = 0) -> Path:
     """Export once into ``directory`` so tests can copy it (exporting costs ~1 s each time)."""
     directory = Path(directory)
-    _export(directory, bias_class)
+    _export(directory, bias_class, extra_mib)
     if warmup_records:
         _write_warmup(directory, warmup_records)
     return directory
@@ -118,3 +124,119 @@ def make_template(directory: str | Path, bias_class: int, warmup_records: int = 
 def copy_version(template: str | Path, base: str | Path, version: int | str) -> Path:
     """Publish a copy of an exported template as ``<base>/<version>`` atomically."""
     return _publish(Path(base), version, lambda path: shutil.copytree(template, path))
+
+
+# -- TF Serving's "half_plus_two" test model, and a predict signature over every dtype ----------------
+
+
+def _export_half_plus_two(path: Path) -> None:
+    """``y = 0.5 * x + 2`` the way TF Serving's own test model is built (a TF1 graph through
+    ``SavedModelBuilder``), so that every example signature reads the same ``tf_example``
+    placeholder -- MultiInference requires one input tensor for all its tasks, which separate
+    ``tf.function`` signatures of a TF2 export never share.
+
+    Signatures: ``serving_default`` (predict, ``x`` float [N] -> ``y``), ``classify_x_to_y``
+    (classify, scores only), ``classify_with_labels`` (classes + scores), ``regress_x_to_y``
+    (regress), ``mixed`` (predict over float, double, int32, int64, string and bool inputs).
+    """
+    import tensorflow as tf
+
+    v1 = tf.compat.v1
+    graph = tf.Graph()
+    with graph.as_default():
+        a = v1.Variable(0.5, name="a")
+        b = v1.Variable(2.0, name="b")
+        x = v1.placeholder(tf.float32, [None], name="x")
+        y = tf.add(a * x, b, name="y")
+        serialized = v1.placeholder(tf.string, [None], name="tf_example")
+        parsed = tf.io.parse_example(serialized, {"x": tf.io.FixedLenFeature([1], tf.float32)})
+        y_ex = tf.add(a * parsed["x"], b, name="y_ex")  # [N, 1]
+        labels = tf.tile(tf.constant([["half_plus_two"]]), [tf.shape(y_ex)[0], 1])
+        mixed = {
+            "f": v1.placeholder(tf.float32, [None], name="f"),
+            "d": v1.placeholder(tf.float64, [None], name="d"),
+            "i32": v1.placeholder(tf.int32, [None], name="i32"),
+            "i64": v1.placeholder(tf.int64, [None], name="i64"),
+            "s": v1.placeholder(tf.string, [None], name="s"),
+            "bool": v1.placeholder(tf.bool, [None], name="bool"),
+        }
+        total = (tf.cast(mixed["f"], tf.float64) + mixed["d"] + tf.cast(mixed["i32"], tf.float64)
+                 + tf.cast(mixed["i64"], tf.float64))
+        mixed_out = {
+            "total": total,
+            "s_upper": tf.strings.upper(mixed["s"]),
+            "s_bytes": tf.identity(mixed["s"]),
+            "not_bool": tf.logical_not(mixed["bool"]),
+            "i64_twice": mixed["i64"] * 2,
+        }
+        sigs = v1.saved_model.signature_def_utils
+        signature_defs = {
+            "serving_default": sigs.predict_signature_def({"x": x}, {"y": y}),
+            "classify_x_to_y": sigs.classification_signature_def(serialized, None, y_ex),
+            "classify_with_labels": sigs.classification_signature_def(serialized, labels, y_ex),
+            "regress_x_to_y": sigs.regression_signature_def(serialized, y_ex),
+            "mixed": sigs.predict_signature_def(mixed, mixed_out),
+        }
+        with v1.Session(graph=graph) as session:
+            session.run(v1.global_variables_initializer())
+            builder = v1.saved_model.Builder(str(path))
+            builder.add_meta_graph_and_variables(session, ["serve"],
+                                                 signature_def_map=signature_defs)
+            builder.save()
+
+
+def x_example(value: float):
+    """A tf.Example with the float feature ``x`` the example signatures parse."""
+    import tensorflow as tf
+
+    return tf.train.Example(features=tf.train.Features(feature={
+        "x": tf.train.Feature(float_list=tf.train.FloatList(value=[value]))}))
+
+
+def _write_half_plus_two_warmup(path: Path) -> None:
+    """One record of each kind TF Serving replays: predict, classify, regress, multi-inference."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import (classification_pb2, inference_pb2, predict_pb2,
+                                         prediction_log_pb2, regression_pb2)
+
+    predict = predict_pb2.PredictRequest()
+    predict.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array([1.0], np.float32)))
+    classify = classification_pb2.ClassificationRequest()
+    classify.model_spec.signature_name = "classify_x_to_y"
+    classify.input.example_list.examples.add().CopyFrom(x_example(1.0))
+    regress = regression_pb2.RegressionRequest()
+    regress.model_spec.signature_name = "regress_x_to_y"
+    regress.input.example_list.examples.add().CopyFrom(x_example(1.0))
+    multi = inference_pb2.MultiInferenceRequest()
+    for signature, method in (("classify_x_to_y", "tensorflow/serving/classify"),
+                              ("regress_x_to_y", "tensorflow/serving/regress")):
+        task = multi.tasks.add()
+        task.model_spec.name = "half"
+        task.model_spec.signature_name = signature
+        task.method_name = method
+    multi.input.example_list.examples.add().CopyFrom(x_example(1.0))
+    logs = [
+        prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=predict)),
+        prediction_log_pb2.PredictionLog(
+            classify_log=prediction_log_pb2.ClassifyLog(request=classify)),
+        prediction_log_pb2.PredictionLog(
+            regress_log=prediction_log_pb2.RegressLog(request=regress)),
+        prediction_log_pb2.PredictionLog(
+            multi_inference_log=prediction_log_pb2.MultiInferenceLog(request=multi)),
+    ]
+    extra = path / "assets.extra"
+    extra.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(extra / "tf_serving_warmup_requests")) as writer:
+        for log in logs:
+            writer.write(log.SerializeToString())
+
+
+def write_half_plus_two(base: str | Path, version: int | str, warmup: bool = True) -> Path:
+    """Publish the half_plus_two model (with one warmup record of each kind) as ``<base>/<version>``."""
+
+    def fill(path: Path) -> None:
+        _export_half_plus_two(path)
+        if warmup:
+            _write_half_plus_two_warmup(path)
+
+    return _publish(Path(base), version, fill)

@@ -40,7 +40,8 @@ def test_flags_defaults_and_both_syntaxes():
 
 def test_flags_errors_name_the_flag(capsys):
     for argv, named in [(["--model_base_path=/m", "--port=70000"], "--port"),
-                        (["--model_base_path=/m", "--model_config_file=/c"], "--model_config_file"),
+                        (["--model_config_file=/c", "--model_config_file_poll_wait_seconds=x"],
+                         "--model_config_file_poll_wait_seconds"),
                         ([], "--model_base_path")]:
         with pytest.raises(SystemExit) as info:
             parse_args(argv)

@@ -1,0 +1,387 @@
+"""Prometheus metrics under TF Serving's names, and the hooks that feed them from each layer.
+
+TF Serving exports TensorFlow's monitoring registry, each metric named by its path with ``/``
+turned into ``:`` (``/tensorflow/serving/request_count`` -> ``:tensorflow:serving:request_count``),
+latencies in microseconds in TF's ``Buckets::Exponential(10, 1.8, 33)``. Dashboards built on TF
+Serving keep working only with those exact names, labels and units, so:
+
+* TF Serving's own: ``request_count``, ``request_latency``, ``model_warmup_latency``, and
+  TensorFlow's SavedModel loader's ``:tensorflow:cc:saved_model:load_attempt_count`` /
+  ``load_latency``;
+* ours, named in the same style because TF Serving has no equivalent: ``model_unload_count``.
+
+The registry is written here rather than taken from ``prometheus_client`` (installed only as a
+dependency of prefect): that library appends ``_total`` to every counter name and adds ``_created``
+series, so it cannot export ``:tensorflow:serving:request_count`` under TF Serving's name. What
+is needed is small: a lock and a few additions per observation, and one text page per scrape.
+
+A subsystem's metrics are declared below next to the others (batching will add its queue latency
+and batch size histograms here); the hooks that feed them stay in the layer that owns the event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import functools
+import threading
+import time
+from typing import Any, Awaitable, Callable, Iterator, Protocol, TypeVar
+
+import grpc
+from aiohttp import web
+
+from serving.errors import ServingError
+
+DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"  # PrometheusExporter::kPrometheusPath
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Upper bounds in microseconds: 10 us .. ~24 min, TF's Buckets::Exponential(10, 1.8, 33).
+LATENCY_BUCKETS_US: tuple[float, ...] = tuple(10 * 1.8**i for i in range(33))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") -> str:
+    pairs = [f'{n}="{_escape(v)}"' for n, v in zip(names, values)]
+    if extra:
+        pairs.append(extra)
+    return "{" + ",".join(pairs) + "}" if pairs else ""
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+class _Metric:
+    kind = ""
+
+    def __init__(self, name: str, help_: str, labels: tuple[str, ...]) -> None:
+        self.name = name
+        self.help = help_
+        self.label_names = labels
+        self._lock = threading.Lock()
+
+    def _check(self, values: tuple[str, ...]) -> None:
+        if len(values) != len(self.label_names):
+            raise ValueError(f"{self.name} takes labels {self.label_names}, got {values}")
+
+    def lines(self) -> Iterator[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} {self.kind}"
+
+
+class Counter(_Metric):
+    """A monotonically increasing integer per label combination."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, help_: str, labels: tuple[str, ...]) -> None:
+        super().__init__(name, help_, labels)
+        self._values: dict[tuple[str, ...], int] = {}
+
+    def inc(self, *labels: str, by: int = 1) -> None:
+        self._check(labels)
+        with self._lock:
+            self._values[labels] = self._values.get(labels, 0) + by
+
+    def value(self, *labels: str) -> int:
+        with self._lock:
+            return self._values.get(labels, 0)
+
+    def lines(self) -> Iterator[str]:
+        yield from super().lines()
+        with self._lock:
+            values = sorted(self._values.items())
+        for labels, value in values:
+            yield f"{self.name}{_labels(self.label_names, labels)} {value}"
+
+
+class Histogram(_Metric):
+    """Bucket counts, sum and count per label combination (Prometheus ``le`` semantics)."""
+
+    kind = "histogram"
+
+    def __init__(self, name: str, help_: str, labels: tuple[str, ...],
+                 bounds: tuple[float, ...] = LATENCY_BUCKETS_US) -> None:
+        super().__init__(name, help_, labels)
+        self.bounds = bounds
+        self._cells: dict[tuple[str, ...], list[float]] = {}  # bucket counts..., +Inf, sum
+
+    def observe(self, value: float, *labels: str) -> None:
+        self._check(labels)
+        index = bisect.bisect_left(self.bounds, value)
+        with self._lock:
+            cell = self._cells.get(labels)
+            if cell is None:
+                cell = self._cells[labels] = [0] * (len(self.bounds) + 1) + [0.0]
+            cell[index] += 1
+            cell[-1] += value
+
+    def lines(self) -> Iterator[str]:
+        yield from super().lines()
+        with self._lock:
+            cells = sorted((labels, list(cell)) for labels, cell in self._cells.items())
+        limits = [f"{b:.6g}" for b in self.bounds] + ["+Inf"]  # TF Serving prints 6 digits
+        for labels, cell in cells:
+            cumulative = 0
+            for limit, count in zip(limits, cell[:-1]):
+                cumulative += int(count)
+                le = _labels(self.label_names, labels, f'le="{limit}"')
+                yield f"{self.name}_bucket{le} {cumulative}"
+            text = _labels(self.label_names, labels)
+            yield f"{self.name}_sum{text} {_number(cell[-1])}"
+            yield f"{self.name}_count{text} {cumulative}"
+
+
+class Registry:
+    """All metrics of the process; ``exposition()`` is the Prometheus text page."""
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, _Metric] = {}
+
+    def _add(self, metric: _Metric) -> Any:
+        if metric.name in self._metrics:
+            raise ValueError(f"metric {metric.name} registered twice")
+        self._metrics[metric.name] = metric
+        return metric
+
+    def counter(self, name: str, help_: str, labels: tuple[str, ...]) -> Counter:
+        return self._add(Counter(name, help_, labels))
+
+    def histogram(self, name: str, help_: str, labels: tuple[str, ...]) -> Histogram:
+        return self._add(Histogram(name, help_, labels))
+
+    def exposition(self) -> str:
+        """Text format 0.0.4, metrics sorted by name like TF Serving's exporter."""
+        lines = [line for name in sorted(self._metrics) for line in self._metrics[name].lines()]
+        return "\n".join(lines) + "\n"
+
+
+REGISTRY = Registry()
+
+# -- requests (tensorflow_serving/servables/tensorflow/util.cc) ------------------------------------
+REQUEST_COUNT = REGISTRY.counter(
+    ":tensorflow:serving:request_count", "The total number of requests.",
+    ("model_name", "status"))
+REQUEST_LATENCY = REGISTRY.histogram(
+    ":tensorflow:serving:request_latency",
+    "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
+    ("model_name", "API", "entrypoint", "status"))
+
+# -- model lifecycle -----------------------------------------------------------------------------
+# TensorFlow's SavedModel loader (tensorflow/cc/saved_model/loader.cc), exported by TF Serving.
+LOAD_ATTEMPT_COUNT = REGISTRY.counter(
+    ":tensorflow:cc:saved_model:load_attempt_count",
+    "The number of times a SavedModel was successfully loaded.", ("model_path", "status"))
+LOAD_LATENCY = REGISTRY.counter(
+    ":tensorflow:cc:saved_model:load_latency",
+    "Latency in microseconds for SavedModels that were successfully loaded.", ("model_path",))
+# tensorflow_serving/servables/tensorflow/saved_model_warmup_util.cc
+MODEL_WARMUP_LATENCY = REGISTRY.histogram(
+    ":tensorflow:serving:model_warmup_latency",
+    "Distribution of wall time (in microseconds) for warming up the model.",
+    ("model_path", "status"))
+# Ours: TF Serving counts no unloads; same label as the load counters so the two pair up.
+MODEL_UNLOAD_COUNT = REGISTRY.counter(
+    ":tensorflow:serving:model_unload_count",
+    "The number of times a model version was unloaded.", ("model_path",))
+
+
+# -- hooks ----------------------------------------------------------------------------------------
+
+
+def _micros_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1e6
+
+
+def observe_request(model_name: str, api: str, entrypoint: str, code: grpc.StatusCode,
+                    start: float) -> None:
+    """Count one finished request and its latency since ``start`` (``time.perf_counter()``)."""
+    REQUEST_COUNT.inc(model_name, code.name)
+    REQUEST_LATENCY.observe(_micros_since(start), model_name, api, entrypoint, code.name)
+
+
+def _request_model_name(request: Any) -> str:
+    spec = getattr(request, "model_spec", None)
+    if spec is not None:
+        return spec.name
+    tasks = getattr(request, "tasks", None)  # MultiInference: one model_spec per task
+    return tasks[0].model_spec.name if tasks else ""
+
+
+Method = TypeVar("Method", bound=Callable[..., Awaitable[Any]])
+
+
+def grpc_observed(method: Method) -> Method:
+    """Wrap a gRPC servicer method: API = method name, entrypoint GRPC, status from the error.
+
+    Sits inside the front end's error translation, so it sees ``ServingError`` (its code) and
+    bugs (INTERNAL, which is what the translation turns them into).
+    """
+    api = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: Any) -> Any:
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await method(self, request, context)
+        except ServingError as e:
+            code = e.code
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            raise
+        finally:
+            observe_request(_request_model_name(request), api, "GRPC", code, start)
+
+    return wrapper  # type: ignore[return-value]
+
+
+# Error responses carry their gRPC code under this key: the HTTP status alone is ambiguous
+# (INVALID_ARGUMENT and FAILED_PRECONDITION are both 400).
+REST_STATUS_CODE = "serving.status_code"
+_REST_VERBS = {"predict": "Predict", "classify": "Classify", "regress": "Regress"}
+
+
+def _rest_api(method: str, tail: str) -> str | None:
+    """TF Serving's API name for a ``/v1/models/<tail>`` request; None when it names none."""
+    if method == "GET":
+        return "GetModelMetadata" if tail.endswith("/metadata") else "GetModelStatus"
+    if method == "POST" and ":" in tail:
+        return _REST_VERBS.get(tail.rsplit(":", 1)[1])
+    return None
+
+
+@web.middleware
+async def rest_observed(request: web.Request,
+                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                        ) -> web.StreamResponse:
+    """aiohttp middleware: count and time ``/v1/models/...`` requests, entrypoint REST."""
+    start = time.perf_counter()
+    response = await handler(request)
+    tail = request.match_info.get("tail")
+    api = _rest_api(request.method, tail) if tail is not None else None
+    if api is not None:
+        fallback = grpc.StatusCode.OK if response.status < 400 else grpc.StatusCode.INTERNAL
+        model_name = tail.split("/", 1)[0].split(":", 1)[0]
+        observe_request(model_name, api, "REST", response.get(REST_STATUS_CODE, fallback), start)
+    return response
+
+
+def prometheus_route(path: str) -> web.RouteDef:
+    """The scrape endpoint, added to the REST server when monitoring is configured."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=REGISTRY.exposition().encode(), headers={
+            "Content-Type": CONTENT_TYPE})
+
+    return web.get(path, handler)
+
+
+class _Loadable(Protocol):
+    path: str
+
+
+Loadable = TypeVar("Loadable", bound=_Loadable)
+
+
+def saved_model_load_observed(load: Callable[[Loadable], None]) -> Callable[[Loadable], None]:
+    """Wrap ``Servable.load``: TF's load attempt (success/fail) and latency per model path."""
+
+    @functools.wraps(load)
+    def wrapper(servable: Loadable) -> None:
+        start = time.perf_counter()
+        status = "fail"
+        try:
+            load(servable)
+            status = "success"
+        finally:
+            LOAD_ATTEMPT_COUNT.inc(servable.path, status)
+            LOAD_LATENCY.inc(servable.path, by=int(_micros_since(start)))
+
+    return wrapper
+
+
+def warmup_observed(warmup: Callable[[Loadable], int]) -> Callable[[Loadable], int]:
+    """Wrap ``Servable.warmup`` (returns the records replayed): TF Serving's warmup latency.
+
+    Like TF Serving, a version without warmup data records nothing; a failed warmup records its
+    status code name (TF Serving prints the whole status, message included).
+    """
+
+    @functools.wraps(warmup)
+    def wrapper(servable: Loadable) -> int:
+        start = time.perf_counter()
+        try:
+            count = warmup(servable)
+        except ServingError as e:
+            MODEL_WARMUP_LATENCY.observe(_micros_since(start), servable.path, e.code.name)
+            raise
+        except Exception:
+            MODEL_WARMUP_LATENCY.observe(_micros_since(start), servable.path, "UNKNOWN")
+            raise
+        if count:
+            MODEL_WARMUP_LATENCY.observe(_micros_since(start), servable.path, "OK")
+        return count
+
+    return wrapper
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+def _monitoring_config_class() -> Any:
+    """``tensorflow.serving.MonitoringConfig``, built from its .proto definition.
+
+    The tensorflow-serving-api wheel ships no ``monitoring_config_pb2``; the message is two
+    fields deep, so it is declared here in a private descriptor pool (no clash should TF or a
+    later wheel register the same name).
+    """
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    F = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="tensorflow_serving/config/monitoring_config.proto",
+        package="tensorflow.serving", syntax="proto3")
+    prometheus = proto.message_type.add(name="PrometheusConfig")
+    prometheus.field.add(name="enable", number=1, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
+    prometheus.field.add(name="path", number=2, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    monitoring = proto.message_type.add(name="MonitoringConfig")
+    monitoring.field.add(name="prometheus_config", number=1, type=F.TYPE_MESSAGE,
+                         label=F.LABEL_OPTIONAL, type_name=".tensorflow.serving.PrometheusConfig")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("tensorflow.serving.MonitoringConfig"))
+
+
+def read_monitoring_config(path: str) -> str | None:
+    """The Prometheus path a text-format MonitoringConfig file asks for (None: disabled).
+
+    Raises ``ValueError`` naming the problem when the file cannot be read or parsed.
+    """
+    from google.protobuf import text_format
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        config = text_format.Parse(text, _monitoring_config_class()())
+    except text_format.ParseError as e:
+        raise ValueError(f"{path}: not a MonitoringConfig: {e}") from None
+    prometheus = config.prometheus_config
+    if not prometheus.enable:
+        return None
+    route = prometheus.path or DEFAULT_PROMETHEUS_PATH
+    if not route.startswith("/"):
+        raise ValueError(f"{path}: prometheus_config.path must start with '/': {route!r}")
+    return route

@@ -1,0 +1,126 @@
+"""TensorProto <-> numpy and ``tensorflow.serving.Input`` -> serialized examples, as TF does them.
+
+Used by the gRPC front end and by warmup replay (which reads the same protos from disk), so a
+warmup record is decoded exactly like the request it stands for. No per-element Python loops for
+numeric tensors: ``tensor_content`` goes through ``np.frombuffer``, typed fields through
+``np.asarray`` of the repeated field, and ``tf.make_tensor_proto`` (which costs more than the model
+call for a small request) is not used at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+from serving.errors import invalid
+
+# dtype -> (numpy dtype of tensor_content, TensorProto typed field holding the values). Bool and
+# the narrow ints travel in wider typed fields (bool_val, int_val) but as 1-2 bytes in content.
+_LAYOUT: dict[int, tuple[np.dtype, str]] = {
+    types_pb2.DT_FLOAT: (np.dtype("<f4"), "float_val"),
+    types_pb2.DT_DOUBLE: (np.dtype("<f8"), "double_val"),
+    types_pb2.DT_INT32: (np.dtype("<i4"), "int_val"),
+    types_pb2.DT_INT16: (np.dtype("<i2"), "int_val"),
+    types_pb2.DT_INT8: (np.dtype("i1"), "int_val"),
+    types_pb2.DT_UINT8: (np.dtype("u1"), "int_val"),
+    types_pb2.DT_UINT16: (np.dtype("<u2"), "int_val"),
+    types_pb2.DT_INT64: (np.dtype("<i8"), "int64_val"),
+    types_pb2.DT_UINT32: (np.dtype("<u4"), "uint32_val"),
+    types_pb2.DT_UINT64: (np.dtype("<u8"), "uint64_val"),
+    types_pb2.DT_HALF: (np.dtype("<f2"), "half_val"),
+    types_pb2.DT_BOOL: (np.dtype("?"), "bool_val"),
+}
+_DT_OF = {np.dtype(v[0]).newbyteorder("="): k for k, v in _LAYOUT.items()}
+
+
+def to_ndarray(alias: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
+    """TensorProto -> numpy with TF's ``Tensor::FromProto`` rules.
+
+    A typed field with fewer values than the shape holds is padded with its last value (so one
+    value broadcasts), an empty one means zeros, extra values are ignored; ``tensor_content`` must
+    be exactly the tensor's size. Anything malformed is TF Serving's INVALID_ARGUMENT
+    "tensor parsing error: <alias>".
+    """
+    dims = [d.size for d in proto.tensor_shape.dim]
+    if proto.tensor_shape.unknown_rank or any(d < 0 for d in dims):
+        raise _parse_error(alias)
+    size = int(np.prod(dims, dtype=np.int64))
+    if proto.dtype == types_pb2.DT_STRING:
+        if proto.tensor_content:
+            raise _parse_error(alias)
+        values = np.empty(len(proto.string_val), dtype=object)
+        values[:] = list(proto.string_val)
+        return _fill(values, size, b"").reshape(dims)
+    layout = _LAYOUT.get(proto.dtype)
+    if layout is None:
+        raise _parse_error(alias)
+    np_dtype, field = layout
+    native = np_dtype.newbyteorder("=")
+    if proto.tensor_content:
+        if len(proto.tensor_content) != size * np_dtype.itemsize:
+            raise _parse_error(alias)
+        return np.frombuffer(proto.tensor_content, dtype=np_dtype).astype(native).reshape(dims)
+    repeated = getattr(proto, field)
+    if proto.dtype == types_pb2.DT_HALF:  # half_val holds the float16 bit patterns
+        values = np.asarray(repeated, dtype=np.uint16).view(np.float16)
+    else:
+        values = np.asarray(repeated, dtype=native)
+    return _fill(values, size, native.type(0)).reshape(dims)
+
+
+def _fill(values: np.ndarray, size: int, zero: Any) -> np.ndarray:
+    if len(values) >= size:
+        return values[:size]
+    if len(values) == 0:
+        return np.full(size, zero, dtype=values.dtype)
+    out = np.empty(size, dtype=values.dtype)
+    out[: len(values)] = values
+    out[len(values):] = values[-1]
+    return out
+
+
+def _parse_error(alias: str) -> Exception:
+    return invalid(f"tensor parsing error: {alias}")
+
+
+def to_tensor_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
+    """numpy -> TensorProto: numbers and bools as ``tensor_content``, strings as ``string_val``."""
+    shape = tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in array.shape]
+    )
+    if array.dtype == object or array.dtype.kind in ("S", "U"):
+        proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, tensor_shape=shape)
+        proto.string_val.extend(
+            v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in array.ravel().tolist()
+        )
+        return proto
+    dt = _DT_OF.get(array.dtype)
+    if dt is None:
+        raise TypeError(f"no TensorProto encoding for numpy dtype {array.dtype}")
+    return tensor_pb2.TensorProto(
+        dtype=dt,
+        tensor_shape=shape,
+        tensor_content=np.ascontiguousarray(array, dtype=_LAYOUT[dt][0]).tobytes(),
+    )
+
+
+def serialized_examples(input_proto: Any) -> list[bytes]:
+    """A ``tensorflow.serving.Input`` -> one serialized ``tf.Example`` per example.
+
+    ``example_list_with_context``: the context's bytes are prepended to each example's, which is
+    how TF Serving merges them -- protobuf parsing merges concatenated messages, so a feature set
+    in both takes the example's value.
+    """
+    kind = input_proto.WhichOneof("kind")
+    if kind == "example_list":
+        return [e.SerializeToString() for e in input_proto.example_list.examples]
+    if kind == "example_list_with_context":
+        listed = input_proto.example_list_with_context
+        context = listed.context.SerializeToString()
+        return [context + e.SerializeToString() for e in listed.examples]
+    return []
+
+
+__all__ = ["serialized_examples", "to_ndarray", "to_tensor_proto"]
