@@ -33,3 +33,8 @@ test: install
 
 clean: stop
 	rm -rf .stack
+
+# Load from a separate process (h2load); results with the exact command go to benchmarks/RESULTS.md.
+bench: install
+	@command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
+	$(PY) -m benchmarks.run --write benchmarks/RESULTS.md

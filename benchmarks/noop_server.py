@@ -1,0 +1,65 @@
+"""The ceiling: a server on the same stacks as ours (grpc.aio, aiohttp) that parses each request
+exactly as ours does but runs no model and returns a fixed response.
+
+    python -m benchmarks.noop_server --port 8500 --rest_api_port 8501
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+import grpc
+import numpy as np
+from aiohttp import web
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from tasks.model_server import float_tensor
+
+FIXED_SCORES = np.full((1, 10), 0.1, np.float32)
+
+
+class NoopPrediction(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self) -> None:
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = "mnist"
+        response.model_spec.version.value = 1
+        response.model_spec.signature_name = "serving_default"
+        response.outputs["scores"].CopyFrom(float_tensor(FIXED_SCORES))
+        self._response = response
+
+    async def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
+        # grpc.aio has already parsed the PredictRequest, as for our server.
+        return self._response
+
+
+async def rest_predict(request: web.Request) -> web.Response:
+    json.loads(await request.read())  # parse the body as ours does
+    return web.Response(body=b'{"predictions": [[0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]]}',
+                        content_type="application/json")
+
+
+async def serve(port: int, rest_port: int) -> None:
+    server = grpc.aio.server()
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(NoopPrediction(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    app = web.Application()
+    app.router.add_post("/v1/models/{tail:.*}", rest_predict)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", rest_port).start()
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.noop_server")
+    parser.add_argument("--port", type=int, default=8500)
+    parser.add_argument("--rest_api_port", type=int, default=8501)
+    args = parser.parse_args()
+    asyncio.run(serve(args.port, args.rest_api_port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Pre-encoded request bodies, so the load generator spends nothing on encoding."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from tasks.config import REPO_ROOT
+from tasks.mnist import load_test
+from tasks.model_server import float_tensor
+
+PREDICT_PATH = "/tensorflow.serving.PredictionService/Predict"
+
+
+def one_image() -> np.ndarray:
+    return load_test(REPO_ROOT / "data" / "mnist").images[:1]
+
+
+def grpc_predict_frame(model_name: str, image: np.ndarray) -> bytes:
+    """A gRPC length-prefixed message (flag 0 = uncompressed, 4-byte big-endian length, proto)."""
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model_name
+    request.model_spec.signature_name = "serving_default"
+    request.inputs["images"].CopyFrom(float_tensor(image))
+    message = request.SerializeToString()
+    return struct.pack(">?I", False, len(message)) + message
+
+
+def rest_predict_body(image: np.ndarray) -> bytes:
+    return json.dumps({"instances": image.tolist()}).encode()
+
+
+def mlflow_invocations_body(image: np.ndarray) -> bytes:
+    return json.dumps({"inputs": image.tolist()}).encode()
+
+
+def write_all(directory: Path, model_name: str) -> dict[str, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    image = one_image()
+    files = {
+        "grpc": (directory / "predict.grpc", grpc_predict_frame(model_name, image)),
+        "rest": (directory / "predict.json", rest_predict_body(image)),
+        "mlflow": (directory / "invocations.json", mlflow_invocations_body(image)),
+    }
+    for path, body in files.values():
+        path.write_bytes(body)
+    return {kind: path for kind, (path, _) in files.items()}

@@ -1,0 +1,246 @@
+"""Serving benchmarks: each figure beside its baseline, measured in the same run.
+
+    make bench                      # = python -m benchmarks.run --write benchmarks/RESULTS.md
+    python -m benchmarks.run --duration 5 --concurrency 1 8 64
+
+Load comes from a separate process, h2load (Debian's nghttp2-client), with pre-encoded bodies:
+gRPC over HTTP/2, REST over HTTP/1.1. Scenarios:
+  a. gRPC Predict, batch-1 requests: our server against the no-op server (the Python gRPC ceiling);
+  b. REST :predict: ours against the no-op endpoint and against `mlflow models serve` of the same
+     model from the MLflow registry;
+  c. the model alone, in-process, at batch 1 and 128 (the compute limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from benchmarks import payloads
+from tasks.config import REPO_ROOT
+from tests.processes import free_port, running, wait_for_http
+
+MODEL = "mnist"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    scenario: str
+    target: str
+    concurrency: int
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    succeeded: int
+    failed: int
+
+
+def h2load(url: str, body: Path, concurrency: int, duration_s: float, grpc: bool, log: Path) -> tuple[float, np.ndarray, int, int]:
+    """Requests/s, per-request latencies (ms), succeeded and failed counts of one h2load run."""
+    headers = ["-H", "content-type: application/grpc", "-H", "te: trailers"] if grpc else \
+              ["-H", "content-type: application/json", "--h1"]
+    command = ["h2load", f"--clients={concurrency}", "--max-concurrent-streams=1", "--threads=1",
+               f"--duration={duration_s:g}", "--warm-up-time=1", f"--data={body}", f"--log-file={log}",
+               *headers, url]
+    log.unlink(missing_ok=True)  # h2load appends to an existing log
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", output).group(1))
+    counts = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", output)
+    latencies = np.loadtxt(log, usecols=2, ndmin=1) / 1000.0 if log.stat().st_size else np.zeros(1)
+    return rps, latencies, int(counts.group(1)), int(counts.group(2))
+
+
+def measure(scenario: str, target: str, url: str, body: Path, grpc: bool, levels: list[int],
+            duration_s: float, scratch: Path) -> list[Measurement]:
+    results = []
+    for concurrency in levels:
+        rps, latencies, ok, failed = h2load(url, body, concurrency, duration_s, grpc, scratch / "h2load.log")
+        result = Measurement(scenario, target, concurrency, rps, float(np.percentile(latencies, 50)),
+                             float(np.percentile(latencies, 99)), ok, failed)
+        print(f"  {scenario} {target:28s} c={concurrency:<3d} {rps:8.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
+              f"p99 {result.p99_ms:6.2f} ms  failed {failed}", flush=True)
+        results.append(result)
+    return results
+
+
+def build_model(directory: Path) -> Path:
+    """A softmax regression trained for one epoch, exported as version 1 of the store (~10 s)."""
+    from tasks import mnist
+    from tasks.config import ExportConfig, ModelConfig, TrainConfig
+    from tasks.export import export
+    from tasks.train import fit, resolve_devices
+
+    data = mnist.load(REPO_ROOT / "data" / "mnist")
+    trained = fit(data, ModelConfig(), TrainConfig(epochs=1), resolve_devices("cpu", []))
+    exported = export.fn(trained.model, ExportConfig(base_path=directory / "exports"), directory / "models",
+                         data.test.images[:4])
+    store = directory / "models" / MODEL
+    store.mkdir(parents=True)
+    shutil.copytree(exported.path, store / "1")
+    register_in_mlflow(directory, trained.model)
+    return store
+
+
+def register_in_mlflow(directory: Path, keras_model) -> None:
+    from tasks.config import MlflowConfig
+    from tasks.tracking import register_model, tracked_run
+
+    cfg = MlflowConfig(tracking_uri=f"sqlite:///{directory / 'mlflow.db'}", experiment="bench",
+                       artifact_location=str(directory / "mlartifacts"))
+    with tracked_run(cfg, "bench", {}, {}) as tracker:
+        register_model(tracker, keras_model, MODEL, 1)
+
+
+@contextmanager
+def our_server(store: Path, log: Path) -> Iterator[tuple[int, int]]:
+    grpc_port, rest_port = free_port(), free_port()
+    command = [sys.executable, "-m", "serving", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
+               f"--model_name={MODEL}", f"--model_base_path={store}"]
+    with running(command, log) as process:
+        wait_for_http(f"http://127.0.0.1:{rest_port}/v1/models/{MODEL}", process, log)
+        yield grpc_port, rest_port
+
+
+@contextmanager
+def noop_server(log: Path) -> Iterator[tuple[int, int]]:
+    grpc_port, rest_port = free_port(), free_port()
+    command = [sys.executable, "-m", "benchmarks.noop_server", f"--port={grpc_port}", f"--rest_api_port={rest_port}"]
+    with running(command, log) as process:
+        wait_for_http(f"http://127.0.0.1:{rest_port}/", process, log)
+        yield grpc_port, rest_port
+
+
+@contextmanager
+def mlflow_models_serve(directory: Path, log: Path) -> Iterator[int]:
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}/1",
+               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    # It execs `uvicorn` by name: the venv's bin must be on PATH.
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{directory / 'mlflow.db'}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with running(command, log, env) as process:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", process, log, timeout_s=180)
+        yield port
+
+
+def in_process(store: Path) -> list[Measurement]:
+    """The model alone through the server's servable: the compute limit per batch size."""
+    from serving.servable import load_servable
+
+    servable = load_servable(MODEL, 1, str(store / "1"), True)
+    signature = servable.signature("serving_default")
+    results = []
+    for batch in (1, 128):
+        inputs = {"images": np.random.default_rng(0).random((batch, 784), np.float32)}
+        outputs = servable.validate(signature, inputs, ())
+        for _ in range(50):
+            servable.run(signature, inputs, outputs)
+        times = []
+        for _ in range(500):
+            started = time.perf_counter()
+            servable.run(signature, inputs, outputs)
+            times.append((time.perf_counter() - started) * 1000)
+        times = np.array(times)
+        result = Measurement("c", f"model in-process batch {batch}", 1, 1000 / times.mean() * batch,
+                             float(np.percentile(times, 50)), float(np.percentile(times, 99)), len(times), 0)
+        print(f"  c model batch {batch:<4d} {result.p50_ms:.3f} ms p50, {result.requests_per_s:,.0f} images/s", flush=True)
+        results.append(result)
+    servable.close()
+    return results
+
+
+def ratio_lines(results: list[Measurement]) -> list[str]:
+    by_key = {(r.scenario, r.target, r.concurrency): r for r in results}
+    lines = []
+    for (scenario, target, concurrency), result in sorted(by_key.items()):
+        if target == "ours":
+            for baseline in ("no-op", "mlflow models serve"):
+                base = by_key.get((scenario, baseline, concurrency))
+                if base and base.requests_per_s:
+                    lines.append(f"| {scenario} | {concurrency} | ours / {baseline} | "
+                                 f"{result.requests_per_s / base.requests_per_s:.2f}x |")
+    return lines
+
+
+def write_results(path: Path, results: list[Measurement], command: str, seconds: float) -> None:
+    rows = [f"| {r.scenario} | {r.target} | {r.concurrency} | {r.requests_per_s:,.0f} | {r.p50_ms:.2f} | "
+            f"{r.p99_ms:.2f} | {r.failed} |" for r in results]
+    text = "\n".join([
+        "# Benchmark results",
+        "",
+        "Written by `benchmarks/run.py`; every ratio compares figures measured in the same run.",
+        "",
+        f"- command: `{command}`",
+        f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, took {seconds:.0f} s",
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores (shared, noisy), Python {platform.python_version()}",
+        "- load: h2load, a separate process; gRPC over HTTP/2, REST over HTTP/1.1; batch-1 MNIST requests",
+        "",
+        "| scenario | target | concurrency | req/s (c: images/s) | p50 ms | p99 ms | failed |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "## Ratios",
+        "",
+        "| scenario | concurrency | ratio | value |",
+        "|---|---|---|---|",
+        *ratio_lines(results),
+        "",
+    ])
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=5, help="seconds of load per figure")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--skip-mlflow", action="store_true", help="leave out `mlflow models serve` (slow)")
+    parser.add_argument("--write", type=Path, help="write the results as Markdown to this file")
+    args = parser.parse_args(argv)
+    if shutil.which("h2load") is None:
+        sys.exit("h2load not found: apt-get install nghttp2-client (make bench does)")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-") as scratch_name:
+        scratch = Path(scratch_name)
+        print("building the model (1 epoch) and registering it in MLflow ...", flush=True)
+        store = build_model(scratch)
+        bodies = payloads.write_all(scratch / "bodies", MODEL)
+        results: list[Measurement] = []
+        grpc_path = payloads.PREDICT_PATH
+        rest_path = f"/v1/models/{MODEL}:predict"
+        for target, server in (("ours", our_server(store, scratch / "ours.log")),
+                               ("no-op", noop_server(scratch / "noop.log"))):
+            with server as (grpc_port, rest_port):
+                results += measure("a", target, f"http://127.0.0.1:{grpc_port}{grpc_path}", bodies["grpc"], True,
+                                   args.concurrency, args.duration, scratch)
+                results += measure("b", target, f"http://127.0.0.1:{rest_port}{rest_path}", bodies["rest"], False,
+                                   args.concurrency, args.duration, scratch)
+        if not args.skip_mlflow:
+            with mlflow_models_serve(scratch, scratch / "mlflow-serve.log") as port:
+                results += measure("b", "mlflow models serve", f"http://127.0.0.1:{port}/invocations",
+                                   bodies["mlflow"], False, args.concurrency, args.duration, scratch)
+        results += in_process(store)
+    (REPO_ROOT / "benchmarks" / "out").mkdir(exist_ok=True)
+    (REPO_ROOT / "benchmarks" / "out" / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    if args.write:
+        command = "python -m benchmarks.run " + shlex.join(argv if argv is not None else sys.argv[1:])
+        write_results(args.write, results, command, time.monotonic() - started)
+        print(f"wrote {args.write}")
+
+
+if __name__ == "__main__":
+    main()
