@@ -5,6 +5,10 @@ The front ends only translate wire formats (protobuf, JSON) to numpy / serialize
 methods here block; front ends call them through ``run``, on a thread pool, together with their
 own decoding and encoding: ``Session.run`` releases the GIL, so the asyncio loop keeps accepting
 requests meanwhile, and a large response is not built on the loop either.
+
+With ``--enable_batching`` Predict goes through ``predict_batched`` instead, from the event loop:
+decoding and encoding stay on the loop and the model call joins a batch (``serving.batching``), so
+a request costs no thread hand-off of its own -- the batch thread hands back a whole batch at once.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any, Callable, Sequence, TypeVar, Union
 
 import numpy as np
 
+from serving.batching import Batcher
 from serving.errors import ServingError, invalid
 from serving.manager import Manager, VersionStatus
 from serving.servable import DEFAULT_SIGNATURE, Classification, Regression, SignatureInfo
@@ -65,11 +70,14 @@ class DataPlane:
     points at, else the latest -- resolved by the manager under the same lock that pins it.
     """
 
-    def __init__(self, manager: Manager, num_threads: int) -> None:
+    def __init__(self, manager: Manager, num_threads: int, batcher: Batcher | None = None) -> None:
         self.manager = manager
         self.executor = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="predict")
+        self.batcher = batcher  # None: batching off, front ends use ``predict`` through ``run``
 
     def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()
         self.executor.shutdown(wait=True, cancel_futures=True)
 
     async def run(self, fn: Callable[[], T]) -> T:
@@ -101,6 +109,44 @@ class DataPlane:
             outputs = servable.validate(sig, inputs, tuple(output_filter))
             values = servable.run(sig, inputs, outputs)
             return PredictResult(handle.version, sig.name, values)
+
+    async def predict_batched(
+        self,
+        model_name: str,
+        version: int | None,
+        label: str | None,
+        signature_name: str,
+        inputs: Inputs,
+        output_filter: Sequence[str] = (),
+    ) -> PredictResult:
+        """``predict`` for the event loop when batching is on: route, decode and validate here,
+        then await the batch. A version without batching parameters, or a request that cannot
+        join a batch, runs alone on the thread pool; either way the handle is released by the
+        thread that ran the model, once it has run (a cancelled request cannot unpin it early).
+        """
+        assert self.batcher is not None
+        handle = self.manager.acquire(model_name, version, label=label)
+        try:
+            servable = handle.servable
+            sig = servable.signature(signature_name)
+            if callable(inputs):
+                inputs = inputs(sig)
+            outputs = servable.validate(sig, inputs, tuple(output_filter))
+            future = self.batcher.submit(handle, sig, inputs, outputs)
+        except BaseException:
+            handle.release()
+            raise
+        if future is not None:
+            values = await future
+        else:
+            validated = inputs
+
+            def run_alone() -> dict[str, np.ndarray]:
+                with handle:
+                    return servable.run(sig, validated, outputs)
+
+            values = await self.run(run_alone)
+        return PredictResult(handle.version, sig.name, values)
 
     def classify(self, model_name: str, version: int | None, label: str | None,
                  signature_name: str, examples: Sequence[bytes]) -> InferenceResult:

@@ -1,10 +1,9 @@
 """Command-line flags of ``tensorflow_model_server``, parsed into a typed ``Options``.
 
 The server is a drop-in for TF Serving, so flag names and defaults are TF Serving's (see
-docs/tf-serving-compat.md). Flags of TF Serving that this version does not implement yet are
-accepted only at their default value: a value that would change behaviour is rejected with a message
-naming the flag, rather than silently ignored. This module must not import TensorFlow: ``--help``
-and flag errors have to be instant.
+docs/tf-serving-compat.md). A bad value is rejected with a message naming the flag, and the
+config files named by flags are read here, so a bad one stops the server before anything loads.
+This module must not import TensorFlow: ``--help`` and flag errors have to be instant.
 """
 
 from __future__ import annotations
@@ -13,6 +12,10 @@ import argparse
 import math
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serving.batching import BatchingConfig
 
 DEFAULT_THREADS = 4 * (os.cpu_count() or 1)  # TF Serving's default for both thread flags
 
@@ -36,6 +39,7 @@ class Options:
     rest_api_num_threads: int = DEFAULT_THREADS
     enable_grpc_healthcheck_service: bool = False
     prometheus_path: str | None = None  # from --monitoring_config_file; None = no metrics page
+    batching: BatchingConfig | None = None  # --enable_batching; None = no server-side batching
 
     @property
     def num_threads(self) -> int:
@@ -87,13 +91,6 @@ def _int_at_least(minimum: int):
     return parse
 
 
-# TF Serving flags accepted but not implemented yet: (name, type, default, help).
-_NOT_YET = [
-    ("enable_batching", _bool, False, "not supported yet"),
-    ("batching_parameters_file", str, "", "not supported yet"),
-]
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with TF Serving's flag names (``--flag=value`` and ``--flag value``)."""
     parser = argparse.ArgumentParser(
@@ -132,9 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--monitoring_config_file", default=None,
         help="text-format MonitoringConfig; prometheus_config { enable: true path: ... } serves "
              "Prometheus metrics on the REST port")
-    for name, type_, default, help_ in _NOT_YET:
-        kwargs = {"nargs": "?", "const": True} if type_ is _bool else {}
-        add(f"--{name}", type=type_, default=default, help=help_, **kwargs)
+    add("--enable_batching", type=_bool, nargs="?", const=True, default=False,
+        help="batch Predict requests on the server (default false)")
+    add("--batching_parameters_file", default="",
+        help="text-format BatchingParameters used with --enable_batching (default: TF Serving's "
+             "defaults)")
+    add("--enable_per_model_batching_parameters", type=_bool, nargs="?", const=True,
+        default=False,
+        help="with --enable_batching, batch a version only when its directory holds "
+             "batching_params.pbtxt, with those parameters (default false)")
     return parser
 
 
@@ -144,9 +147,6 @@ def parse_args(argv: list[str] | None = None) -> Options:
     ns = parser.parse_args(argv)
     if ns.batching_parameters_file and not ns.enable_batching:  # TF Serving refuses it too
         parser.error("--batching_parameters_file is set without setting --enable_batching")
-    for name, _type, default, _help in _NOT_YET:
-        if getattr(ns, name) != default:
-            parser.error(f"--{name} is not supported by this server yet")
     if not ns.model_config_file:
         if not ns.model_base_path:
             parser.error("--model_base_path (or --model_config_file) is required")
@@ -168,7 +168,23 @@ def parse_args(argv: list[str] | None = None) -> Options:
         rest_api_num_threads=ns.rest_api_num_threads,
         enable_grpc_healthcheck_service=ns.enable_grpc_healthcheck_service,
         prometheus_path=_prometheus_path(parser, ns.monitoring_config_file),
+        batching=_batching(parser, ns),
     )
+
+
+def _batching(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> BatchingConfig | None:
+    """Read --batching_parameters_file now, so that a bad one fails at startup naming it."""
+    if not ns.enable_batching:
+        return None
+    from serving.batching import BatchingConfig, BatchingParameters, read_parameters
+
+    parameters = BatchingParameters()
+    if ns.batching_parameters_file:
+        try:
+            parameters = read_parameters(ns.batching_parameters_file)
+        except ValueError as e:
+            parser.error(f"--batching_parameters_file: {e}")
+    return BatchingConfig(parameters, per_model=ns.enable_per_model_batching_parameters)
 
 
 def _prometheus_path(parser: argparse.ArgumentParser, config_file: str | None) -> str | None:

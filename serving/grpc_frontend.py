@@ -13,6 +13,7 @@ import logging
 from typing import Any, Awaitable, Callable
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2_grpc
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -27,7 +28,7 @@ from tensorflow_serving.apis import (
 )
 
 from serving import metrics
-from serving.core import DataPlane, InferenceTask
+from serving.core import DataPlane, InferenceTask, PredictResult
 from serving.errors import ServingError, invalid
 from serving.model_config import RELOAD_TIMEOUT_S, ModelConfigController
 from serving.servable import Classification, Regression
@@ -80,7 +81,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """Predict, Classify, Regress, MultiInference and GetModelMetadata.
 
     Each call decodes, runs and builds its response proto in one job on the data plane's thread
-    pool, so neither the model call nor the conversion of a large tensor holds up the event loop.
+    pool, so neither the model call nor the conversion of a large tensor holds up the event loop;
+    with batching on, Predict decodes and encodes on the loop and awaits its batch instead.
     """
 
     def __init__(self, data_plane: DataPlane) -> None:
@@ -88,18 +90,20 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     @_errors
     async def Predict(self, request: predict_pb2.PredictRequest, context: Any) -> Any:
-        return await self.data_plane.run(lambda: self._predict(request))
+        if self.data_plane.batcher is None:
+            return await self.data_plane.run(lambda: self._predict(request))
+        spec = request.model_spec
+        result = await self.data_plane.predict_batched(
+            spec.name, spec_version(spec), spec_label(spec), spec.signature_name,
+            _predict_inputs(request), list(request.output_filter))
+        return _predict_response(spec, result)
 
     def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
         spec = request.model_spec
-        inputs = {alias: to_ndarray(alias, t) for alias, t in request.inputs.items()}
         result = self.data_plane.predict(spec.name, spec_version(spec), spec_label(spec),
-                                         spec.signature_name, inputs, list(request.output_filter))
-        response = predict_pb2.PredictResponse()
-        _set_spec(response.model_spec, spec.name, result.version, result.signature_name)
-        for alias, value in result.outputs.items():
-            response.outputs[alias].CopyFrom(to_tensor_proto(value))
-        return response
+                                         spec.signature_name, _predict_inputs(request),
+                                         list(request.output_filter))
+        return _predict_response(spec, result)
 
     @_errors
     async def Classify(self, request: classification_pb2.ClassificationRequest,
@@ -170,6 +174,18 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             sig_map.signature_def[name].CopyFrom(sig)
         response.metadata["signature_def"].Pack(sig_map)
         return response
+
+
+def _predict_inputs(request: predict_pb2.PredictRequest) -> dict[str, np.ndarray]:
+    return {alias: to_ndarray(alias, t) for alias, t in request.inputs.items()}
+
+
+def _predict_response(spec: Any, result: PredictResult) -> predict_pb2.PredictResponse:
+    response = predict_pb2.PredictResponse()
+    _set_spec(response.model_spec, spec.name, result.version, result.signature_name)
+    for alias, value in result.outputs.items():
+        response.outputs[alias].CopyFrom(to_tensor_proto(value))
+    return response
 
 
 def _fill_classifications(result: Any, value: Classification) -> None:

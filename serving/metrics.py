@@ -8,6 +8,9 @@ Serving keep working only with those exact names, labels and units, so:
 * TF Serving's own: ``request_count``, ``request_latency``, ``model_warmup_latency``, and
   TensorFlow's SavedModel loader's ``:tensorflow:cc:saved_model:load_attempt_count`` /
   ``load_latency``;
+* TF Serving's batching (batching_session.cc, batching_util.h): ``batching_session:
+  queuing_latency``, ``input_batch_size``, ``processed_batch_size``, ``padding_size``, with its
+  buckets;
 * ours, named in the same style because TF Serving has no equivalent: ``model_unload_count``.
 
 The registry is written here rather than taken from ``prometheus_client`` (installed only as a
@@ -15,8 +18,8 @@ dependency of prefect): that library appends ``_total`` to every counter name an
 series, so it cannot export ``:tensorflow:serving:request_count`` under TF Serving's name. What
 is needed is small: a lock and a few additions per observation, and one text page per scrape.
 
-A subsystem's metrics are declared below next to the others (batching will add its queue latency
-and batch size histograms here); the hooks that feed them stay in the layer that owns the event.
+A subsystem's metrics are declared below next to the others; the hooks that feed them stay in the
+layer that owns the event.
 """
 
 from __future__ import annotations
@@ -31,13 +34,21 @@ from typing import Any, Awaitable, Callable, Iterator, Protocol, TypeVar
 import grpc
 from aiohttp import web
 
+from serving import textproto
 from serving.errors import ServingError
 
 DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"  # PrometheusExporter::kPrometheusPath
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# Upper bounds in microseconds: 10 us .. ~24 min, TF's Buckets::Exponential(10, 1.8, 33).
-LATENCY_BUCKETS_US: tuple[float, ...] = tuple(10 * 1.8**i for i in range(33))
+
+
+def exponential_buckets(scale: float, growth: float, count: int) -> tuple[float, ...]:
+    """TF's ``Buckets::Exponential``: upper bounds scale * growth^i, i < count (then +Inf)."""
+    return tuple(scale * growth**i for i in range(count))
+
+
+# Upper bounds in microseconds: 10 us .. ~24 min.
+LATENCY_BUCKETS_US = exponential_buckets(10, 1.8, 33)
 
 
 def _escape(value: str) -> str:
@@ -151,8 +162,9 @@ class Registry:
     def counter(self, name: str, help_: str, labels: tuple[str, ...]) -> Counter:
         return self._add(Counter(name, help_, labels))
 
-    def histogram(self, name: str, help_: str, labels: tuple[str, ...]) -> Histogram:
-        return self._add(Histogram(name, help_, labels))
+    def histogram(self, name: str, help_: str, labels: tuple[str, ...],
+                  bounds: tuple[float, ...] = LATENCY_BUCKETS_US) -> Histogram:
+        return self._add(Histogram(name, help_, labels, bounds))
 
     def exposition(self) -> str:
         """Text format 0.0.4, metrics sorted by name like TF Serving's exporter."""
@@ -184,10 +196,28 @@ MODEL_WARMUP_LATENCY = REGISTRY.histogram(
     ":tensorflow:serving:model_warmup_latency",
     "Distribution of wall time (in microseconds) for warming up the model.",
     ("model_path", "status"))
+
 # Ours: TF Serving counts no unloads; same label as the load counters so the two pair up.
 MODEL_UNLOAD_COUNT = REGISTRY.counter(
     ":tensorflow:serving:model_unload_count",
     "The number of times a model version was unloaded.", ("model_path",))
+
+# -- batching (tensorflow_serving/batching/batching_session.cc, batching_util.h) -----------------
+_BATCH_SIZE_BUCKETS = exponential_buckets(1, 2, 14)
+BATCHING_QUEUING_LATENCY = REGISTRY.histogram(
+    ":tensorflow:serving:batching_session:queuing_latency",
+    "Distribution of wall time spent (in microseconds) in queuing", ("thread_pool_name",),
+    exponential_buckets(100, 1.2, 52))
+BATCHING_INPUT_BATCH_SIZE = REGISTRY.histogram(
+    ":tensorflow:serving:batching_session:input_batch_size",
+    "Tracks the batch size distribution on the inputs.", (), _BATCH_SIZE_BUCKETS)
+BATCHING_PROCESSED_BATCH_SIZE = REGISTRY.histogram(
+    ":tensorflow:serving:batching_session:processed_batch_size",
+    "Tracks the batch size distribution on processing.", (), _BATCH_SIZE_BUCKETS)
+BATCHING_PADDING_SIZE = REGISTRY.histogram(
+    ":tensorflow:serving:batching_session:padding_size",
+    "Tracks the padding size distribution on batches.", ("execution_batch_size",),
+    _BATCH_SIZE_BUCKETS)
 
 
 # -- hooks ----------------------------------------------------------------------------------------
@@ -367,17 +397,7 @@ def read_monitoring_config(path: str) -> str | None:
 
     Raises ``ValueError`` naming the problem when the file cannot be read or parsed.
     """
-    from google.protobuf import text_format
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        config = text_format.Parse(text, _monitoring_config_class()())
-    except text_format.ParseError as e:
-        raise ValueError(f"{path}: not a MonitoringConfig: {e}") from None
+    config = textproto.read(path, _monitoring_config_class()())
     prometheus = config.prometheus_config
     if not prometheus.enable:
         return None

@@ -4,8 +4,9 @@ Only translation lives here: URL -> (name, version, label), JSON rows/columns <-
 examples -> serialized ``tf.Example``s, ServingError -> HTTP status + ``{"error": ...}``. Behaviour
 is in ``serving.core``. The ``:predict`` verb shares a path segment with the model name, which
 aiohttp's ``{name}`` placeholders cannot split, so one catch-all route parses the tail with a
-regex. A POST is parsed, run and encoded in one job on the data plane's worker thread; predict's
-JSON decoding needs the signature's dtypes, so it runs against the routed version (see
+regex. A POST is parsed, run and encoded in one job on the data plane's worker thread (with
+batching on, a ``:predict`` is handled on the event loop and awaits its batch); predict's JSON
+decoding needs the signature's dtypes, so it runs against the routed version (see
 ``DataPlane.predict``).
 """
 
@@ -25,7 +26,7 @@ from aiohttp import web
 from google.protobuf import json_format
 
 from serving import metrics
-from serving.core import DataPlane, parse_version
+from serving.core import DataPlane, PredictResult, parse_version
 from serving.errors import ServingError, invalid
 from serving.servable import Classification, Regression, SignatureInfo, TensorInfo
 from serving.tensors import serialized_examples
@@ -388,9 +389,12 @@ class RestApi:
                 raise ServingError(grpc.StatusCode.NOT_FOUND,
                                    f"Malformed request: POST {request.path}")
             text = await request.text()
-            # Parsing, the model call and encoding all run in the worker thread: a large body or
-            # response must not stall the event loop.
-            job = self.data_plane.run(lambda: handler(route, text))
+            if handler == self._predict and self.data_plane.batcher is not None:
+                job = self._predict_batched(route, text)  # on the loop, awaiting its batch
+            else:
+                # Parsing, the model call and encoding all run in the worker thread: a large body
+                # or response must not stall the event loop.
+                job = self.data_plane.run(lambda: handler(route, text))
             if self.timeout_s is None:
                 return _json_response(await job)
             try:
@@ -405,22 +409,16 @@ class RestApi:
             return _json_response(_dumps({"error": f"{type(e).__name__}: {e}"}), 500)
 
     def _predict(self, route: Route, text: str) -> str:
-        body = _parse_body(text)
-        has_rows, has_cols = "instances" in body, "inputs" in body
-        if has_rows == has_cols:
-            raise invalid("Missing 'inputs' or 'instances' key" if not has_rows else
-                          "Not both 'inputs' and 'instances' may be specified")
-        if has_rows:
-            def decode(sig: SignatureInfo) -> dict[str, np.ndarray]:
-                return decode_instances(sig, body["instances"])
-        else:
-            def decode(sig: SignatureInfo) -> dict[str, np.ndarray]:
-                return decode_columns(sig, body["inputs"])
+        body = PredictBody(text)
         result = self.data_plane.predict(route.name, route.version, route.label,
-                                         _signature_name(body), decode)
-        if has_rows:
-            return _dumps({"predictions": encode_rows(result.outputs)})
-        return _dumps({"outputs": encode_columns(result.outputs)})
+                                         body.signature_name, body.decode)
+        return body.answer(result)
+
+    async def _predict_batched(self, route: Route, text: str) -> str:
+        body = PredictBody(text)
+        result = await self.data_plane.predict_batched(route.name, route.version, route.label,
+                                                       body.signature_name, body.decode)
+        return body.answer(result)
 
     def _classify(self, route: Route, text: str) -> str:
         body = _parse_body(text)
@@ -437,6 +435,28 @@ class RestApi:
                                          decode_examples(body))
         assert isinstance(result.value, Regression)
         return _dumps({RESULT_KEY: _floats(result.value.values)})
+
+
+class PredictBody:
+    """A ``:predict`` body: its signature name, its rows or columns, and the answer's format."""
+
+    def __init__(self, text: str) -> None:
+        self.body = _parse_body(text)
+        self.rows, has_cols = "instances" in self.body, "inputs" in self.body
+        if self.rows == has_cols:
+            raise invalid("Missing 'inputs' or 'instances' key" if not self.rows else
+                          "Not both 'inputs' and 'instances' may be specified")
+        self.signature_name = _signature_name(self.body)
+
+    def decode(self, sig: SignatureInfo) -> dict[str, np.ndarray]:
+        if self.rows:
+            return decode_instances(sig, self.body["instances"])
+        return decode_columns(sig, self.body["inputs"])
+
+    def answer(self, result: PredictResult) -> str:
+        if self.rows:
+            return _dumps({"predictions": encode_rows(result.outputs)})
+        return _dumps({"outputs": encode_columns(result.outputs)})
 
 
 def _parse_body(text: str) -> dict[str, Any]:

@@ -14,13 +14,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import grpc
 import numpy as np
 
 from serving import metrics
 from serving.errors import ServingError, invalid
+
+if TYPE_CHECKING:
+    from serving.batching import BatchingParameters
 
 log = logging.getLogger("serving.servable")
 
@@ -54,6 +57,13 @@ class SignatureInfo:
     method_name: str
     inputs: dict[str, TensorInfo]
     outputs: dict[str, TensorInfo]
+    # Every input and output has a leading dim of any size (or an unknown rank), so requests can
+    # be concatenated along dim 0 and the answers split back: what server-side batching needs.
+    batchable: bool = False
+
+
+def _batch_dim(info: TensorInfo) -> bool:
+    return info.shape is None or (len(info.shape) > 0 and info.shape[0] == -1)
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,8 @@ class Servable:
         # (sorted feed tensor names, sorted fetch tensor names) -> Session callable
         self._callables: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
         self._lock = threading.Lock()
+        # Set by the loader when batching is on: the parameters of this version's Predict queues.
+        self.batching: BatchingParameters | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -140,12 +152,12 @@ class Servable:
             self.signature_defs[name] = sig
             if name == _INIT_OP_SIGNATURE:
                 continue
+            inputs = {a: _tensor_info(a, t) for a, t in sig.inputs.items()}
+            outputs = {a: _tensor_info(a, t) for a, t in sig.outputs.items()}
             self.signatures[name] = SignatureInfo(
-                name=name,
-                method_name=sig.method_name,
-                inputs={a: _tensor_info(a, t) for a, t in sig.inputs.items()},
-                outputs={a: _tensor_info(a, t) for a, t in sig.outputs.items()},
-            )
+                name=name, method_name=sig.method_name, inputs=inputs, outputs=outputs,
+                batchable=bool(inputs) and all(map(_batch_dim, [*inputs.values(),
+                                                                 *outputs.values()])))
         # Build the full-output callables now so the first request does not pay for it.
         for sig in self.signatures.values():
             self._callable(tuple(sorted(i.tensor_name for i in sig.inputs.values())),

@@ -73,10 +73,12 @@ async def serve(options: Options) -> None:
     else:
         configs = single_model(options.model_name, str(options.model_base_path))
 
+    from serving import batching
     from serving.core import DataPlane
     from serving.grpc_frontend import start_grpc_server
     from serving.manager import Manager
     from serving.rest_frontend import start_rest_server
+    from serving.servable import load_servable
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -86,11 +88,16 @@ async def serve(options: Options) -> None:
     interval = options.file_system_poll_wait_seconds
     if interval < 0:
         log.warning("--file_system_poll_wait_seconds < 0: the file system is never polled")
-    manager = Manager(enable_warmup=options.enable_model_warmup)
+    batcher = None
+    load_fn = load_servable
+    if options.batching is not None:
+        batcher = batching.start(options.batching)
+        load_fn = batching.batching_loader(options.batching, load_servable)
+    manager = Manager(enable_warmup=options.enable_model_warmup, load_fn=load_fn)
     manager.start()
     controller = ModelConfigController(
         manager, options.allow_version_labels_for_unavailable_models, poll_filesystem=interval >= 0)
-    data_plane = DataPlane(manager, options.num_threads)
+    data_plane = DataPlane(manager, options.num_threads, batcher)
     await loop.run_in_executor(None, controller.start, configs)
     if options.model_config_file and options.model_config_file_poll_wait_seconds > 0:
         watcher = ConfigFileWatcher(options.model_config_file, controller, file_config,

@@ -384,7 +384,7 @@ def test_client_unreachable_server_exits_nonzero():
     (["--model_base_path=/tmp/x", "--enable_model_warmup=maybe"], "--enable_model_warmup"),
     (["--model_base_path=/tmp/x", "--file_system_poll_wait_seconds=soon"],
      "--file_system_poll_wait_seconds"),
-    (["--model_base_path=/tmp/x", "--enable_batching=true"], "--enable_batching"),
+    (["--model_base_path=/tmp/x", "--enable_batching=maybe"], "--enable_batching"),
 ])
 def test_bad_flag_exits_nonzero_naming_it(args, named):
     done = subprocess.run([PYTHON, "-m", "serving", *args], cwd=REPO, capture_output=True,

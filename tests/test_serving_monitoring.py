@@ -104,7 +104,7 @@ def _run_server_cli(*args: str) -> subprocess.CompletedProcess:
     (["--enable_grpc_healthcheck_service=maybe"], "--enable_grpc_healthcheck_service"),
     (["--monitoring_config_file=/does/not/exist"], "--monitoring_config_file"),
     (["--batching_parameters_file=/tmp/batching.config"], "--enable_batching"),
-    (["--enable_batching=true"], "--enable_batching"),
+    (["--enable_batching=maybe"], "--enable_batching"),
     (["--rest_api_port=65536"], "--rest_api_port"),
 ])
 def test_bad_flag_exits_nonzero_naming_it(args, named):

@@ -1,0 +1,420 @@
+"""Server-side batching of Predict calls, as TF Serving's ``BatchingSession`` does it.
+
+Requests for the same (servable version, signature, output set) wait in one queue; a batch
+thread takes a batch when it is full (``max_batch_size`` rows), when it is not the last in its
+queue, or when its oldest request has waited ``batch_timeout_micros``. The batch's inputs are
+concatenated along dim 0, padded with copies of the last request's first row up to the next
+``allowed_batch_sizes`` entry, run through the servable in one session call, and the outputs are
+split back by row counts (padding rows dropped). All queues share one pool of
+``num_batch_threads`` threads, as TF Serving's ``SharedBatchScheduler`` does.
+
+The event loop does the rest of a request's work: it decodes, validates and enqueues, then
+awaits an ``asyncio.Future``. A batch thread resolves the futures of a whole batch with one
+``loop.call_soon_threadsafe``: one thread hand-off per batch, not per request. Each request keeps
+its version ``Handle`` until its batch has run (the batch thread releases it), so a version swap
+never closes a session under a queued or running batch.
+
+A request that cannot be concatenated with others (an input without dim 0, inputs of different
+dim-0 sizes, zero rows, or a signature whose declared shapes fix dim 0) is not batched: the caller
+runs it alone (``submit`` returns None). Requests whose inner dims differ are queued apart unless
+``pad_variable_length_inputs`` pads them to the batch's largest (with the tensor's first element,
+as TF Serving): TF Serving would fail the whole batch instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+
+from serving import metrics, textproto
+from serving.errors import ServingError, invalid
+
+if TYPE_CHECKING:
+    from serving.manager import Handle, LoadFn
+    from serving.servable import Servable, SignatureInfo
+
+log = logging.getLogger("serving.batching")
+
+PER_MODEL_FILE = "batching_params.pbtxt"  # TF Serving's kBatchingParamsFilename
+
+
+@dataclass(frozen=True)
+class BatchingParameters:
+    """``tensorflow.serving.BatchingParameters`` with TF Serving's defaults (SharedBatchScheduler's
+    QueueOptions and Options)."""
+
+    max_batch_size: int = 1000
+    batch_timeout_micros: int = 0
+    max_enqueued_batches: int = 10
+    num_batch_threads: int = os.cpu_count() or 1
+    thread_pool_name: str = "batch_threads"
+    allowed_batch_sizes: tuple[int, ...] = ()
+    pad_variable_length_inputs: bool = False
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """``--enable_batching`` with its parameters, and whether models may bring their own."""
+
+    parameters: BatchingParameters
+    per_model: bool = False  # --enable_per_model_batching_parameters
+
+    def for_version(self, path: str) -> BatchingParameters | None:
+        """The parameters a version at ``path`` is batched with; None: not batched.
+
+        As TF Serving: with per-model parameters on, a version is batched only when its directory
+        holds ``batching_params.pbtxt`` (the thread pool stays the global one); a bad file fails
+        the load.
+        """
+        if not self.per_model:
+            return self.parameters
+        file = Path(path) / PER_MODEL_FILE
+        if not file.is_file():
+            return None
+        try:
+            return read_parameters(str(file))
+        except ValueError as e:
+            raise invalid(str(e)) from None
+
+
+# -- the parameters file ---------------------------------------------------------------------
+
+
+def _parameters_class() -> Any:
+    """``tensorflow.serving.BatchingParameters``, built from its .proto definition.
+
+    The tensorflow-serving-api wheel ships no ``session_bundle_config_pb2``; the message is
+    declared here in a private descriptor pool, with the wrapper types TF Serving's proto uses
+    (so a file written for TF Serving, ``max_batch_size { value: 32 }``, parses unchanged).
+    """
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+
+    F = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="tensorflow_serving/servables/tensorflow/session_bundle_config.proto",
+        package="tensorflow.serving", syntax="proto3",
+        dependency=["google/protobuf/wrappers.proto"])
+    message = proto.message_type.add(name="BatchingParameters")
+    for number, name, type_name in ((1, "max_batch_size", "Int64Value"),
+                                    (2, "batch_timeout_micros", "Int64Value"),
+                                    (3, "max_enqueued_batches", "Int64Value"),
+                                    (4, "num_batch_threads", "Int64Value"),
+                                    (5, "thread_pool_name", "StringValue")):
+        message.field.add(name=name, number=number, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
+                          type_name=f".google.protobuf.{type_name}")
+    message.field.add(name="allowed_batch_sizes", number=6, type=F.TYPE_INT64,
+                      label=F.LABEL_REPEATED)
+    message.field.add(name="pad_variable_length_inputs", number=7, type=F.TYPE_BOOL,
+                      label=F.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
+    pool.Add(proto)
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters"))
+
+
+def read_parameters(path: str) -> BatchingParameters:
+    """A text-format BatchingParameters file -> checked parameters; ``ValueError`` naming the
+    file and the field otherwise (TF Serving's checks and wording)."""
+    proto = textproto.read(path, _parameters_class()())
+    defaults = BatchingParameters()
+    values: dict[str, Any] = {}
+    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches",
+                 "num_batch_threads", "thread_pool_name"):
+        values[name] = getattr(proto, name).value if proto.HasField(name) else \
+            getattr(defaults, name)
+    params = BatchingParameters(**values, allowed_batch_sizes=tuple(proto.allowed_batch_sizes),
+                                pad_variable_length_inputs=proto.pad_variable_length_inputs)
+    for name in ("max_batch_size", "max_enqueued_batches", "num_batch_threads"):
+        if getattr(params, name) < 1:
+            raise ValueError(f"{path}: {name} must be positive; was {getattr(params, name)}")
+    if params.batch_timeout_micros < 0:
+        raise ValueError(f"{path}: batch_timeout_micros must be non-negative; was "
+                         f"{params.batch_timeout_micros}")
+    sizes = params.allowed_batch_sizes
+    if sizes:
+        if any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] < 1:
+            raise ValueError(f"{path}: allowed_batch_sizes entries must be monotonically "
+                             f"increasing positive numbers; were {list(sizes)}")
+        if sizes[-1] != params.max_batch_size:
+            raise ValueError(f"{path}: allowed_batch_sizes: last entry must equal max_batch_size; "
+                             f"last entry was {sizes[-1]}; expected {params.max_batch_size}")
+    return params
+
+
+def batching_loader(config: BatchingConfig, load: "LoadFn") -> "LoadFn":
+    """Wrap the manager's load function: each version learns the parameters it is batched with
+    (read before the SavedModel, so a bad per-model file fails the load at once)."""
+
+    def load_batched(model_name: str, version: int, path: str, warmup: bool) -> "Servable":
+        params = config.for_version(path)
+        servable = load(model_name, version, path, warmup)
+        servable.batching = params
+        if params is not None and config.per_model:
+            log.info("model %s version %d: batching with %s", model_name, version, PER_MODEL_FILE)
+        return servable
+
+    return load_batched
+
+
+# -- the scheduler -----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Task:
+    handle: "Handle"
+    inputs: dict[str, np.ndarray]
+    rows: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(eq=False)
+class _Queue:
+    """The batches of one (servable, signature, outputs[, inner shapes]); the last one is open."""
+
+    servable: "Servable"
+    sig: "SignatureInfo"
+    outputs: tuple[str, ...]
+    params: BatchingParameters
+    batches: deque[list[_Task]] = field(default_factory=deque)
+    open_rows: int = 0  # rows in the last batch
+
+    def ready(self, now: float) -> bool:
+        """May a thread take the first batch now?"""
+        if len(self.batches) > 1 or self.open_rows >= self.params.max_batch_size:
+            return True
+        return now - self.batches[0][0].enqueued >= self.params.batch_timeout_micros / 1e6
+
+
+Outcome = tuple[asyncio.Future, Any, BaseException | None]
+
+
+class Batcher:
+    """The queues and the shared pool of batch threads."""
+
+    def __init__(self, num_threads: int, thread_pool_name: str) -> None:
+        self.thread_pool_name = thread_pool_name
+        self._cond = threading.Condition(threading.Lock())
+        self._queues: dict[tuple[Any, ...], _Queue] = {}  # in round-robin order
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._work, name=f"{thread_pool_name}-{i}",
+                                          daemon=True) for i in range(num_threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Fail what is still queued (UNAVAILABLE) and join the threads."""
+        with self._cond:
+            self._stopping = True
+            queues, self._queues = list(self._queues.values()), {}
+            self._cond.notify_all()
+        error = ServingError(grpc.StatusCode.UNAVAILABLE, "The server is shutting down")
+        for queue in queues:
+            for batch in queue.batches:
+                _finish(batch, [None] * len(batch), error)
+        for thread in self._threads:
+            thread.join()
+
+    def submit(self, handle: "Handle", sig: "SignatureInfo", inputs: dict[str, np.ndarray],
+               outputs: tuple[str, ...]) -> asyncio.Future | None:
+        """Enqueue validated ``inputs`` (on the event loop); the future gets the output arrays.
+
+        On success the batcher owns ``handle`` and releases it once the batch has run. Returns
+        None when this request is not batched (the caller runs it and keeps the handle); raises
+        INVALID_ARGUMENT for a request larger than a batch, UNAVAILABLE when the queue is full.
+        """
+        servable = handle.servable
+        params = servable.batching
+        rows = _rows(inputs) if params is not None and sig.batchable else None
+        if params is None or rows is None:
+            return None
+        if rows > params.max_batch_size:
+            raise invalid(f"Task size {rows} is larger than maximum input batch size "
+                          f"{params.max_batch_size}")
+        for _ in inputs:  # TF Serving records it per input tensor
+            metrics.BATCHING_INPUT_BATCH_SIZE.observe(rows)
+        names = tuple(sorted(inputs))
+        if params.pad_variable_length_inputs:
+            shapes = tuple(inputs[a].ndim for a in names)
+        else:
+            shapes = tuple(inputs[a].shape[1:] for a in names)
+        key = (servable, sig.name, outputs, shapes)
+        loop = asyncio.get_running_loop()
+        task = _Task(handle, inputs, rows, loop, loop.create_future())
+        with self._cond:
+            if self._stopping:
+                raise ServingError(grpc.StatusCode.UNAVAILABLE, "The server is shutting down")
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = _Queue(servable, sig, outputs, params)
+            if not queue.batches or queue.open_rows + rows > params.max_batch_size:
+                if len(queue.batches) >= params.max_enqueued_batches:
+                    raise ServingError(grpc.StatusCode.UNAVAILABLE,
+                                       "The batch scheduling queue to which this task was "
+                                       "submitted is full")
+                queue.batches.append([])
+                queue.open_rows = 0
+            queue.batches[-1].append(task)
+            queue.open_rows += rows
+            self._cond.notify()
+        return task.future
+
+    # -- batch threads ---------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                taken = self._take()
+                while taken is None:
+                    if self._stopping:
+                        return
+                    self._cond.wait(self._wait_s())
+                    taken = self._take()
+            self._process(*taken)
+
+    def _take(self) -> tuple[_Queue, list[_Task]] | None:
+        """The first ready batch, queues visited round-robin; caller holds the lock."""
+        now = time.perf_counter()
+        for key, queue in self._queues.items():
+            if queue.ready(now):
+                batch = queue.batches.popleft()
+                del self._queues[key]  # back at the end of the round, or gone when empty
+                if queue.batches:
+                    self._queues[key] = queue
+                return queue, batch
+        return None
+
+    def _wait_s(self) -> float | None:
+        """Until the earliest open batch times out (None: until something is enqueued)."""
+        if not self._queues:
+            return None
+        now = time.perf_counter()
+        return max(0.0, min(q.batches[0][0].enqueued + q.params.batch_timeout_micros / 1e6 - now
+                            for q in self._queues.values()))
+
+    def _process(self, queue: _Queue, batch: list[_Task]) -> None:
+        started = time.perf_counter()
+        for task in batch:
+            metrics.BATCHING_QUEUING_LATENCY.observe((started - task.enqueued) * 1e6,
+                                                     self.thread_pool_name)
+        try:
+            results: list[Any] = _run_batch(queue, batch)
+            error = None
+        except ServingError as e:
+            results, error = [None] * len(batch), e
+        except Exception as e:  # noqa: BLE001 -- a bug must fail the batch, not the thread
+            log.exception("batch of %d request(s) failed", len(batch))
+            results = [None] * len(batch)
+            error = ServingError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        _finish(batch, results, error)
+
+
+def _finish(batch: list[_Task], results: list[Any], error: BaseException | None) -> None:
+    """Release the handles, then resolve the futures: one call_soon_threadsafe per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
+    for task, result in zip(batch, results):
+        task.handle.release()
+        by_loop.setdefault(task.loop, []).append((task.future, result, error))
+    for loop, outcomes in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, outcomes)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def _resolve(outcomes: list[Outcome]) -> None:
+    for future, result, error in outcomes:
+        if future.done():  # the request was cancelled meanwhile
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
+def _rows(inputs: dict[str, np.ndarray]) -> int | None:
+    """The common dim-0 size of all inputs; None when they cannot be concatenated."""
+    rows = None
+    for value in inputs.values():
+        if value.ndim == 0 or (rows is not None and value.shape[0] != rows):
+            return None
+        rows = value.shape[0]
+    return rows or None
+
+
+def padded_size(allowed: tuple[int, ...], size: int) -> int:
+    """TF Serving's RoundToLowestAllowedBatchSize."""
+    for allowed_size in allowed:
+        if allowed_size >= size:
+            return allowed_size
+    return size
+
+
+def _run_batch(queue: _Queue, batch: list[_Task]) -> list[dict[str, np.ndarray]]:
+    params = queue.params
+    total = sum(task.rows for task in batch)
+    size = padded_size(params.allowed_batch_sizes, total)
+    padding = size - total
+    metrics.BATCHING_PADDING_SIZE.observe(padding, str(size))
+    metrics.BATCHING_PROCESSED_BATCH_SIZE.observe(size)
+    if len(batch) == 1 and not padding:
+        merged = batch[0].inputs  # nothing to copy
+    else:
+        merged = {alias: _merge([task.inputs[alias] for task in batch], padding,
+                                params.pad_variable_length_inputs)
+                  for alias in batch[0].inputs}
+    values = queue.servable.run(queue.sig, merged, queue.outputs)
+    for alias, value in values.items():
+        if value.ndim == 0 or value.shape[0] != size:
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"Batched output tensor {alias} has shape {list(value.shape)}: its "
+                               f"0th dimension does not equal the batch size {size}")
+    bounds = list(itertools.accumulate(task.rows for task in batch))
+    return [{alias: value[end - task.rows:end] for alias, value in values.items()}
+            for task, end in zip(batch, bounds)]
+
+
+def _merge(parts: list[np.ndarray], padding: int, pad_inner: bool) -> np.ndarray:
+    """Concatenate along dim 0 (inner dims padded first when asked), then the padding rows."""
+    if pad_inner:
+        target = tuple(max(dims) for dims in zip(*(p.shape[1:] for p in parts)))
+        parts = [_pad_inner(p, target) for p in parts]
+    if padding:
+        parts = [*parts, np.repeat(parts[-1][:1], padding, axis=0)]
+    return np.concatenate(parts)
+
+
+def _pad_inner(value: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
+    """Grow dims 1+ to ``target``, filled with the tensor's first element (TF's AddPadding)."""
+    if value.shape[1:] == target:
+        return value
+    out = np.full((value.shape[0], *target), value.flat[0], dtype=value.dtype)
+    out[tuple(slice(0, d) for d in value.shape)] = value
+    return out
+
+
+def start(config: BatchingConfig) -> Batcher:
+    """The server's batcher: the global parameters size and name the thread pool."""
+    params = config.parameters
+    log.info("batching on: %d batch thread(s); max_batch_size %d, batch_timeout_micros %d, "
+             "max_enqueued_batches %d%s", params.num_batch_threads, params.max_batch_size,
+             params.batch_timeout_micros, params.max_enqueued_batches,
+             "; per-model batching_params.pbtxt honoured" if config.per_model else "")
+    return Batcher(params.num_batch_threads, params.thread_pool_name)
+
+
+__all__ = ["Batcher", "BatchingConfig", "BatchingParameters", "batching_loader", "padded_size",
+           "read_parameters", "start"]

@@ -1,0 +1,324 @@
+"""Server-side batching (``--enable_batching``) of ``python -m serving``, on real server processes.
+
+TF Serving's half_plus_two model (``y = 0.5 x + 2``, one row per value) makes every row's answer
+depend on its own input, so a request that got another request's rows, or padding, shows. Four
+servers: ``plain`` (no batching, the reference answers), ``batched`` (a long batch timeout so
+concurrent requests merge; allowed_batch_sizes padding; metrics), ``tight`` (a one-batch queue:
+load shedding), ``per_model`` (``batching_params.pbtxt`` in the version directory; swaps).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
+
+sys.path.insert(0, str(Path(__file__).parent))
+import saved_models  # noqa: E402
+from test_serving import Server  # noqa: E402
+
+from serving.batching import _merge, padded_size, read_parameters  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+METRICS = "/monitoring/prometheus/metrics"
+MODEL = "half"
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# -- in-process: parameters, padding, merging -----------------------------------------------------
+
+
+def test_parameters_file_defaults_and_errors(tmp_path):
+    file = tmp_path / "batching.config"
+    file.write_text("max_batch_size { value: 8 }\nallowed_batch_sizes: 2\nallowed_batch_sizes: 8\n"
+                    "pad_variable_length_inputs: true\n")
+    params = read_parameters(str(file))
+    assert (params.max_batch_size, params.batch_timeout_micros, params.max_enqueued_batches,
+            params.allowed_batch_sizes, params.pad_variable_length_inputs,
+            params.thread_pool_name) == (8, 0, 10, (2, 8), True, "batch_threads")
+    for text, named in [("max_batch_size { value: 0 }", "max_batch_size"),
+                        ("batch_timeout_micros { value: -1 }", "batch_timeout_micros"),
+                        ("max_batch_size { value: 8 } allowed_batch_sizes: 4", "allowed_batch_sizes"),
+                        ("allowed_batch_sizes: 4 allowed_batch_sizes: 2", "allowed_batch_sizes"),
+                        ("max_batch_size: 8", "max_batch_size"),
+                        ("no_such_field { value: 1 }", "no_such_field")]:
+        file.write_text(text)
+        with pytest.raises(ValueError, match=named) as raised:
+            read_parameters(str(file))
+        assert str(file) in str(raised.value)
+
+
+def test_padding_and_merge():
+    assert [padded_size((2, 4, 8), n) for n in (1, 2, 3, 5, 8)] == [2, 2, 4, 8, 8]
+    assert padded_size((), 5) == 5
+    a, b = np.array([[1.0, 2.0]]), np.array([[3.0, 4.0], [5.0, 6.0]])
+    merged = _merge([a, b], padding=2, pad_inner=False)
+    assert merged.tolist() == [[1, 2], [3, 4], [5, 6], [3, 4], [3, 4]]  # last task's first row
+    short = np.array([[7.0]])
+    assert _merge([a, short], 0, pad_inner=True).tolist() == [[1, 2], [7, 7]]  # its 1st element
+
+
+# -- servers ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def half_template(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("half")
+    saved_models.write_half_plus_two(base, 1, warmup=False)
+    return base / "1"
+
+
+def _start(tmp_path_factory, template: Path, name: str, params: str | None,
+           extra: list[str]) -> Server:
+    directory = tmp_path_factory.mktemp(name)
+    saved_models.copy_version(template, directory / "models", 1)
+    flags = list(extra)
+    if params is not None:
+        (directory / "monitoring.config").write_text(
+            f'prometheus_config {{ enable: true path: "{METRICS}" }}')
+        (directory / "batching.config").write_text(params)
+        flags += ["--enable_batching", f"--batching_parameters_file={directory / 'batching.config'}",
+                  f"--monitoring_config_file={directory / 'monitoring.config'}"]
+    server = Server(directory / "models", directory / "server.log", model_name=MODEL, extra=flags)
+    server.base_path = directory / "models"
+    return server
+
+
+@pytest.fixture(scope="module")
+def servers(half_template, tmp_path_factory):
+    """Start all four at once (each takes seconds to import TensorFlow and load)."""
+    started = {
+        "plain": _start(tmp_path_factory, half_template, "plain", None, []),
+        "batched": _start(tmp_path_factory, half_template, "batched",
+                          "max_batch_size { value: 8 } batch_timeout_micros { value: 100000 } "
+                          "max_enqueued_batches { value: 1000 } num_batch_threads { value: 2 } "
+                          "allowed_batch_sizes: 2 allowed_batch_sizes: 4 allowed_batch_sizes: 8",
+                          []),
+        "tight": _start(tmp_path_factory, half_template, "tight",
+                        "max_batch_size { value: 4 } batch_timeout_micros { value: 1000000 } "
+                        "max_enqueued_batches { value: 1 } num_batch_threads { value: 1 }", []),
+        "per_model": _start(tmp_path_factory, half_template, "per_model", "",
+                            ["--enable_per_model_batching_parameters"]),
+    }
+    try:
+        for server in started.values():
+            server.wait_ready()
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+def predict(server: Server, x: np.ndarray, timeout: float = 10) -> predict_pb2.PredictResponse:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto(x))
+    return server.predict_stub.Predict(request, timeout=timeout)
+
+
+def y_of(response: predict_pb2.PredictResponse) -> np.ndarray:
+    return tf.make_ndarray(response.outputs["y"])
+
+
+def rest_y(server: Server, x: np.ndarray) -> np.ndarray:
+    status, body = server.http("POST", f"/v1/models/{MODEL}:predict",
+                               {"instances": x.tolist()})
+    assert status == 200, body
+    return np.asarray(body["predictions"], dtype=np.float32)
+
+
+def histogram(server: Server, name: str) -> tuple[float, float]:
+    """(sum, count) of an unlabelled histogram on the metrics page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.rest_port}{METRICS}",
+                                timeout=10) as page:
+        text = page.read().decode()
+    values = {}
+    for suffix in ("sum", "count"):
+        match = re.search(rf"^{re.escape(name)}_{suffix} (\S+)$", text, re.M)
+        values[suffix] = float(match.group(1)) if match else 0.0
+    return values["sum"], values["count"]
+
+
+def inputs(count: int, seed: int = 0) -> list[np.ndarray]:
+    """Requests of 1..8 rows of distinct values."""
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=int(rng.integers(1, 9))).astype(np.float32) * 100
+            for _ in range(count)]
+
+
+# -- batched answers ------------------------------------------------------------------------------
+
+
+def test_concurrent_mixed_sizes_answer_as_without_batching(servers):
+    """gRPC and REST at once, 1..8 rows each, merged and padded to 2/4/8: byte-identical to the
+    server without batching, and batches of more than one request did form."""
+    plain, batched = servers["plain"], servers["batched"]
+    requests = inputs(96)
+    expected = [y_of(predict(plain, x)) for x in requests]
+    sum_before, count_before = histogram(
+        batched, ":tensorflow:serving:batching_session:processed_batch_size")
+    with ThreadPoolExecutor(32) as pool:
+        grpc_answers = list(pool.map(lambda x: y_of(predict(batched, x)), requests))
+        rest_answers = list(pool.map(lambda x: rest_y(batched, x), requests))
+    for x, want, got_grpc, got_rest in zip(requests, expected, grpc_answers, rest_answers):
+        assert got_grpc.tobytes() == want.tobytes()
+        np.testing.assert_allclose(got_rest, want, rtol=1e-6)
+    total, count = histogram(batched, ":tensorflow:serving:batching_session:processed_batch_size")
+    batches, rows = count - count_before, total - sum_before
+    assert batches < 2 * len(requests)  # requests shared batches
+    assert rows >= sum(len(x) for x in requests) * 2  # padding included
+
+
+def test_rest_and_grpc_share_a_batch(servers):
+    """One REST and one gRPC request of one row, sent together: one batch of 2 (no padding);
+    separate batchers would have run two batches, each padded from 1 to 2."""
+    batched = servers["batched"]
+    name = ":tensorflow:serving:batching_session:processed_batch_size"
+    sum_before, count_before = histogram(batched, name)
+    barrier = threading.Barrier(2)
+
+    def send(kind: str) -> np.ndarray:
+        x = np.array([3.0 if kind == "grpc" else 5.0], np.float32)
+        barrier.wait()
+        return y_of(predict(batched, x)) if kind == "grpc" else rest_y(batched, x)
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(send, ["grpc", "rest"]))
+    assert [a.tolist() for a in answers] == [[3.5], [4.5]]
+    total, count = histogram(batched, name)
+    assert (total - sum_before, count - count_before) == (2, 1)
+
+
+def test_request_larger_than_a_batch_is_invalid_argument(servers):
+    with pytest.raises(grpc.RpcError) as raised:
+        predict(servers["tight"], np.zeros(5, np.float32))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Task size 5 is larger than maximum input batch size 4" in raised.value.details()
+    status, body = servers["tight"].http("POST", f"/v1/models/{MODEL}:predict",
+                                         {"instances": [0.0] * 5})
+    assert status == 400 and "larger than maximum input batch size" in body["error"]
+
+
+def test_full_queue_answers_unavailable_at_once(servers):
+    """Queue of one batch of 4 rows that waits 1 s: of a burst of 3-row requests one opens the
+    batch, the others find the queue full and are refused at once, never hang."""
+    tight = servers["tight"]
+    barrier = threading.Barrier(10)
+
+    def send(i: int) -> tuple[str, float, np.ndarray | None]:
+        x = np.full(3, float(i), np.float32)
+        barrier.wait()
+        start = time.monotonic()
+        try:
+            y = y_of(predict(tight, x))
+            return "ok", time.monotonic() - start, y
+        except grpc.RpcError as e:
+            return e.code().name, time.monotonic() - start, None
+
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(send, range(10)))
+    refused = [took for code, took, _ in results if code == "UNAVAILABLE"]
+    answered = [(i, y) for i, (code, _, y) in enumerate(results) if code == "ok"]
+    assert refused and answered, results
+    assert len(refused) + len(answered) == 10, results
+    assert max(refused) < 0.5, results
+    for i, y in answered:
+        assert y.tolist() == [0.5 * i + 2] * 3
+
+
+# -- per-model parameters and swaps --------------------------------------------------------------
+
+
+def _publish(server: Server, template: Path, version: int, params: str) -> None:
+    def fill(path: Path) -> None:
+        shutil.copytree(template, path)
+        (path / "batching_params.pbtxt").write_text(params)
+
+    saved_models._publish(server.base_path, version, fill)
+
+
+def test_per_model_parameters_and_swap_under_load(servers, half_template):
+    """Version 1 has no batching_params.pbtxt (not batched: 3 rows pass); version 2 brings one
+    with max_batch_size 2 (3 rows refused). Requests flow through the swap with no failure."""
+    server = servers["per_model"]
+    assert y_of(predict(server, np.ones(3, np.float32))).tolist() == [2.5] * 3
+    stop = threading.Event()
+    failures: list[str] = []
+    versions: set[int] = set()
+
+    def load(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while not stop.is_set():
+            x = rng.normal(size=int(rng.integers(1, 3))).astype(np.float32)
+            try:
+                if seed % 2:
+                    response = predict(server, x)
+                    versions.add(response.model_spec.version.value)
+                    y = y_of(response)
+                else:
+                    y = rest_y(server, x)
+                if y.tobytes() != (np.float32(0.5) * x + np.float32(2)).tobytes():
+                    failures.append(f"wrong answer for {x}: {y}")
+            except (grpc.RpcError, AssertionError) as e:
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        _publish(server, half_template, 2,
+                 "max_batch_size { value: 2 } batch_timeout_micros { value: 2000 }")
+        server.wait_for(lambda s: s.get(2, (0,))[0] == 30 and s.get(1, (0,))[0] == 50,
+                        "version 2 AVAILABLE and version 1 END")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not failures, failures[:5]
+    assert versions == {1, 2}
+    with pytest.raises(grpc.RpcError) as raised:
+        predict(server, np.ones(3, np.float32))
+    assert "maximum input batch size 2" in raised.value.details()
+
+
+def test_bad_per_model_file_fails_that_load_only(servers, half_template):
+    server = servers["per_model"]
+    _publish(server, half_template, 3, "max_batch_size { value: -1 }")
+    server.wait_for(lambda s: s.get(3, (0,))[0] == 50, "version 3 END")
+    assert "batching_params.pbtxt" in server.states()[3][2]
+    assert "max_batch_size" in server.states()[3][2]
+    assert y_of(predict(server, np.ones(2, np.float32))).tolist() == [2.5, 2.5]  # v2 serves
+
+
+# -- flags ----------------------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "serving", "--model_base_path=/tmp/x", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_parameters_file_needs_enable_batching_and_must_parse(tmp_path):
+    config = tmp_path / "batching.config"
+    config.write_text("max_batch_size { value: 8 } allowed_batch_sizes: 4")
+    done = _cli(f"--batching_parameters_file={config}")
+    assert done.returncode != 0 and "--enable_batching" in done.stderr
+    done = _cli("--enable_batching", f"--batching_parameters_file={config}")
+    assert done.returncode != 0
+    assert str(config) in done.stderr and "allowed_batch_sizes" in done.stderr
