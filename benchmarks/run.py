@@ -8,7 +8,10 @@ gRPC over HTTP/2, REST over HTTP/1.1. Scenarios:
   a. gRPC Predict, batch-1 requests: our server against the no-op server (the Python gRPC ceiling);
   b. REST :predict: ours against the no-op endpoint and against `mlflow models serve` of the same
      model from the MLflow registry;
-  c. the model alone, in-process, at batch 1 and 128 (the compute limit).
+  c. the model alone, in-process, at batch 1 and 128 (the compute limit);
+  d. hot swaps under load: versions published like push does while a multiprocess gRPC generator
+     checks every answer (benchmarks/swaps.py);
+  e. the server's RSS after 1 swap and after 50 swaps, under a light load (benchmarks/swaps.py).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Iterator
 
 import numpy as np
 
-from benchmarks import payloads
+from benchmarks import payloads, swaps
 from tasks.config import REPO_ROOT
 from tests.processes import free_port, running, wait_for_http
 
@@ -177,7 +180,7 @@ def ratio_lines(results: list[Measurement]) -> list[str]:
     return lines
 
 
-def write_results(path: Path, results: list[Measurement], command: str, seconds: float) -> None:
+def write_results(path: Path, results: list[Measurement], command: str, seconds: float, sections: str = "") -> None:
     rows = [f"| {r.scenario} | {r.target} | {r.concurrency} | {r.requests_per_s:,.0f} | {r.p50_ms:.2f} | "
             f"{r.p99_ms:.2f} | {r.failed} |" for r in results]
     text = "\n".join([
@@ -200,6 +203,7 @@ def write_results(path: Path, results: list[Measurement], command: str, seconds:
         "|---|---|---|---|",
         *ratio_lines(results),
         "",
+        *([sections] if sections else []),
     ])
     path.write_text(text)
 
@@ -209,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=int, default=5, help="seconds of load per figure")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--skip-mlflow", action="store_true", help="leave out `mlflow models serve` (slow)")
+    parser.add_argument("--skip-swaps", action="store_true", help="leave out d and e (hot swaps, memory)")
     parser.add_argument("--write", type=Path, help="write the results as Markdown to this file")
     args = parser.parse_args(argv)
     if shutil.which("h2load") is None:
@@ -234,11 +239,18 @@ def main(argv: list[str] | None = None) -> None:
                 results += measure("b", "mlflow models serve", f"http://127.0.0.1:{port}/invocations",
                                    bodies["mlflow"], False, args.concurrency, args.duration, scratch)
         results += in_process(store)
+        hot, memory = [], None
+        if not args.skip_swaps:
+            print("d/e: hot swaps under load, memory across swaps ...", flush=True)
+            hot, memory = swaps.run_all(store / "1", scratch, polls=[1.0, 0.1], swaps=5, rss_swaps=50,
+                                        processes=2, in_flight=8)
     (REPO_ROOT / "benchmarks" / "out").mkdir(exist_ok=True)
     (REPO_ROOT / "benchmarks" / "out" / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    (REPO_ROOT / "benchmarks" / "out" / "swaps.json").write_text(swaps.to_json(hot, memory))
     if args.write:
-        command = "python -m benchmarks.run " + shlex.join(argv if argv is not None else sys.argv[1:])
-        write_results(args.write, results, command, time.monotonic() - started)
+        command = ("python -m benchmarks.run " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
+        write_results(args.write, results, command, time.monotonic() - started,
+                      swaps.markdown(hot, memory, command))
         print(f"wrote {args.write}")
 
 
