@@ -78,7 +78,7 @@ async def serve(options: Options) -> None:
     from serving.grpc_frontend import start_grpc_server
     from serving.manager import Manager
     from serving.rest_frontend import start_rest_server
-    from serving.servable import load_servable
+    from serving.servable import import_runtime, load_servable
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -88,6 +88,7 @@ async def serve(options: Options) -> None:
     interval = options.file_system_poll_wait_seconds
     if interval < 0:
         log.warning("--file_system_poll_wait_seconds < 0: the file system is never polled")
+    await loop.run_in_executor(None, import_runtime)
     batcher = None
     load_fn = load_servable
     if options.batching is not None:
