@@ -188,7 +188,33 @@ def ratio_lines(results: list[Measurement]) -> list[str]:
     return lines
 
 
+# The bars of the serving-speed issue: (scenario, concurrency, baseline, minimum ratio of our best).
+TARGETS = (("a", 64, "no-op", 0.8), ("b", 64, "no-op", 0.7), ("b", 64, "mlflow models serve", 50.0))
+# What follows this line in RESULTS.md is written by people (the why behind the numbers) and is
+# kept when the numbers are rewritten.
+ANALYSIS_MARKER = "<!-- analysis: written by hand, kept across runs -->"
+
+
+def target_lines(results: list[Measurement]) -> list[str]:
+    lines = []
+    for scenario, concurrency, baseline, bar in TARGETS:
+        ours = [r for r in results if r.scenario == scenario and r.concurrency == concurrency
+                and r.target.startswith("ours")]
+        base = next((r for r in results if (r.scenario, r.target, r.concurrency) == (scenario, baseline, concurrency)), None)
+        if not ours or base is None or not base.requests_per_s:
+            continue
+        best = max(ours, key=lambda r: r.requests_per_s)
+        ratio = best.requests_per_s / base.requests_per_s
+        verdict = "met" if ratio >= bar else f"missed by {bar / ratio:.1f}x"
+        lines.append(f"- {scenario} at {concurrency} concurrent, {best.target} / {baseline} ≥ {bar:g}x: "
+                     f"**{ratio:.2f}x, {verdict}**")
+    return lines
+
+
 def write_results(path: Path, results: list[Measurement], command: str, seconds: float, sections: str = "") -> None:
+    analysis = ""
+    if path.exists() and ANALYSIS_MARKER in path.read_text():
+        analysis = path.read_text().split(ANALYSIS_MARKER, 1)[1]
     rows = [f"| {r.scenario} | {r.target} | {r.concurrency} | {r.requests_per_s:,.0f} | {r.p50_ms:.2f} | "
             f"{r.p99_ms:.2f} | {r.failed} |" for r in results]
     text = "\n".join([
@@ -211,9 +237,14 @@ def write_results(path: Path, results: list[Measurement], command: str, seconds:
         "|---|---|---|---|",
         *ratio_lines(results),
         "",
+        "Targets:",
+        "",
+        *target_lines(results),
+        "",
         *([sections] if sections else []),
+        ANALYSIS_MARKER,
     ])
-    path.write_text(text)
+    path.write_text(text + analysis)
 
 
 def main(argv: list[str] | None = None) -> None:
