@@ -15,7 +15,7 @@ import numpy as np
 from aiohttp import web
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from tasks.model_server import float_tensor
+from serving.tensors import to_tensor_proto
 
 FIXED_SCORES = np.full((1, 10), 0.1, np.float32)
 
@@ -26,7 +26,7 @@ class NoopPrediction(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.model_spec.name = "mnist"
         response.model_spec.version.value = 1
         response.model_spec.signature_name = "serving_default"
-        response.outputs["scores"].CopyFrom(float_tensor(FIXED_SCORES))
+        response.outputs["scores"].CopyFrom(to_tensor_proto(FIXED_SCORES))
         self._response = response
 
     async def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:

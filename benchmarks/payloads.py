@@ -10,7 +10,7 @@ import numpy as np
 
 from tasks.config import REPO_ROOT
 from tasks.mnist import load_test
-from tasks.model_server import float_tensor
+from tasks.model_server import predict_request
 
 PREDICT_PATH = "/tensorflow.serving.PredictionService/Predict"
 
@@ -21,12 +21,7 @@ def one_image() -> np.ndarray:
 
 def grpc_predict_frame(model_name: str, image: np.ndarray) -> bytes:
     """A gRPC length-prefixed message (flag 0 = uncompressed, 4-byte big-endian length, proto)."""
-    from tensorflow_serving.apis import predict_pb2
-
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model_name
-    request.model_spec.signature_name = "serving_default"
-    request.inputs["images"].CopyFrom(float_tensor(image))
+    request = predict_request(model_name, image)
     message = request.SerializeToString()
     return struct.pack(">?I", False, len(message)) + message
 

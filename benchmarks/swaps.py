@@ -225,14 +225,10 @@ def fresh_store(directory: Path, source: Path) -> Path:
 def reference_request(server_address: str) -> tuple[bytes, np.ndarray]:
     """The serialized batch-1 request the generator sends, and the scores the served model gives it."""
     from benchmarks.payloads import one_image
-    from tasks.model_server import ModelServer, float_tensor
-    from tensorflow_serving.apis import predict_pb2
+    from tasks.model_server import ModelServer, predict_request
 
     image = one_image()
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = MODEL
-    request.model_spec.signature_name = "serving_default"
-    request.inputs["images"].CopyFrom(float_tensor(image))
+    request = predict_request(MODEL, image)
     with ModelServer(server_address, MODEL) as client:
         expected = client.predict_scores(image)[0]
     return request.SerializeToString(), expected.astype(np.float32)

@@ -30,22 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _tensor(images: np.ndarray):
-    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
-
-    array = np.ascontiguousarray(images, dtype="<f4")
-    return tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_FLOAT,
-        tensor_shape=tensor_shape_pb2.TensorShapeProto(
-            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in array.shape]),
-        tensor_content=array.tobytes(),
-    )
-
-
 async def run_client(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray) -> int:
     """Send all requests; return the number of misclassified images (raises on RPC errors)."""
     import grpc
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from serving.tensors import to_ndarray, to_tensor_proto
 
     options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
     async with grpc.aio.insecure_channel(args.server, options=options) as channel:
@@ -65,12 +55,9 @@ async def run_client(args: argparse.Namespace, images: np.ndarray, labels: np.nd
                 request = predict_pb2.PredictRequest()
                 request.model_spec.name = args.model_name
                 request.model_spec.signature_name = args.signature_name
-                request.inputs["images"].CopyFrom(_tensor(images[i : i + 1]))
+                request.inputs["images"].CopyFrom(to_tensor_proto(images[i : i + 1]))
                 response = await stub.Predict(request, timeout=args.timeout)
-                scores = response.outputs["scores"]
-                values = (np.frombuffer(scores.tensor_content, dtype="<f4")
-                          if scores.tensor_content else np.asarray(scores.float_val))
-                if int(np.argmax(values)) != int(labels[i]):
+                if int(np.argmax(to_ndarray("scores", response.outputs["scores"]))) != int(labels[i]):
                     errors += 1
 
         await asyncio.gather(*(worker() for _ in range(max(1, args.concurrency))))

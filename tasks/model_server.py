@@ -11,13 +11,14 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
 )
+
+from serving.tensors import to_ndarray, to_tensor_proto
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 END = get_model_status_pb2.ModelVersionStatus.END
@@ -32,21 +33,20 @@ class VersionStatus:
     error_message: str
 
 
-def float_tensor(array: np.ndarray) -> tensor_pb2.TensorProto:
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    shape = tensor_shape_pb2.TensorShapeProto(
-        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in array.shape]
-    )
-    return tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=shape, tensor_content=array.tobytes())
+def predict_request(model_name: str, images: np.ndarray, version: int | None = None) -> predict_pb2.PredictRequest:
+    """A ``serving_default`` Predict of float32 ``images`` [N,784], asking only for ``scores``."""
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model_name
+    request.model_spec.signature_name = "serving_default"
+    if version is not None:
+        request.model_spec.version.value = version
+    request.inputs["images"].CopyFrom(to_tensor_proto(np.asarray(images, dtype=np.float32)))
+    request.output_filter.append("scores")
+    return request
 
 
-def float_array(proto: tensor_pb2.TensorProto) -> np.ndarray:
-    if proto.dtype != types_pb2.DT_FLOAT:
-        raise ValueError(f"expected a float tensor, got dtype {types_pb2.DataType.Name(proto.dtype)}")
-    shape = [dim.size for dim in proto.tensor_shape.dim]
-    if proto.tensor_content:
-        return np.frombuffer(proto.tensor_content, dtype=np.float32).reshape(shape)
-    return np.asarray(proto.float_val, dtype=np.float32).reshape(shape)
+def response_scores(response: predict_pb2.PredictResponse) -> np.ndarray:
+    return to_ndarray("scores", response.outputs["scores"])
 
 
 class ModelServer:
@@ -98,13 +98,6 @@ class ModelServer:
         """``serving_default`` scores for ``images`` [N,784], in requests of ``batch_size``."""
         chunks = []
         for start in range(0, len(images), batch_size):
-            request = predict_pb2.PredictRequest()
-            request.model_spec.name = self.model_name
-            request.model_spec.signature_name = "serving_default"
-            if version is not None:
-                request.model_spec.version.value = version
-            request.inputs["images"].CopyFrom(float_tensor(images[start : start + batch_size]))
-            request.output_filter.append("scores")
-            response = self._predictions.Predict(request, timeout=self._timeout)
-            chunks.append(float_array(response.outputs["scores"]))
+            request = predict_request(self.model_name, images[start : start + batch_size], version)
+            chunks.append(response_scores(self._predictions.Predict(request, timeout=self._timeout)))
         return np.concatenate(chunks) if chunks else np.zeros((0, 10), np.float32)

@@ -24,8 +24,8 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.train_and_serve import GateFailed, train_and_serve
 from tasks.config import REPO_ROOT
 from tasks.mnist import load_test
-from tasks.model_server import ModelServer, float_array, float_tensor
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tasks.model_server import ModelServer, predict_request, response_scores
+from tensorflow_serving.apis import prediction_service_pb2_grpc
 from tests.processes import ModelServerProcess, mlflow_server, model_server
 
 MODEL = "mnist"
@@ -130,12 +130,10 @@ def test_second_run_hot_swaps_with_zero_failed_requests(stack, test_images):
         with grpc.insecure_channel(stack.server.grpc_address) as channel:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
             while not stop.is_set():
-                request = predict_pb2.PredictRequest()
-                request.model_spec.name = MODEL
-                request.inputs["images"].CopyFrom(float_tensor(image))
+                request = predict_request(MODEL, image)
                 try:
                     response = stub.Predict(request, timeout=10)
-                    assert float_array(response.outputs["scores"]).shape == (1, 10)
+                    assert response_scores(response).shape == (1, 10)
                     results["ok"] += 1
                     results["versions"].add(response.model_spec.version.value)
                 except Exception as error:  # every failure is a test failure, reported below
