@@ -36,7 +36,7 @@ import numpy as np
 
 from benchmarks import payloads, swaps
 from tasks.config import REPO_ROOT
-from tests.processes import free_port, running, wait_for_http
+from tests.processes import free_port, model_server, running, wait_for_http
 
 MODEL = "mnist"
 # TF Serving's advice for CPUs: batch threads = cores, start with no timeout (a lone request is not
@@ -119,12 +119,8 @@ def register_in_mlflow(directory: Path, keras_model) -> None:
 
 @contextmanager
 def our_server(store: Path, log: Path, extra_flags: tuple[str, ...] = ()) -> Iterator[tuple[int, int]]:
-    grpc_port, rest_port = free_port(), free_port()
-    command = [sys.executable, "-m", "serving", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
-               f"--model_name={MODEL}", f"--model_base_path={store}", *extra_flags]
-    with running(command, log) as process:
-        wait_for_http(f"http://127.0.0.1:{rest_port}/v1/models/{MODEL}", process, log)
-        yield grpc_port, rest_port
+    with model_server(store, MODEL, log, poll_s=1, extra_flags=extra_flags) as server:
+        yield int(server.grpc_address.rsplit(":", 1)[1]), int(server.rest_url.rsplit(":", 1)[1])
 
 
 @contextmanager

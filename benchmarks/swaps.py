@@ -35,14 +35,12 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from tests.processes import free_port, running, wait_for_http
+from tests.processes import model_server
 
 MODEL = "mnist"
 PREDICT_PATH = "/tensorflow.serving.PredictionService/Predict"
@@ -193,26 +191,6 @@ class LoadGenerator:
 # --------------------------------------------------------------------------------------------
 # The server, the store and the swaps.
 # --------------------------------------------------------------------------------------------
-
-@dataclass
-class Server:
-    pid: int
-    grpc_address: str
-    rest_url: str
-
-
-@contextmanager
-def model_server(store: Path, poll_s: float, log: Path) -> Iterator[Server]:
-    """``python -m serving`` on ``store`` (= <base>/mnist) with the given poll interval."""
-    grpc_port, rest_port = free_port(), free_port()
-    command = [sys.executable, "-m", "serving", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
-               f"--model_name={MODEL}", f"--model_base_path={store}",
-               f"--file_system_poll_wait_seconds={poll_s:g}"]
-    with running(command, log) as process:
-        rest_url = f"http://127.0.0.1:{rest_port}"
-        wait_for_http(f"{rest_url}/v1/models/{MODEL}", process, log)
-        yield Server(process.pid, f"127.0.0.1:{grpc_port}", rest_url)
-
 
 def fresh_store(directory: Path, source: Path) -> Path:
     """<directory>/models/mnist/1 = a copy of ``source`` (an exported version directory)."""
@@ -396,7 +374,7 @@ def hot_swaps(source: Path, scratch: Path, poll_s: float = 1.0, swaps: int = 5, 
 
     directory = scratch / f"swaps-poll-{poll_s:g}"
     store = fresh_store(directory, source)
-    with model_server(store, poll_s, directory / "server.log") as server:
+    with model_server(store, MODEL, directory / "server.log", poll_s) as server:
         generator = LoadGenerator(server.grpc_address, processes, in_flight)
         try:
             request, expected = reference_request(server.grpc_address)
@@ -450,19 +428,19 @@ def memory_over_swaps(source: Path, scratch: Path, swaps: int = 50, poll_s: floa
     directory = scratch / "memory"
     store = fresh_store(directory, source)
     started = time.monotonic()
-    with model_server(store, poll_s, directory / "server.log") as server:
+    with model_server(store, MODEL, directory / "server.log", poll_s) as server:
         generator = LoadGenerator(server.grpc_address, processes=1, in_flight=2, pause_s=0.01)
         try:
             request, expected = reference_request(server.grpc_address)
             generator.start(request, expected)
             time.sleep(RSS_SETTLE_S)
-            before = rss_kib(server.pid)
+            before = rss_kib(server.process.pid)
             after = []
             with ModelServer(server.grpc_address, MODEL) as client:
                 for version in range(2, swaps + 2):
                     swap(client, store, source, version)
                     time.sleep(RSS_SETTLE_S)
-                    after.append(rss_kib(server.pid))
+                    after.append(rss_kib(server.process.pid))
             records = generator.stop()
         finally:
             generator.close()

@@ -68,11 +68,13 @@ class ModelServerProcess:
 
 
 @contextmanager
-def model_server(model_base_path: Path, model_name: str, log: Path, poll_s: float = 0.2) -> Iterator[ModelServerProcess]:
+def model_server(model_base_path: Path, model_name: str, log: Path, poll_s: float = 0.2,
+                 extra_flags: tuple[str, ...] = ()) -> Iterator[ModelServerProcess]:
+    """``python -m serving`` on free ports, once its REST port answers (tests and benchmarks)."""
     grpc_port, rest_port = free_port(), free_port()
     command = [sys.executable, "-m", "serving", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
                f"--model_name={model_name}", f"--model_base_path={model_base_path}",
-               f"--file_system_poll_wait_seconds={poll_s}"]
+               f"--file_system_poll_wait_seconds={poll_s:g}", *extra_flags]
     with running(command, log) as process:
         rest_url = f"http://127.0.0.1:{rest_port}"
         wait_for_http(f"{rest_url}/v1/models/{model_name}", process, log)
