@@ -9,6 +9,7 @@ unload. TensorFlow is imported lazily here (``--help`` must stay instant).
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 import time
@@ -464,10 +465,11 @@ def read_tfrecords(path: str | Path, limit: int) -> list[bytes]:
 
     Plain Python so that reading warmup data needs neither eager tf.data nor the deprecated
     ``tf_record_iterator`` (which logs a warning per call). CRCs are not verified; a truncated
-    file raises.
+    file, or a length longer than what is left of the file (not a TFRecord file), raises.
     """
     records: list[bytes] = []
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         while len(records) < limit:
             header = f.read(12)
             if not header:
@@ -475,6 +477,9 @@ def read_tfrecords(path: str | Path, limit: int) -> list[bytes]:
             if len(header) != 12:
                 raise ValueError(f"{path}: truncated TFRecord header")
             (length,) = struct.unpack("<Q", header[:8])
+            if length > size - f.tell():
+                raise ValueError(f"{path}: not a TFRecord file (a record of {length} bytes, "
+                                 f"{size - f.tell()} bytes left)")
             data = f.read(length)
             if len(data) != length or len(f.read(4)) != 4:
                 raise ValueError(f"{path}: truncated TFRecord")

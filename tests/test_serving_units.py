@@ -166,3 +166,20 @@ def test_unload_waits_for_in_flight_requests(tmp_path, template):
         assert manager.statuses("m", 1)[0].state == State.END
     finally:
         manager.stop()
+
+
+def test_warmup_runs_unless_disabled(tmp_path):
+    """A broken warmup file fails the load with warmup on; --enable_model_warmup=false skips it."""
+    from serving.servable import load_servable
+
+    path = saved_models.write_version(tmp_path, 1, bias_class=3)
+    warmup_file = path / "assets.extra" / "tf_serving_warmup_requests"
+    warmup_file.parent.mkdir(parents=True, exist_ok=True)
+    warmup_file.write_bytes(b"not a TFRecord of PredictionLogs")
+    with pytest.raises(ValueError, match="not a TFRecord file"):
+        load_servable("m", 1, str(path), warmup=True)
+    servable = load_servable("m", 1, str(path), warmup=False)
+    try:
+        assert "serving_default" in servable.signatures
+    finally:
+        servable.close()
