@@ -259,10 +259,6 @@ class Manager:
                 for e in entries
             ]
 
-    def model_names(self) -> list[str]:
-        with self._lock:
-            return sorted(self._models)
-
     # -- loader thread -------------------------------------------------------------------------
 
     def _loop(self) -> None:

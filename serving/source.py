@@ -73,12 +73,6 @@ def list_versions(base_path: str | os.PathLike[str]) -> dict[int, VersionDir]:
     return found
 
 
-def aspired_versions(on_disk: dict[int, VersionDir], num_latest: int = 1) -> dict[int, VersionDir]:
-    """Version policy "latest N" (TF Serving default N=1): the N highest versions on disk."""
-    keep = sorted(on_disk, reverse=True)[:num_latest]
-    return {v: on_disk[v] for v in keep}
-
-
 @dataclass(frozen=True)
 class VersionPolicy:
     """TF Serving's ``ServableVersionPolicy``: which of the versions on disk are aspired."""
@@ -92,7 +86,8 @@ class VersionPolicy:
             return dict(on_disk)
         if self.kind == "specific":
             return {v: d for v, d in on_disk.items() if v in self.versions}
-        return aspired_versions(on_disk, self.num_versions)
+        # latest{N}, TF Serving's default (N=1): the N highest versions on disk.
+        return {v: on_disk[v] for v in sorted(on_disk, reverse=True)[: self.num_versions]}
 
     def __str__(self) -> str:
         if self.kind == "latest":

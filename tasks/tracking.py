@@ -8,13 +8,14 @@ whichever thread Prefect runs it in and whatever else the process tracks.
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from mlflow.entities import Param
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -33,8 +34,10 @@ class RunTracker:
         return MlflowClient(tracking_uri=self.tracking_uri)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        for key, value in metrics.items():
-            self.client.log_metric(self.run_id, key, float(value), step=step)
+        """All of ``metrics`` in one call (one request to a tracking server, not one per metric)."""
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), now, step or 0)
+                                                    for key, value in metrics.items()])
 
     def set_tags(self, tags: dict[str, object]) -> None:
         for key, value in tags.items():

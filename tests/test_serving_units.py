@@ -16,7 +16,7 @@ import saved_models  # noqa: E402
 
 from serving.errors import ServingError  # noqa: E402
 from serving.flags import parse_args  # noqa: E402
-from serving.source import aspired_versions, list_versions, parse_version  # noqa: E402
+from serving.source import VersionPolicy, list_versions, parse_version  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -70,8 +70,8 @@ def test_list_versions_filters_entries(tmp_path):
     found = list_versions(tmp_path)
     assert sorted(found) == [1, 2]  # 3 and 7 lack saved_model.pb
     assert found[2].path.endswith("00000002")
-    assert sorted(aspired_versions(found)) == [2]
-    assert sorted(aspired_versions(found, 2)) == [1, 2]
+    assert sorted(VersionPolicy().select(found)) == [2]
+    assert sorted(VersionPolicy(num_versions=2).select(found)) == [1, 2]
 
 
 def test_fingerprint_changes_when_directory_replaced(tmp_path):
@@ -103,7 +103,7 @@ def test_manager_failed_version_keeps_old_and_retries_only_on_change(tmp_path, t
     manager.start()
     try:
         def apply() -> dict[int, State]:
-            manager.set_aspired_versions("m", aspired_versions(list_versions(base)))
+            manager.set_aspired_versions("m", VersionPolicy().select(list_versions(base)))
             assert manager.wait_until_idle(timeout=60)
             return {s.version: s.state for s in manager.statuses("m")}
 
@@ -145,11 +145,11 @@ def test_unload_waits_for_in_flight_requests(tmp_path, template):
     manager = Manager(enable_warmup=False)
     manager.start()
     try:
-        manager.set_aspired_versions("m", aspired_versions(list_versions(base)))
+        manager.set_aspired_versions("m", VersionPolicy().select(list_versions(base)))
         manager.wait_until_idle(60)
         handle = manager.acquire("m")  # an in-flight request on version 1
         saved_models.copy_version(template, base, 2)
-        manager.set_aspired_versions("m", aspired_versions(list_versions(base)))
+        manager.set_aspired_versions("m", VersionPolicy().select(list_versions(base)))
         import time
 
         deadline = time.monotonic() + 30
