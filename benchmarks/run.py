@@ -35,6 +35,7 @@ from typing import Iterator
 import numpy as np
 
 from benchmarks import payloads, swaps
+from serving.flags import DEFAULT_WORKERS
 from tasks.config import REPO_ROOT
 from tests.processes import free_port, model_server, running, wait_for_http
 
@@ -124,9 +125,10 @@ def our_server(store: Path, log: Path, extra_flags: tuple[str, ...] = ()) -> Ite
 
 
 @contextmanager
-def noop_server(log: Path) -> Iterator[tuple[int, int]]:
+def noop_server(log: Path, workers: int) -> Iterator[tuple[int, int]]:
     grpc_port, rest_port = free_port(), free_port()
-    command = [sys.executable, "-m", "benchmarks.noop_server", f"--port={grpc_port}", f"--rest_api_port={rest_port}"]
+    command = [sys.executable, "-m", "benchmarks.noop_server", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
+               f"--num_workers={workers}"]
     with running(command, log) as process:
         wait_for_http(f"http://127.0.0.1:{rest_port}/", process, log)
         yield grpc_port, rest_port
@@ -207,7 +209,8 @@ def target_lines(results: list[Measurement]) -> list[str]:
     return lines
 
 
-def write_results(path: Path, results: list[Measurement], command: str, seconds: float, sections: str = "") -> None:
+def write_results(path: Path, results: list[Measurement], command: str, seconds: float, workers: int,
+                  sections: str = "") -> None:
     analysis = ""
     if path.exists() and ANALYSIS_MARKER in path.read_text():
         analysis = path.read_text().split(ANALYSIS_MARKER, 1)[1]
@@ -222,6 +225,7 @@ def write_results(path: Path, results: list[Measurement], command: str, seconds:
         f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, took {seconds:.0f} s",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores (shared, noisy), Python {platform.python_version()}",
         "- load: h2load, a separate process; gRPC over HTTP/2, REST over HTTP/1.1; batch-1 MNIST requests",
+        f"- process layout: {workers} worker process(es) sharing the ports, for our server and the no-op alike",
         "",
         "| scenario | target | concurrency | req/s (c: images/s) | p50 ms | p99 ms | failed |",
         "|---|---|---|---|---|---|---|",
@@ -250,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-mlflow", action="store_true", help="leave out `mlflow models serve` (slow)")
     parser.add_argument("--skip-swaps", action="store_true", help="leave out d and e (hot swaps, memory)")
     parser.add_argument("--write", type=Path, help="write the results as Markdown to this file")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                        help="worker processes of our server and of the no-op (default: cores)")
     args = parser.parse_args(argv)
     if shutil.which("h2load") is None:
         sys.exit("h2load not found: apt-get install nghttp2-client (make bench does)")
@@ -265,9 +271,11 @@ def main(argv: list[str] | None = None) -> None:
         batching_file = scratch / "batching_parameters.pbtxt"
         batching_file.write_text(BATCHING_PARAMETERS)
         batching_flags = ("--enable_batching", f"--batching_parameters_file={batching_file}")
-        for target, server in (("ours", our_server(store, scratch / "ours.log")),
-                               ("ours batching", our_server(store, scratch / "ours-batching.log", batching_flags)),
-                               ("no-op", noop_server(scratch / "noop.log"))):
+        layout = (f"--num_workers={args.workers}",)
+        for target, server in (("ours", our_server(store, scratch / "ours.log", layout)),
+                               ("ours batching", our_server(store, scratch / "ours-batching.log",
+                                                            layout + batching_flags)),
+                               ("no-op", noop_server(scratch / "noop.log", args.workers))):
             with server as (grpc_port, rest_port):
                 results += measure("a", target, f"http://127.0.0.1:{grpc_port}{grpc_path}", bodies["grpc"], True,
                                    args.concurrency, args.duration, scratch)
@@ -288,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     (REPO_ROOT / "benchmarks" / "out" / "swaps.json").write_text(swaps.to_json(hot, memory))
     if args.write:
         command = ("python -m benchmarks.run " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
-        write_results(args.write, results, command, time.monotonic() - started,
+        write_results(args.write, results, command, time.monotonic() - started, args.workers,
                       swaps.markdown(hot, memory, command))
         print(f"wrote {args.write}")
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.processes import model_server
+from tests.processes import model_server, rss_kib
 
 MODEL = "mnist"
 PREDICT_PATH = "/tensorflow.serving.PredictionService/Predict"
@@ -250,23 +250,6 @@ def swap(client, store: Path, source: Path, version: int, timeout_s: float = 120
         if now > deadline:
             raise TimeoutError(f"version {version}: swap not done within {timeout_s} s: {states}")
         time.sleep(0.02)
-
-
-def rss_kib(pid: int) -> int:
-    """VmRSS of ``pid`` and of all its descendants, KiB."""
-    total = 0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-            for task in Path(f"/proc/{current}/task").iterdir():
-                pending += [int(child) for child in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
 
 
 # --------------------------------------------------------------------------------------------

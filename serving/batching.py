@@ -41,8 +41,8 @@ from serving import metrics, textproto
 from serving.errors import ServingError, invalid
 
 if TYPE_CHECKING:
-    from serving.manager import Handle, LoadFn
-    from serving.servable import Servable, SignatureInfo
+    from serving.routing import Handle
+    from serving.servable import LoadServable, Servable, SignatureInfo
 
 log = logging.getLogger("serving.batching")
 
@@ -153,8 +153,8 @@ def read_parameters(path: str) -> BatchingParameters:
     return params
 
 
-def batching_loader(config: BatchingConfig, load: "LoadFn") -> "LoadFn":
-    """Wrap the manager's load function: each version learns the parameters it is batched with
+def batching_loader(config: BatchingConfig, load: "LoadServable") -> "LoadServable":
+    """Wrap a worker's load function: each version learns the parameters it is batched with
     (read before the SavedModel, so a bad per-model file fails the load at once)."""
 
     def load_batched(model_name: str, version: int, path: str, warmup: bool) -> "Servable":

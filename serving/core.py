@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TypeVar, Union
+from typing import Any, Callable, Protocol, Sequence, TypeVar, Union
 
 import numpy as np
 
 from serving.batching import Batcher
 from serving.errors import ServingError, invalid
-from serving.manager import Manager, VersionStatus
+from serving.manager import VersionStatus
+from serving.routing import RoutingTable
 from serving.servable import DEFAULT_SIGNATURE, Classification, Regression, SignatureInfo
 
 T = TypeVar("T")
@@ -63,15 +64,29 @@ class ModelMetadata:
     signature_defs: dict[str, Any]  # name -> tensorflow.SignatureDef proto
 
 
+class ControlPlane(Protocol):
+    """What a worker asks the supervisor, which alone knows every version's state and owns the
+    model list and the metrics of all workers (``serving.worker.SupervisorLink``)."""
+
+    async def statuses(self, model_name: str, version: int | None,
+                       label: str | None) -> list[VersionStatus]: ...
+
+    async def reload(self, config: Any, timeout_s: float) -> None: ...
+
+    async def metrics_page(self) -> str: ...
+
+
 class DataPlane:
     """Predict, Classify, Regress, MultiInference, status and metadata over loaded versions.
 
     A ModelSpec is (``model_name``, ``version``, ``label``): a version, else the version a label
-    points at, else the latest -- resolved by the manager under the same lock that pins it.
+    points at, else the latest -- resolved by the routing table under the same lock that pins it.
     """
 
-    def __init__(self, manager: Manager, num_threads: int, batcher: Batcher | None = None) -> None:
-        self.manager = manager
+    def __init__(self, routing: RoutingTable, control: ControlPlane, num_threads: int,
+                 batcher: Batcher | None = None) -> None:
+        self.routing = routing
+        self.control = control
         self.executor = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="predict")
         self.batcher = batcher  # None: batching off, front ends use ``predict`` through ``run``
 
@@ -101,7 +116,7 @@ class DataPlane:
         needs the signature's dtypes to decode JSON, and doing it under the same handle means a
         version swap between "look up signature" and "run" cannot fail the request.
         """
-        with self.manager.acquire(model_name, version, label=label) as handle:
+        with self.routing.acquire(model_name, version, label=label) as handle:
             servable = handle.servable
             sig = servable.signature(signature_name)
             if callable(inputs):
@@ -125,7 +140,7 @@ class DataPlane:
         thread that ran the model, once it has run (a cancelled request cannot unpin it early).
         """
         assert self.batcher is not None
-        handle = self.manager.acquire(model_name, version, label=label)
+        handle = self.routing.acquire(model_name, version, label=label)
         try:
             servable = handle.servable
             sig = servable.signature(signature_name)
@@ -151,14 +166,14 @@ class DataPlane:
     def classify(self, model_name: str, version: int | None, label: str | None,
                  signature_name: str, examples: Sequence[bytes]) -> InferenceResult:
         """Classify serialized ``tf.Example``s with a ``tensorflow/serving/classify`` signature."""
-        with self.manager.acquire(model_name, version, label=label) as handle:
+        with self.routing.acquire(model_name, version, label=label) as handle:
             value = handle.servable.classify(signature_name, examples)
             return InferenceResult(handle.version, signature_name or DEFAULT_SIGNATURE, value)
 
     def regress(self, model_name: str, version: int | None, label: str | None,
                 signature_name: str, examples: Sequence[bytes]) -> InferenceResult:
         """Regress serialized ``tf.Example``s with a ``tensorflow/serving/regress`` signature."""
-        with self.manager.acquire(model_name, version, label=label) as handle:
+        with self.routing.acquire(model_name, version, label=label) as handle:
             value = handle.servable.regress(signature_name, examples)
             return InferenceResult(handle.version, signature_name or DEFAULT_SIGNATURE, value)
 
@@ -170,7 +185,7 @@ class DataPlane:
         are not looked at), every task must name that same model, signatures must be distinct.
         """
         first = tasks[0] if tasks else InferenceTask("", None, None, "", "")
-        with self.manager.acquire(first.model_name, first.version, label=first.label) as handle:
+        with self.routing.acquire(first.model_name, first.version, label=first.label) as handle:
             for task in tasks:
                 if not task.model_name:
                     raise invalid("Found ModelSpec with an empty model name.")
@@ -184,13 +199,14 @@ class DataPlane:
 
     # -- status / metadata ---------------------------------------------------------------------
 
-    def model_status(self, model_name: str, version: int | None = None,
-                     label: str | None = None) -> list[VersionStatus]:
-        return self.manager.statuses(model_name, version, label=label)
+    async def model_status(self, model_name: str, version: int | None = None,
+                           label: str | None = None) -> list[VersionStatus]:
+        """As the supervisor's manager knows it: AVAILABLE only once every worker serves it."""
+        return await self.control.statuses(model_name, version, label)
 
     def model_metadata(self, model_name: str, version: int | None = None,
                        label: str | None = None) -> ModelMetadata:
-        with self.manager.acquire(model_name, version, label=label) as handle:
+        with self.routing.acquire(model_name, version, label=label) as handle:
             return ModelMetadata(handle.version, dict(handle.servable.signature_defs))
 
 

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from serving.batching import BatchingConfig
 
 DEFAULT_THREADS = 4 * (os.cpu_count() or 1)  # TF Serving's default for both thread flags
+# One worker process per core this process may run on: a Python process serves on one core at
+# most (the GIL), so fewer workers leave cores idle and more only add memory (a model per worker).
+DEFAULT_WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+    os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class Options:
     enable_grpc_healthcheck_service: bool = False
     prometheus_path: str | None = None  # from --monitoring_config_file; None = no metrics page
     batching: BatchingConfig | None = None  # --enable_batching; None = no server-side batching
+    num_workers: int = DEFAULT_WORKERS  # serving processes sharing the ports (an extension)
 
     @property
     def num_threads(self) -> int:
@@ -138,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="with --enable_batching, batch a version only when its directory holds "
              "batching_params.pbtxt, with those parameters (default false)")
+    add("--num_workers", type=_int_at_least(1), default=DEFAULT_WORKERS,
+        help="serving processes sharing the gRPC and REST ports, each with every model loaded, "
+             f"all following one version manager (extension; default: cores = {DEFAULT_WORKERS})")
     return parser
 
 
@@ -169,6 +177,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         enable_grpc_healthcheck_service=ns.enable_grpc_healthcheck_service,
         prometheus_path=_prometheus_path(parser, ns.monitoring_config_file),
         batching=_batching(parser, ns),
+        num_workers=ns.num_workers,
     )
 
 

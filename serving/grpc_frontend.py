@@ -7,7 +7,6 @@ Only translation lives here: ``TensorProto`` <-> numpy and ``Input`` -> serializ
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from typing import Any, Awaitable, Callable
@@ -30,7 +29,7 @@ from tensorflow_serving.apis import (
 from serving import metrics
 from serving.core import DataPlane, InferenceTask, PredictResult
 from serving.errors import ServingError, invalid
-from serving.model_config import RELOAD_TIMEOUT_S, ModelConfigController
+from serving.model_config import RELOAD_TIMEOUT_S
 from serving.servable import Classification, Regression
 from serving.tensors import serialized_examples, to_ndarray, to_tensor_proto
 
@@ -40,7 +39,7 @@ UNLIMITED = 2**31 - 1
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", UNLIMITED),
     ("grpc.max_send_message_length", UNLIMITED),
-    ("grpc.so_reuseport", 0),
+    ("grpc.so_reuseport", 1),  # every worker process listens on the same port
 ]
 
 
@@ -212,14 +211,14 @@ def _fill_regressions(result: Any, value: Regression) -> None:
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     """GetModelStatus + HandleReloadConfigRequest."""
 
-    def __init__(self, data_plane: DataPlane, models: ModelConfigController) -> None:
+    def __init__(self, data_plane: DataPlane) -> None:
         self.data_plane = data_plane
-        self.models = models
 
     @_errors
     async def GetModelStatus(self, request: Any, context: Any) -> Any:
         spec = request.model_spec
-        statuses = self.data_plane.model_status(spec.name, spec_version(spec), spec_label(spec))
+        statuses = await self.data_plane.model_status(spec.name, spec_version(spec),
+                                                      spec_label(spec))
         response = get_model_status_pb2.GetModelStatusResponse()
         for s in statuses:
             entry = response.model_version_status.add()
@@ -246,9 +245,8 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             timeout_s = max(0.0, min(timeout_s, remaining - 0.5))
         names = ", ".join(c.name for c in request.config.model_config_list.config) or "none"
         log.info("HandleReloadConfigRequest: models %s", names)
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, self.models.reload, request.config, timeout_s)
+            await self.data_plane.control.reload(request.config, timeout_s)
         except ServingError as e:
             log.error("HandleReloadConfigRequest failed: %s: %s", e.code.name, e.message)
             raise
@@ -259,7 +257,6 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
 
 async def start_grpc_server(data_plane: DataPlane, address: str, port: int, *,
-                            models: ModelConfigController,
                             health_servicer: health.aio.HealthServicer | None = None
                             ) -> grpc.aio.Server:
     """Create, bind and start the gRPC server; raises when the port cannot be bound.
@@ -272,7 +269,7 @@ async def start_grpc_server(data_plane: DataPlane, address: str, port: int, *,
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionServicer(data_plane), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-        ModelServicer(data_plane, models), server)
+        ModelServicer(data_plane), server)
     if health_servicer is not None:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

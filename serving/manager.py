@@ -1,44 +1,38 @@
-"""Version manager: the lifecycle of every model version, and request routing to loaded versions.
+"""Version manager: the lifecycle of every model version, decided once for all worker processes.
 
 Shape of TF Serving's ``AspiredVersionsManager``: a source says which versions *should* be served
 (aspired); a background loader thread makes it so, availability-preserving:
 
 * a new version is loaded and warmed up (START -> LOADING -> AVAILABLE) before any old version
   leaves routing (UNLOADING) -- there is never a moment with nothing to serve;
-* an old version is closed (END) only once the requests that hold it have finished (refcount);
 * a version that fails to load ends as END with its error; whatever served before keeps serving,
   and the failure is not retried on every poll -- only when its directory changes;
 * if the newest version disappears from disk, the next newest becomes aspired again and is loaded
   before the removed one is unloaded (rollback without a gap);
 * a model removed from the config has all its versions unloaded, then is forgotten (NOT_FOUND);
-* version labels (set from the config, checked there) are resolved here, at routing time.
+* version labels (set from the config, checked there) are kept here for status queries and
+  published to the workers, which route by them.
 
-After each unload the freed memory is handed back to the OS (``gc.collect`` + glibc
-``malloc_trim``): without it the server's RSS grows by ~0.3 MiB with every version swap, because
-glibc keeps the freed small blocks of the unloaded graph in its arenas (TF Serving likewise releases
-memory to the OS after unloads).
-
-Loads run one at a time on the loader thread so they never run on the request path, and so that
-on a small machine one load competes with serving rather than several at once.
+The manager runs in the supervisor and loads nothing itself: ``load_fn`` loads a version into
+every worker (``serving.workers``) and returns once all of them route it, so AVAILABLE means every
+worker serves it; closing what it returned unloads it everywhere, each worker waiting for its own
+requests in flight. Loads run one at a time on the loader thread, so that on a small machine one
+load competes with serving rather than several at once.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import enum
-import gc
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import grpc
 
-from serving import metrics
-from serving.errors import ServingError, invalid, not_found
-from serving.servable import Servable, load_servable
+from serving.errors import ServingError
+from serving.routing import resolve_label
 from serving.source import VersionDir
 
 log = logging.getLogger("serving.manager")
@@ -65,14 +59,24 @@ class VersionStatus:
     error_message: str = ""
 
 
+class Loaded(Protocol):
+    """What ``load_fn`` returns: a version loaded wherever it serves, until ``close``d."""
+
+    def close(self) -> None: ...
+
+
+# (model name, version, version directory, replay warmup) -> the loaded version
+LoadFn = Callable[[str, int, str, bool], Loaded]
+LabelsFn = Callable[[str, dict[str, int]], None]
+
+
 @dataclass
 class _Version:
     version: int
     directory: VersionDir
     state: State = State.START
     error: ServingError | None = None
-    servable: Servable | None = None
-    refcount: int = 0
+    loaded: Loaded | None = None
 
 
 @dataclass
@@ -85,40 +89,21 @@ class _Model:
     removed: bool = False  # dropped from the config: forget it once every version has ended
 
 
-class Handle:
-    """A reference to an AVAILABLE servable that keeps it from being closed until released."""
-
-    def __init__(self, manager: "Manager", entry: _Version) -> None:
-        self._manager = manager
-        self._entry = entry
-        assert entry.servable is not None
-        self.servable: Servable = entry.servable
-        self.version = entry.version
-
-    def release(self) -> None:
-        if self._entry is not None:
-            self._manager._release(self._entry)
-            self._entry = None
-
-    def __enter__(self) -> "Handle":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-LoadFn = Callable[[str, int, str, bool], Servable]
 
 
 class Manager:
-    """Owns all models' versions. Thread-safe; ``start()`` launches the loader thread."""
+    """Owns all models' versions. Thread-safe; ``start()`` launches the loader thread.
 
-    def __init__(self, enable_warmup: bool = True, load_fn: LoadFn = load_servable) -> None:
+    ``publish_labels`` tells the workers a model's version labels whenever they change.
+    """
+
+    def __init__(self, load_fn: LoadFn, enable_warmup: bool = True,
+                 publish_labels: LabelsFn = lambda name, labels: None) -> None:
         self._enable_warmup = enable_warmup
         self._load_fn = load_fn
+        self._publish_labels = publish_labels
         self._models: dict[str, _Model] = {}
         self._lock = threading.Lock()
-        self._released = threading.Condition(self._lock)  # notified when a refcount hits 0
         self._work = threading.Condition(threading.Lock())
         self._requested = 0  # generation counter of aspired-version updates
         self._done = 0
@@ -141,6 +126,7 @@ class Manager:
             model.removed = True
             model.aspired = {}
             model.labels = {}
+        self._publish_labels(name, {})
         log.info("model %s: removed from the config, unloading all its versions", name)
         self._kick()
 
@@ -148,10 +134,12 @@ class Manager:
         """Replace the version labels of ``name`` (the config checked them beforehand)."""
         with self._lock:
             model = self._models.setdefault(name, _Model(name))
-            if model.labels != labels:
-                log.info("model %s: version labels %s", name,
-                         ", ".join(f"{k}->{v}" for k, v in sorted(labels.items())) or "none")
+            changed = model.labels != labels
             model.labels = dict(labels)
+        if changed:
+            log.info("model %s: version labels %s", name,
+                     ", ".join(f"{k}->{v}" for k, v in sorted(labels.items())) or "none")
+            self._publish_labels(name, dict(labels))
 
     def set_aspired_versions(self, name: str, aspired: dict[int, VersionDir]) -> None:
         """Called by the source after each poll; returns at once, the loader thread acts."""
@@ -182,60 +170,28 @@ class Manager:
         return True
 
     def stop(self) -> None:
-        """Stop the loader and close every servable (waiting briefly for in-flight requests)."""
+        """Stop the loader and unload every version."""
         with self._work:
             self._stopping = True
             self._work.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=60)
         with self._lock:
-            entries = [e for m in self._models.values() for e in m.versions.values()
+            entries = [(m.name, e) for m in self._models.values() for e in m.versions.values()
                        if e.state in (State.AVAILABLE, State.UNLOADING)]
-            for e in entries:
+            for _, e in entries:
                 e.state = State.UNLOADING
-        for e in entries:
-            self._finish_unload(e, wait_s=5.0)
-        _release_memory()
+        for name, e in entries:
+            self._unload(name, e)
 
-    # -- request side --------------------------------------------------------------------------
-
-    def acquire(self, name: str, version: int | None = None, label: str | None = None) -> Handle:
-        """Route a ModelSpec to an AVAILABLE version: ``version``, else the version ``label``
-        points at, else the latest. NOT_FOUND when that version is not AVAILABLE; INVALID_ARGUMENT
-        for a label the model's config does not define."""
-        with self._lock:
-            version = self._resolve(name, version, label)
-            model = self._models.get(name)
-            entry: _Version | None = None
-            if model is not None:
-                if version is None:
-                    available = [e for e in model.versions.values() if e.state == State.AVAILABLE]
-                    if available:
-                        entry = max(available, key=lambda e: e.version)
-                else:
-                    candidate = model.versions.get(version)
-                    if candidate is not None and candidate.state == State.AVAILABLE:
-                        entry = candidate
-            if entry is None:
-                raise not_found(name, version)
-            entry.refcount += 1
-            return Handle(self, entry)
-
-    def _release(self, entry: _Version) -> None:
-        with self._lock:
-            entry.refcount -= 1
-            if entry.refcount == 0:
-                self._released.notify_all()
+    # -- status --------------------------------------------------------------------------------
 
     def _resolve(self, name: str, version: int | None, label: str | None) -> int | None:
         """The version a (version, label) pair names; the caller holds ``_lock``."""
         if version is not None or not label:
             return version
         model = self._models.get(name)
-        if model is None or label not in model.labels:
-            # TF Serving answers INVALID_ARGUMENT (not NOT_FOUND) even for an unknown model.
-            raise invalid(f"Unrecognized servable version label: {label}")
-        return model.labels[label]
+        return resolve_label(model.labels if model else None, label)
 
     def statuses(self, name: str, version: int | None = None,
                  label: str | None = None) -> list[VersionStatus]:
@@ -315,9 +271,7 @@ class Manager:
                 doomed = []
         for e in doomed:
             log.info("model %s version %d: UNLOADING (no longer aspired)", name, e.version)
-            self._finish_unload(e, wait_s=None)
-        if doomed:
-            _release_memory()
+            self._unload(name, e)
         with self._lock:
             if model.removed and all(e.state == State.END for e in model.versions.values()):
                 del self._models[name]
@@ -330,7 +284,7 @@ class Manager:
             entry.state = State.LOADING
         start = time.monotonic()
         try:
-            servable = self._load_fn(name, version, entry.directory.path, self._enable_warmup)
+            loaded = self._load_fn(name, version, entry.directory.path, self._enable_warmup)
         except Exception as e:  # noqa: BLE001 -- any load failure is reported, never raised
             error = e if isinstance(e, ServingError) else ServingError(
                 grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}".strip())
@@ -342,50 +296,17 @@ class Manager:
                       time.monotonic() - start, error.message)
             return
         with self._lock:
-            entry.servable = servable
+            entry.loaded = loaded
             entry.state = State.AVAILABLE
             model.failed.pop(version, None)
         log.info("model %s version %d: AVAILABLE (%.2f s)", name, version, time.monotonic() - start)
 
-    def _finish_unload(self, entry: _Version, wait_s: float | None) -> None:
-        """Wait for in-flight requests on an UNLOADING version, then close it -> END."""
-        deadline = None if wait_s is None else time.monotonic() + wait_s
+    def _unload(self, name: str, entry: _Version) -> None:
+        """Unload an UNLOADING version everywhere (each worker lets its requests finish) -> END."""
         with self._lock:
-            while entry.refcount > 0:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    log.warning("version %d: closing with %d request(s) still in flight",
-                                entry.version, entry.refcount)
-                    break
-                self._released.wait(remaining)
-            servable, entry.servable = entry.servable, None
-        if servable is not None:
-            servable.close()
-            metrics.MODEL_UNLOAD_COUNT.inc(servable.path)
+            loaded, entry.loaded = entry.loaded, None
+        if loaded is not None:
+            loaded.close()
         with self._lock:
             entry.state = State.END
-        log.info("model %s version %d: END (unloaded)",
-                 servable.model_name if servable else "?", entry.version)
-
-
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
-
-
-_malloc_trim = _load_malloc_trim()
-
-
-def _release_memory() -> None:
-    """Give the memory of just-closed servables back to the OS.
-
-    ``gc.collect`` breaks the reference cycles that keep a closed session's graph alive;
-    ``malloc_trim(0)`` returns the now-free pages glibc would otherwise keep cached.
-    """
-    gc.collect()
-    if _malloc_trim is not None:
-        _malloc_trim(0)
+        log.info("model %s version %d: END (unloaded)", name, entry.version)

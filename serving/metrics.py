@@ -29,7 +29,7 @@ import bisect
 import functools
 import threading
 import time
-from typing import Any, Awaitable, Callable, Iterator, Protocol, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, Protocol, Sequence, TypeVar
 
 import grpc
 from aiohttp import web
@@ -67,6 +67,8 @@ def _number(value: float) -> str:
 
 
 class _Metric:
+    """A metric's values per label combination, kept in ``_values`` by the subclass."""
+
     kind = ""
 
     def __init__(self, name: str, help_: str, labels: tuple[str, ...]) -> None:
@@ -74,12 +76,35 @@ class _Metric:
         self.help = help_
         self.label_names = labels
         self._lock = threading.Lock()
+        self._values: dict[tuple[str, ...], Any] = {}
 
     def _check(self, values: tuple[str, ...]) -> None:
         if len(values) != len(self.label_names):
             raise ValueError(f"{self.name} takes labels {self.label_names}, got {values}")
 
-    def lines(self) -> Iterator[str]:
+    def snapshot(self) -> dict[tuple[str, ...], Any]:
+        """A copy of the values (picklable: a worker process sends it to the supervisor)."""
+        with self._lock:
+            return {labels: self._copy(value) for labels, value in self._values.items()}
+
+    @staticmethod
+    def _copy(value: Any) -> Any:
+        return value
+
+    @staticmethod
+    def _add(total: Any, value: Any) -> Any:
+        return total + value
+
+    def merged(self, snapshots: Sequence[dict[tuple[str, ...], Any]]) -> dict[tuple[str, ...], Any]:
+        """The sum of several processes' snapshots, label combination by label combination."""
+        total: dict[tuple[str, ...], Any] = {}
+        for snapshot in snapshots:
+            for labels, value in snapshot.items():
+                total[labels] = self._add(total[labels], value) if labels in total else \
+                    self._copy(value)
+        return total
+
+    def lines(self, values: dict[tuple[str, ...], Any]) -> Iterator[str]:
         yield f"# HELP {self.name} {self.help}"
         yield f"# TYPE {self.name} {self.kind}"
 
@@ -88,10 +113,6 @@ class Counter(_Metric):
     """A monotonically increasing integer per label combination."""
 
     kind = "counter"
-
-    def __init__(self, name: str, help_: str, labels: tuple[str, ...]) -> None:
-        super().__init__(name, help_, labels)
-        self._values: dict[tuple[str, ...], int] = {}
 
     def inc(self, *labels: str, by: int = 1) -> None:
         self._check(labels)
@@ -102,11 +123,9 @@ class Counter(_Metric):
         with self._lock:
             return self._values.get(labels, 0)
 
-    def lines(self) -> Iterator[str]:
-        yield from super().lines()
-        with self._lock:
-            values = sorted(self._values.items())
-        for labels, value in values:
+    def lines(self, values: dict[tuple[str, ...], Any]) -> Iterator[str]:
+        yield from super().lines(values)
+        for labels, value in sorted(values.items()):
             yield f"{self.name}{_labels(self.label_names, labels)} {value}"
 
 
@@ -119,24 +138,30 @@ class Histogram(_Metric):
                  bounds: tuple[float, ...] = LATENCY_BUCKETS_US) -> None:
         super().__init__(name, help_, labels)
         self.bounds = bounds
-        self._cells: dict[tuple[str, ...], list[float]] = {}  # bucket counts..., +Inf, sum
+        # _values: per label combination [count in bucket 0, ..., count in +Inf, sum]
 
     def observe(self, value: float, *labels: str) -> None:
         self._check(labels)
         index = bisect.bisect_left(self.bounds, value)
         with self._lock:
-            cell = self._cells.get(labels)
+            cell = self._values.get(labels)
             if cell is None:
-                cell = self._cells[labels] = [0] * (len(self.bounds) + 1) + [0.0]
+                cell = self._values[labels] = [0] * (len(self.bounds) + 1) + [0.0]
             cell[index] += 1
             cell[-1] += value
 
-    def lines(self) -> Iterator[str]:
-        yield from super().lines()
-        with self._lock:
-            cells = sorted((labels, list(cell)) for labels, cell in self._cells.items())
+    @staticmethod
+    def _copy(value: Any) -> Any:
+        return list(value)
+
+    @staticmethod
+    def _add(total: Any, value: Any) -> Any:
+        return [a + b for a, b in zip(total, value)]
+
+    def lines(self, values: dict[tuple[str, ...], Any]) -> Iterator[str]:
+        yield from super().lines(values)
         limits = [f"{b:.6g}" for b in self.bounds] + ["+Inf"]  # TF Serving prints 6 digits
-        for labels, cell in cells:
+        for labels, cell in sorted(values.items()):
             cumulative = 0
             for limit, count in zip(limits, cell[:-1]):
                 cumulative += int(count)
@@ -147,8 +172,11 @@ class Histogram(_Metric):
             yield f"{self.name}_count{text} {cumulative}"
 
 
+Snapshot = dict[str, dict[tuple[str, ...], Any]]  # metric name -> label values -> value
+
+
 class Registry:
-    """All metrics of the process; ``exposition()`` is the Prometheus text page."""
+    """All metrics of the process; ``exposition`` renders the Prometheus text page."""
 
     def __init__(self) -> None:
         self._metrics: dict[str, _Metric] = {}
@@ -166,9 +194,18 @@ class Registry:
                   bounds: tuple[float, ...] = LATENCY_BUCKETS_US) -> Histogram:
         return self._add(Histogram(name, help_, labels, bounds))
 
-    def exposition(self) -> str:
-        """Text format 0.0.4, metrics sorted by name like TF Serving's exporter."""
-        lines = [line for name in sorted(self._metrics) for line in self._metrics[name].lines()]
+    def snapshot(self) -> Snapshot:
+        """This process's values of every metric (what a worker sends for a scrape)."""
+        return {name: metric.snapshot() for name, metric in self._metrics.items()}
+
+    def exposition(self, snapshots: Sequence[Snapshot]) -> str:
+        """Text format 0.0.4 of the sum of ``snapshots`` (one per worker process), metrics sorted
+        by name like TF Serving's exporter: the page is the whole server's, whichever worker
+        answers the scrape."""
+        lines = []
+        for name in sorted(self._metrics):
+            metric = self._metrics[name]
+            lines += metric.lines(metric.merged([s.get(name, {}) for s in snapshots]))
         return "\n".join(lines) + "\n"
 
 
@@ -305,12 +342,12 @@ async def rest_observed(request: web.Request,
     return response
 
 
-def prometheus_route(path: str) -> web.RouteDef:
-    """The scrape endpoint, added to the REST server when monitoring is configured."""
+def prometheus_route(path: str, page: Callable[[], Awaitable[str]]) -> web.RouteDef:
+    """The scrape endpoint, added to the REST server when monitoring is configured; ``page``
+    gathers the text from every worker process."""
 
     async def handler(request: web.Request) -> web.Response:
-        return web.Response(body=REGISTRY.exposition().encode(), headers={
-            "Content-Type": CONTENT_TYPE})
+        return web.Response(body=(await page()).encode(), headers={"Content-Type": CONTENT_TYPE})
 
     return web.get(path, handler)
 

@@ -357,7 +357,8 @@ class RestApi:
                                    f"Malformed request: GET {request.path}")
             if match["metadata"]:
                 return _json_response(_dumps(self._metadata(route)))
-            statuses = self.data_plane.model_status(route.name, route.version, route.label)
+            statuses = await self.data_plane.model_status(route.name, route.version,
+                                                          route.label)
             return _json_response(_dumps({"model_version_status": [
                 {"version": str(s.version), "state": s.state.name,
                  "status": {"error_code": s.error_code.name, "error_message": s.error_message}}
@@ -488,10 +489,11 @@ async def start_rest_server(data_plane: DataPlane, address: str, port: int, time
     """
     app = RestApi(data_plane, timeout_ms).app()
     if prometheus_path:
-        app.router.add_routes([metrics.prometheus_route(prometheus_path)])
+        app.router.add_routes([metrics.prometheus_route(prometheus_path,
+                                                        data_plane.control.metrics_page)])
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, address, port)
+    site = web.TCPSite(runner, address, port, reuse_port=True)  # shared by the worker processes
     await site.start()
     log.info("REST server listening on %s:%d", address, port)
     return runner

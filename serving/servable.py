@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import grpc
 import numpy as np
@@ -509,6 +509,10 @@ def import_runtime() -> None:
     import tensorflow  # noqa: F401
 
     gc.freeze()
+
+
+# (model name, version, version directory, replay warmup) -> the loaded version
+LoadServable = Callable[[str, int, str, bool], "Servable"]
 
 
 def load_servable(model_name: str, version: int, path: str, warmup: bool) -> Servable:

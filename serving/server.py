@@ -1,5 +1,5 @@
-"""Wiring: model config -> filesystem sources -> manager -> data plane -> gRPC + REST front ends,
-one asyncio loop.
+"""The supervisor: model config -> filesystem sources -> manager -> worker processes, each serving
+gRPC + REST from its own asyncio loop (``serving.worker``).
 
 The model list comes from ``--model_config_file`` or else ``--model_name``/``--model_base_path``; a
 bad config file stops the server before anything loads (exit status 1, naming the file). Startup
@@ -8,7 +8,8 @@ that connects as soon as the port answers finds the model (an empty or missing b
 opens the ports with nothing loaded). Afterwards the sources are polled every
 ``--file_system_poll_wait_seconds``, the config file is re-read every
 ``--model_config_file_poll_wait_seconds``, and the manager's loader thread applies changes in the
-background. SIGTERM/SIGINT stop accepting requests, let in-flight ones finish, then unload.
+background, loading each version into every worker. SIGTERM/SIGINT stop the workers (they stop
+accepting requests, let in-flight ones finish, then unload) and then the supervisor.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from serving.errors import ServingError
 from serving.flags import Options
 
-log = logging.getLogger("serving.server")
+if TYPE_CHECKING:
+    from serving.manager import VersionStatus
 
-GRACE_S = 5.0
+log = logging.getLogger("serving.server")
 
 
 def setup_logging() -> None:
@@ -33,7 +36,7 @@ def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
-        format="%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s.%(msecs)03d %(levelname)s %(processName)s %(name)s: %(message)s",
         datefmt="%Y-%m-%d %H:%M:%S",
     )
 
@@ -50,15 +53,52 @@ async def _every(interval: float, action: Callable[[], None], stop: asyncio.Even
         await loop.run_in_executor(None, action)
 
 
-async def serve(options: Options) -> None:
-    """Run the server until SIGTERM/SIGINT."""
-    from grpc_health.v1 import health
+class Supervisor:
+    """The control plane of one server: model list, sources, manager, and the worker processes.
 
-    # The model list first: a bad config file is reported before TensorFlow is even imported.
+    It serves no request itself; the workers ask it, through their pipes, for what only it knows
+    (``status``, ``reload``, ``metrics_page``: the handlers below).
+    """
+
+    def __init__(self, options: Options) -> None:
+        from serving.manager import Manager
+        from serving.model_config import ModelConfigController
+        from serving.workers import Workers
+
+        self.options = options
+        self.loop = asyncio.get_running_loop()
+        self.stop = asyncio.Event()
+        self.lost_worker = False
+        self.workers = Workers(options, {
+            "status": self.status,
+            "reload": self.reload,
+            "metrics_page": lambda: self.workers.metrics_page(),
+        }, on_lost=self._worker_lost)
+        self.manager = Manager(self.workers.load, options.enable_model_warmup,
+                               publish_labels=self.workers.set_labels)
+        self.controller = ModelConfigController(
+            self.manager, options.allow_version_labels_for_unavailable_models,
+            poll_filesystem=options.file_system_poll_wait_seconds >= 0)
+
+    def status(self, name: str, version: int | None, label: str | None) -> list[VersionStatus]:
+        return self.manager.statuses(name, version, label)
+
+    def reload(self, config: bytes, timeout_s: float) -> None:
+        from serving.model_config import ModelServerConfig
+
+        self.controller.reload(ModelServerConfig.FromString(config), timeout_s)
+
+    def _worker_lost(self) -> None:
+        self.lost_worker = True
+        self.loop.call_soon_threadsafe(self.stop.set)
+
+
+async def serve(options: Options) -> int:
+    """Run the server until SIGTERM/SIGINT (0) or until a worker process dies (1)."""
+    # The model list first: a bad config file is reported before any worker starts.
     from serving.model_config import (
         RELOAD_TIMEOUT_S,
         ConfigFileWatcher,
-        ModelConfigController,
         model_configs,
         read_file,
         single_model,
@@ -72,70 +112,64 @@ async def serve(options: Options) -> None:
                  ", ".join(c.name for c in configs) or "none")
     else:
         configs = single_model(options.model_name, str(options.model_base_path))
+    check_ports_free(options)
 
-    from serving import batching
-    from serving.core import DataPlane
-    from serving.grpc_frontend import start_grpc_server
-    from serving.manager import Manager
-    from serving.rest_frontend import start_rest_server
-    from serving.servable import import_runtime, load_servable
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    supervisor = Supervisor(options)
+    loop, stop = supervisor.loop, supervisor.stop
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-
     interval = options.file_system_poll_wait_seconds
     if interval < 0:
         log.warning("--file_system_poll_wait_seconds < 0: the file system is never polled")
-    await loop.run_in_executor(None, import_runtime)
-    batcher = None
-    load_fn = load_servable
-    if options.batching is not None:
-        batcher = batching.start(options.batching)
-        load_fn = batching.batching_loader(options.batching, load_servable)
-    manager = Manager(enable_warmup=options.enable_model_warmup, load_fn=load_fn)
-    manager.start()
-    controller = ModelConfigController(
-        manager, options.allow_version_labels_for_unavailable_models, poll_filesystem=interval >= 0)
-    data_plane = DataPlane(manager, options.num_threads, batcher)
-    await loop.run_in_executor(None, controller.start, configs)
-    if options.model_config_file and options.model_config_file_poll_wait_seconds > 0:
-        watcher = ConfigFileWatcher(options.model_config_file, controller, file_config,
-                                    RELOAD_TIMEOUT_S)
+    try:
+        await loop.run_in_executor(None, supervisor.workers.start)
+        supervisor.manager.start()
+        await loop.run_in_executor(None, supervisor.controller.start, configs)
+        if options.model_config_file and options.model_config_file_poll_wait_seconds > 0:
+            watcher = ConfigFileWatcher(options.model_config_file, supervisor.controller,
+                                        file_config, RELOAD_TIMEOUT_S)
+        await loop.run_in_executor(None, supervisor.workers.open_ports)
+        log.info("gRPC on %s:%d, REST on %s, %d worker process(es)", options.bind_address,
+                 options.port, options.rest_api_port or "none", options.num_workers)
+        if not options.rest_api_port and options.prometheus_path:
+            log.warning("--monitoring_config_file: no metrics page without --rest_api_port")
+        log.info("server ready (models: %s)", ", ".join(c.name for c in configs) or "none")
 
-    health_servicer = None
-    if options.enable_grpc_healthcheck_service:
-        health_servicer = health.aio.HealthServicer()  # SERVING for "" from the start
-    grpc_server = await start_grpc_server(data_plane, options.bind_address, options.port,
-                                          models=controller, health_servicer=health_servicer)
-    rest_runner = None
-    if options.rest_api_port:
-        rest_runner = await start_rest_server(data_plane, options.bind_address,
-                                              options.rest_api_port, options.rest_api_timeout_in_ms,
-                                              prometheus_path=options.prometheus_path)
-    elif options.prometheus_path:
-        log.warning("--monitoring_config_file: no metrics page without --rest_api_port")
-    log.info("server ready (models: %s)", ", ".join(c.name for c in configs) or "none")
-
-    pollers = []
-    if interval > 0:
-        pollers.append(asyncio.create_task(_every(interval, controller.poll_sources, stop)))
-    if watcher is not None:
-        pollers.append(asyncio.create_task(
-            _every(options.model_config_file_poll_wait_seconds, watcher.poll, stop)))
-    await stop.wait()
-    log.info("shutting down")
-    if health_servicer is not None:
-        await health_servicer.enter_graceful_shutdown()  # NOT_SERVING while requests drain
-    for poller in pollers:
-        await poller
-    if rest_runner is not None:
-        await rest_runner.cleanup()
-    await grpc_server.stop(GRACE_S)
-    await loop.run_in_executor(None, manager.stop)
-    data_plane.close()
+        pollers = []
+        if interval > 0:
+            pollers.append(asyncio.create_task(
+                _every(interval, supervisor.controller.poll_sources, stop)))
+        if watcher is not None:
+            pollers.append(asyncio.create_task(
+                _every(options.model_config_file_poll_wait_seconds, watcher.poll, stop)))
+        await stop.wait()
+        log.info("shutting down")
+        for poller in pollers:
+            await poller
+    finally:
+        await loop.run_in_executor(None, supervisor.workers.stop)
+        await loop.run_in_executor(None, supervisor.manager.stop)
     log.info("stopped")
+    return 1 if supervisor.lost_worker else 0
+
+
+def check_ports_free(options: Options) -> None:
+    """Fail at once when another program listens on our ports.
+
+    The workers bind with ``SO_REUSEPORT``, which would silently share a port with another
+    server that set it too; this probe binds without it (``SO_REUSEADDR`` only, so connections
+    of a previous run in TIME_WAIT do not count)."""
+    ports = [("gRPC", options.port)] + ([("REST", options.rest_api_port)]
+                                        if options.rest_api_port else [])
+    family = socket.AF_INET6 if ":" in options.bind_address else socket.AF_INET
+    for what, port in ports:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((options.bind_address, port))
+            except OSError as e:
+                raise OSError(f"cannot bind {what} server to {options.bind_address}:{port}: "
+                              f"{e.strerror}") from None
 
 
 def run(options: Options) -> int:
@@ -143,11 +177,10 @@ def run(options: Options) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # a user's explicit setting wins
     setup_logging()
     try:
-        asyncio.run(serve(options))
+        return asyncio.run(serve(options))
     except OSError as e:
         log.error("%s", e)
         return 1
-    except ServingError as e:  # a refused model config (file or labels) at startup
+    except ServingError as e:  # a refused model config (file or labels), a worker that failed
         log.error("cannot start: %s", e.message)
         return 1
-    return 0

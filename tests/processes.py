@@ -43,6 +43,47 @@ def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout_s: flo
         time.sleep(0.3)
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs, recursively (Linux /proc)."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                children = [int(c) for c in (task / "children").read_text().split()]
+                found += children
+                pending += children
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    """The worker processes of a ``python -m serving`` (multiprocessing's resource tracker is
+    a child too, but serves nothing)."""
+    pids = []
+    for pid in descendants(server_pid):
+        try:
+            if b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except FileNotFoundError:
+            continue
+    return pids
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` and of all its descendants, KiB (the whole server: its workers too)."""
+    total = 0
+    for current in [pid, *descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            continue
+    return total
+
+
 @contextmanager
 def running(command: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
     with log.open("wb") as out:

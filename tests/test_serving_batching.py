@@ -86,7 +86,9 @@ def _start(tmp_path_factory, template: Path, name: str, params: str | None,
            extra: list[str]) -> Server:
     directory = tmp_path_factory.mktemp(name)
     saved_models.copy_version(template, directory / "models", 1)
-    flags = list(extra)
+    # Each worker process batches its own requests: one worker, so that every request of a test
+    # meets the same batcher (REST and gRPC sharing it, one queue filling up).
+    flags = ["--num_workers=1", *extra]
     if params is not None:
         (directory / "monitoring.config").write_text(
             f'prometheus_config {{ enable: true path: "{METRICS}" }}')

@@ -18,6 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import saved_models  # noqa: E402
+from tests.processes import rss_kib  # noqa: E402
 from test_serving import PYTHON, REPO, Server, images, rpc_error  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
@@ -351,13 +352,6 @@ def test_label_for_unavailable_version_allowed_with_flag(polled):
     e = rpc_error(reload, polled, config_text(model_entry("b", b, "", {"stable": 7})))
     assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert predict(polled, "b", label="stable") == (1, 5)
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_memory_is_given_back_across_swaps(polled):

@@ -32,6 +32,8 @@ from serving.flags import DEFAULT_THREADS, parse_args  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 METRICS_PATH = "/monitoring/prometheus/metrics"
+# Model lifecycle metrics count per worker process (each loads its own copy); requests once each.
+WORKERS = 2
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -209,7 +211,8 @@ def monitored(tmp_path_factory):
     config = root / "monitoring.config"
     config.write_text("prometheus_config { enable: true }\n")
     server = MonitoredServer(base, root / "server.log", extra=[
-        f"--monitoring_config_file={config}", "--enable_grpc_healthcheck_service"])
+        f"--monitoring_config_file={config}", "--enable_grpc_healthcheck_service",
+        f"--num_workers={WORKERS}"])
     server.base = base
     try:
         server.wait_ready()
@@ -259,9 +262,9 @@ def test_load_and_warmup_are_recorded(monitored):
     samples = monitored.metrics()
     path = str(monitored.base / "1")
     assert check_histogram(samples, ":tensorflow:serving:model_warmup_latency", model_path=path,
-                           status="OK") == 1
+                           status="OK") == WORKERS
     assert value(samples, ":tensorflow:cc:saved_model:load_attempt_count", model_path=path,
-                 status="success") == 1
+                 status="success") == WORKERS
     assert value(samples, ":tensorflow:cc:saved_model:load_latency", model_path=path) > 0
 
 
@@ -272,8 +275,8 @@ def test_swap_records_load_and_unload(monitored):
     samples = monitored.metrics()
     old, new = str(monitored.base / "1"), str(monitored.base / "2")
     assert value(samples, ":tensorflow:cc:saved_model:load_attempt_count", model_path=new,
-                 status="success") == 1
-    assert value(samples, ":tensorflow:serving:model_unload_count", model_path=old) == 1
+                 status="success") == WORKERS
+    assert value(samples, ":tensorflow:serving:model_unload_count", model_path=old) == WORKERS
     assert value(samples, ":tensorflow:serving:model_unload_count", model_path=new) == 0
     # Version 2 has no warmup file: like TF Serving, no warmup sample for it.
     assert not [l for n, l, _ in samples if l.get("model_path") == new and "warmup" in n]
@@ -284,7 +287,7 @@ def test_failed_load_is_counted(monitored):
     monitored.wait_for(lambda s: s.get(3, (0,))[0] == 50, "broken version 3 END")
     samples = monitored.metrics()
     assert value(samples, ":tensorflow:cc:saved_model:load_attempt_count",
-                 model_path=str(monitored.base / "3"), status="fail") == 1
+                 model_path=str(monitored.base / "3"), status="fail") == WORKERS
     assert "load FAILED" in monitored.log()
 
 

@@ -94,12 +94,34 @@ def template(tmp_path_factory) -> Path:
     return saved_models.make_template(tmp_path_factory.mktemp("tpl") / "m", 6, warmup_records=2)
 
 
+class OneWorkerInProcess:
+    """The manager's load function over one routing table in this process: what the worker
+    processes do (load, then route; unload on close), without the processes."""
+
+    def __init__(self) -> None:
+        from serving.routing import RoutingTable
+
+        self.routing = RoutingTable()
+
+    def load(self, name: str, version: int, path: str, warmup: bool):
+        from serving.servable import load_servable
+
+        self.routing.add(name, load_servable(name, version, path, warmup))
+        return Unload(lambda: self.routing.remove(name, version))
+
+
+class Unload:
+    def __init__(self, close) -> None:
+        self.close = close
+
+
 def test_manager_failed_version_keeps_old_and_retries_only_on_change(tmp_path, template):
     from serving.manager import Manager, State
 
     base = tmp_path / "m"
     saved_models.copy_version(template, base, 1)
-    manager = Manager(enable_warmup=True)
+    worker = OneWorkerInProcess()
+    manager = Manager(worker.load, enable_warmup=True)
     manager.start()
     try:
         def apply() -> dict[int, State]:
@@ -108,7 +130,7 @@ def test_manager_failed_version_keeps_old_and_retries_only_on_change(tmp_path, t
             return {s.version: s.state for s in manager.statuses("m")}
 
         assert apply() == {1: State.AVAILABLE}
-        with manager.acquire("m") as handle:
+        with worker.routing.acquire("m") as handle:
             sig = handle.servable.signature("")
             x = {"images": np.zeros((2, 784), np.float32)}
             out = handle.servable.run(sig, x, handle.servable.validate(sig, x))
@@ -118,7 +140,7 @@ def test_manager_failed_version_keeps_old_and_retries_only_on_change(tmp_path, t
         assert apply() == {1: State.AVAILABLE, 2: State.END}
         status = manager.statuses("m", 2)[0]
         assert status.error_code != grpc.StatusCode.OK and "saved_model.pb" in status.error_message
-        with manager.acquire("m") as handle:
+        with worker.routing.acquire("m") as handle:
             assert handle.version == 1  # old version still routed
         entry_before = manager._models["m"].versions[2]
         apply()
@@ -130,7 +152,7 @@ def test_manager_failed_version_keeps_old_and_retries_only_on_change(tmp_path, t
         assert apply() == {1: State.END, 2: State.AVAILABLE}
 
         with pytest.raises(ServingError) as info:
-            manager.acquire("m", 1)
+            worker.routing.acquire("m", 1)
         assert info.value.code == grpc.StatusCode.NOT_FOUND
         assert info.value.message == "Servable not found for request: Specific(m, 1)"
     finally:
@@ -142,12 +164,13 @@ def test_unload_waits_for_in_flight_requests(tmp_path, template):
 
     base = tmp_path / "m"
     saved_models.copy_version(template, base, 1)
-    manager = Manager(enable_warmup=False)
+    worker = OneWorkerInProcess()
+    manager = Manager(worker.load, enable_warmup=False)
     manager.start()
     try:
         manager.set_aspired_versions("m", VersionPolicy().select(list_versions(base)))
         manager.wait_until_idle(60)
-        handle = manager.acquire("m")  # an in-flight request on version 1
+        handle = worker.routing.acquire("m")  # an in-flight request on version 1
         saved_models.copy_version(template, base, 2)
         manager.set_aspired_versions("m", VersionPolicy().select(list_versions(base)))
         import time
@@ -156,7 +179,7 @@ def test_unload_waits_for_in_flight_requests(tmp_path, template):
         while manager.statuses("m", 1)[0].state != State.UNLOADING and time.monotonic() < deadline:
             time.sleep(0.02)
         assert manager.statuses("m", 1)[0].state == State.UNLOADING
-        with manager.acquire("m") as new:
+        with worker.routing.acquire("m") as new:
             assert new.version == 2  # new requests go to 2 already
         sig = handle.servable.signature("serving_default")
         x = {"images": np.zeros((1, 784), np.float32)}

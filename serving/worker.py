@@ -1,0 +1,172 @@
+"""One worker process: the gRPC and REST ports, served from this process's own copy of each model.
+
+All workers listen on the same ports (``SO_REUSEPORT``: the kernel spreads connections across
+them), so the server uses every core although each Python process runs on one (the GIL). A worker
+decides nothing about versions; the supervisor (``serving.server``) calls it through a pipe
+(``serving.ipc``):
+
+``load``   load and warm up a version, not routed yet;
+``route``  route requests to a loaded version (sent once *every* worker has loaded it);
+``unload`` take a version out of routing, let its requests finish, close it;
+``labels`` a model's version labels;
+``open``   bind the ports (after the first loads, as TF Serving opens them);
+``metrics`` this process's metric values, summed by the supervisor for a scrape;
+``stop``   stop accepting requests, let those in flight finish, unload, exit.
+
+Requests that only the supervisor can answer -- model status, config reload, the metrics page --
+go the other way through ``SupervisorLink``. SIGINT and SIGTERM are ignored: Ctrl-C and a stop of
+the process group reach every process, and the supervisor leads the shutdown (a worker that
+stopped on its own would look like a crash to it). A worker whose supervisor is gone stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from multiprocessing.connection import Connection
+from typing import Any
+
+import grpc
+
+from serving.errors import ServingError
+from serving.flags import Options
+from serving.ipc import Channel
+from serving.manager import VersionStatus
+from serving.routing import RoutingTable, close_servable
+from serving.servable import Servable
+
+log = logging.getLogger("serving.worker")
+
+GRACE_S = 5.0  # how long requests in flight may take to finish at shutdown
+
+
+class SupervisorLink:
+    """The worker's view of the supervisor: ``serving.core.ControlPlane`` over the pipe."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+
+    async def statuses(self, model_name: str, version: int | None,
+                       label: str | None) -> list[VersionStatus]:
+        return await self._channel.call_async("status", model_name, version, label)
+
+    async def reload(self, config: Any, timeout_s: float) -> None:
+        await self._channel.call_async("reload", config.SerializeToString(), timeout_s)
+
+    async def metrics_page(self) -> str:
+        return await self._channel.call_async("metrics_page")
+
+
+class Worker:
+    def __init__(self, connection: Connection, options: Options, index: int) -> None:
+        self.options = options
+        self.index = index
+        self.routing = RoutingTable()
+        self.loaded: dict[tuple[str, int], Servable] = {}  # loaded, not routed yet
+        self.channel = Channel(connection, {
+            "ping": lambda: None,
+            "load": self.load,
+            "route": self.route,
+            "unload": self.unload,
+            "labels": self.routing.set_labels,
+            "open": self.open_ports,
+            "metrics": self.metric_values,
+            "stop": self.request_stop,
+        }, name=f"worker {index}", on_close=self.request_stop)
+
+    async def run(self) -> None:
+        from serving import batching
+        from serving.core import DataPlane
+        from serving.servable import import_runtime, load_servable
+
+        self.loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        await self.loop.run_in_executor(None, import_runtime)
+        batcher = None
+        self.load_fn = load_servable
+        if self.options.batching is not None:
+            batcher = batching.start(self.options.batching)
+            self.load_fn = batching.batching_loader(self.options.batching, load_servable)
+        self.data_plane = DataPlane(self.routing, SupervisorLink(self.channel),
+                                    self.options.num_threads, batcher)
+        self.grpc_server: grpc.aio.Server | None = None
+        self.rest_runner = None
+        self.health = None
+        self.channel.start()
+        await self.stopping.wait()
+        await self._shutdown()
+
+    # -- calls from the supervisor (on the channel's threads) ----------------------------------
+
+    def load(self, name: str, version: int, path: str, warmup: bool) -> None:
+        try:
+            servable = self.load_fn(name, version, path, warmup)
+        except ServingError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- reported as the version's error, as TF Serving
+            raise ServingError(grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}".strip()) from e
+        self.loaded[(name, version)] = servable
+
+    def route(self, name: str, version: int) -> None:
+        self.routing.add(name, self.loaded.pop((name, version)))
+
+    def unload(self, name: str, version: int) -> None:
+        servable = self.loaded.pop((name, version), None)
+        if servable is not None:
+            close_servable(servable)
+        else:
+            self.routing.remove(name, version)
+
+    def metric_values(self) -> Any:
+        from serving import metrics
+
+        return metrics.REGISTRY.snapshot()
+
+    def open_ports(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._open_ports(), self.loop).result()
+
+    def request_stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.stopping.set)
+
+    # -- on the event loop ---------------------------------------------------------------------
+
+    async def _open_ports(self) -> None:
+        from grpc_health.v1 import health
+
+        from serving.grpc_frontend import start_grpc_server
+        from serving.rest_frontend import start_rest_server
+
+        options = self.options
+        if options.enable_grpc_healthcheck_service:
+            self.health = health.aio.HealthServicer()  # SERVING for "" from the start
+        self.grpc_server = await start_grpc_server(
+            self.data_plane, options.bind_address, options.port, health_servicer=self.health)
+        if options.rest_api_port:
+            self.rest_runner = await start_rest_server(
+                self.data_plane, options.bind_address, options.rest_api_port,
+                options.rest_api_timeout_in_ms, prometheus_path=options.prometheus_path)
+
+    async def _shutdown(self) -> None:
+        log.info("worker %d: shutting down", self.index)
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()  # NOT_SERVING while requests drain
+        if self.rest_runner is not None:
+            await self.rest_runner.cleanup()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(GRACE_S)
+        await self.loop.run_in_executor(None, self.routing.remove_all, GRACE_S)
+        for servable in self.loaded.values():
+            close_servable(servable)
+        self.data_plane.close()
+        self.channel.close()
+
+
+def main(connection: Connection, options: Options, index: int) -> None:
+    """The worker process's entry point (``multiprocessing`` target)."""
+    from serving.server import setup_logging
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    setup_logging()
+    asyncio.run(Worker(connection, options, index).run())

@@ -1,0 +1,211 @@
+"""Several worker processes behind one server (``--num_workers``): every worker serves, a version
+is AVAILABLE only once every worker routes it, swaps and reloads fail no request whichever worker
+answers, metrics are the whole server's, and a lost process takes nothing down silently.
+
+Each test opens many TCP connections (a fresh gRPC channel or HTTP connection each): the kernel
+spreads new connections over the workers' shared listening sockets, so a behaviour that holds
+for every one of them holds for every worker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import saved_models  # noqa: E402
+from test_serving import END, PYTHON, REPO, Load, Server, images  # noqa: E402
+from test_serving_models import config_text, model_entry, reload  # noqa: E402
+from test_serving_monitoring import parse_exposition, value  # noqa: E402
+from tests.processes import free_port, worker_pids  # noqa: E402
+
+import tensorflow as tf  # noqa: E402
+from tensorflow_serving.apis import (  # noqa: E402
+    get_model_status_pb2,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+WORKERS = 2
+CONNECTIONS = 24  # all on one worker by chance: 2 * 2^-24
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory) -> dict[int, Path]:
+    root = tmp_path_factory.mktemp("templates")
+    return {c: saved_models.make_template(root / f"c{c}", c) for c in (3, 5)}
+
+
+def predict_on_fresh_connection(port: int, model: str = "mnist", version: int | None = None):
+    """One Predict on a new TCP connection: (version, class) or the gRPC error code."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}",
+                               options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model
+        if version is not None:
+            request.model_spec.version.value = version
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(images(1)))
+        try:
+            response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+                request, timeout=10)
+        except grpc.RpcError as e:
+            return e.code()
+        return (response.model_spec.version.value,
+                tf.make_ndarray(response.outputs["classes"]).tolist()[0])
+
+
+def established_connections(pid: int, port: int) -> int:
+    """TCP connections on local ``port`` whose socket ``pid`` holds (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):  # gRPC listens on a v4-mapped IPv6 socket
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == "01" and fields[9] in inodes:  # ESTABLISHED
+                count += 1
+    return count
+
+
+@pytest.fixture
+def server(tmp_path, templates):
+    base = tmp_path / "mnist"
+    saved_models.copy_version(templates[3], base, 1)
+    config = tmp_path / "monitoring.config"
+    config.write_text('prometheus_config { enable: true path: "/metrics" }\n')
+    server = Server(base, tmp_path / "server.log",
+                    extra=[f"--num_workers={WORKERS}", f"--monitoring_config_file={config}"])
+    server.base = base
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_every_worker_serves_the_shared_ports(server):
+    workers = worker_pids(server.proc.pid)
+    assert len(workers) == WORKERS, server.log()
+    channels = [grpc.insecure_channel(f"127.0.0.1:{server.port}",
+                                      options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(CONNECTIONS)]
+    try:
+        for channel in channels:
+            grpc.channel_ready_future(channel).result(timeout=10)
+        per_worker = [established_connections(pid, server.port) for pid in workers]
+    finally:
+        for channel in channels:
+            channel.close()
+    assert sum(per_worker) >= CONNECTIONS  # and the fixture's own channel
+    assert min(per_worker) > 0, per_worker
+
+
+def test_swap_is_available_only_when_every_worker_serves_it(server, templates):
+    with Load(server) as load:
+        load.wait_for_answer((1, 3))
+        saved_models.copy_version(templates[5], server.base, 2)
+        server.wait_for(lambda s: s.get(2, (0,))[0] == AVAILABLE, "version 2 AVAILABLE")
+        # AVAILABLE in the status: every worker routes it, on whichever connection.
+        answers = [predict_on_fresh_connection(server.port, version=2) for _ in range(CONNECTIONS)]
+        assert answers == [(2, 5)] * CONNECTIONS
+        server.wait_for(lambda s: s.get(1, (0,))[0] == END, "version 1 unloaded")
+        time.sleep(0.3)
+    assert load.failures == []
+    assert {v for v, _ in load.answers} == {1, 2}
+    latest = {predict_on_fresh_connection(server.port) for _ in range(CONNECTIONS)}
+    assert latest == {(2, 5)}
+    # Each worker loaded and unloaded its own copy; the supervisor logged each step once.
+    log = server.log()
+    assert log.count("model mnist version 2: loaded from") == WORKERS
+    assert log.count("model mnist version 1: unloaded") == WORKERS
+    assert log.count("model mnist version 2: AVAILABLE") == 1
+
+
+def test_reload_through_any_worker_reaches_all(server, tmp_path, templates):
+    other = tmp_path / "other"
+    saved_models.copy_version(templates[5], other, 7)
+    reload(server, config_text(model_entry("mnist", server.base), model_entry("other", other)))
+    answers = {predict_on_fresh_connection(server.port, "other") for _ in range(CONNECTIONS)}
+    assert answers == {(7, 5)}
+    reload(server, config_text(model_entry("mnist", server.base)))
+    answers = {predict_on_fresh_connection(server.port, "other") for _ in range(CONNECTIONS)}
+    assert answers == {grpc.StatusCode.NOT_FOUND}
+
+
+def test_metrics_page_sums_all_workers(server):
+    answers = [predict_on_fresh_connection(server.port) for _ in range(CONNECTIONS)]
+    assert answers == [(1, 3)] * CONNECTIONS
+    # Scraped several times, on fresh connections: any worker gives the whole server's page.
+    for _ in range(4):
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.rest_port}/metrics",
+                                    timeout=10) as response:
+            page = response.read().decode()
+        samples = parse_exposition(page)
+        assert value(samples, ":tensorflow:serving:request_count", model_name="mnist",
+                     status="OK") == CONNECTIONS
+        path = str(server.base / "1")
+        assert value(samples, ":tensorflow:cc:saved_model:load_attempt_count", model_path=path,
+                     status="success") == WORKERS
+
+
+def test_a_lost_worker_stops_the_server_with_an_error(server):
+    workers = worker_pids(server.proc.pid)
+    os.kill(workers[0], signal.SIGKILL)
+    assert server.proc.wait(timeout=30) == 1
+    assert "exited unexpectedly: stopping the server" in server.log()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def test_workers_exit_when_the_supervisor_is_killed(server):
+    workers = worker_pids(server.proc.pid)
+    server.proc.kill()
+    server.proc.wait()
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited; init reaps it
+
+
+def test_port_taken_by_another_program_exits_nonzero(tmp_path, templates):
+    base = tmp_path / "mnist"
+    saved_models.copy_version(templates[3], base, 1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [PYTHON, "-m", "serving", f"--port={port}", "--model_name=mnist",
+             f"--model_base_path={base}", f"--rest_api_port={free_port()}"],
+            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot bind gRPC server to 127.0.0.1:{port}" in result.stderr
