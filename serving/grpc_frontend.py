@@ -60,6 +60,11 @@ def _set_spec(target: Any, name: str, version: int, signature_name: str) -> None
     target.signature_name = signature_name
 
 
+def _job_kind(api: str, model_name: str, request: Any) -> tuple[str, str, int]:
+    """What ``DataPlane.run`` judges a job's cost by: API, model and the request's size class."""
+    return api, model_name, request.ByteSize().bit_length()
+
+
 def _errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Turn ServingError (and bugs) into gRPC status codes; count and time every call."""
     observed = metrics.grpc_observed(method)
@@ -80,9 +85,10 @@ def _errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """Predict, Classify, Regress, MultiInference and GetModelMetadata.
 
-    Each call decodes, runs and builds its response proto in one job on the data plane's thread
-    pool, so neither the model call nor the conversion of a large tensor holds up the event loop;
-    with batching on, Predict decodes and encodes on the loop and awaits its batch instead.
+    Each call decodes, runs and builds its response proto in one job through ``DataPlane.run``:
+    on the event loop when such jobs are cheap, else on its thread pool, so neither a big model
+    nor the conversion of a large tensor holds up the loop; with batching on, Predict decodes and
+    encodes on the loop and awaits its batch instead.
     """
 
     def __init__(self, data_plane: DataPlane) -> None:
@@ -91,7 +97,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_errors
     async def Predict(self, request: predict_pb2.PredictRequest, context: Any) -> Any:
         if self.data_plane.batcher is None:
-            return await self.data_plane.run(lambda: self._predict(request))
+            return await self.data_plane.run(_job_kind("Predict", request.model_spec.name, request),
+                                              lambda: self._predict(request))
         spec = request.model_spec
         result = await self.data_plane.predict_batched(
             spec.name, spec_version(spec), spec_label(spec), spec.signature_name,
@@ -108,7 +115,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_errors
     async def Classify(self, request: classification_pb2.ClassificationRequest,
                        context: Any) -> Any:
-        return await self.data_plane.run(lambda: self._classify(request))
+        return await self.data_plane.run(_job_kind("Classify", request.model_spec.name, request),
+                                         lambda: self._classify(request))
 
     def _classify(self, request: classification_pb2.ClassificationRequest) -> Any:
         spec = request.model_spec
@@ -122,7 +130,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     @_errors
     async def Regress(self, request: regression_pb2.RegressionRequest, context: Any) -> Any:
-        return await self.data_plane.run(lambda: self._regress(request))
+        return await self.data_plane.run(_job_kind("Regress", request.model_spec.name, request),
+                                         lambda: self._regress(request))
 
     def _regress(self, request: regression_pb2.RegressionRequest) -> Any:
         spec = request.model_spec
@@ -137,7 +146,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_errors
     async def MultiInference(self, request: inference_pb2.MultiInferenceRequest,
                              context: Any) -> Any:
-        return await self.data_plane.run(lambda: self._multi_inference(request))
+        model_name = request.tasks[0].model_spec.name if request.tasks else ""
+        return await self.data_plane.run(_job_kind("MultiInference", model_name, request),
+                                         lambda: self._multi_inference(request))
 
     def _multi_inference(self, request: inference_pb2.MultiInferenceRequest) -> Any:
         tasks = [

@@ -4,10 +4,10 @@ Only translation lives here: URL -> (name, version, label), JSON rows/columns <-
 examples -> serialized ``tf.Example``s, ServingError -> HTTP status + ``{"error": ...}``. Behaviour
 is in ``serving.core``. The ``:predict`` verb shares a path segment with the model name, which
 aiohttp's ``{name}`` placeholders cannot split, so one catch-all route parses the tail with a
-regex. A POST is parsed, run and encoded in one job on the data plane's worker thread (with
-batching on, a ``:predict`` is handled on the event loop and awaits its batch); predict's JSON
-decoding needs the signature's dtypes, so it runs against the routed version (see
-``DataPlane.predict``).
+regex. A POST is parsed, run and encoded in one job through ``DataPlane.run`` (on the loop when
+such jobs are cheap, else a worker thread; with batching on, a ``:predict`` is handled on the
+event loop and awaits its batch); predict's JSON decoding needs the signature's dtypes, so it
+runs against the routed version (see ``DataPlane.predict``).
 """
 
 from __future__ import annotations
@@ -392,9 +392,10 @@ class RestApi:
             if handler == self._predict and self.data_plane.batcher is not None:
                 job = self._predict_batched(route, text)  # on the loop, awaiting its batch
             else:
-                # Parsing, the model call and encoding all run in the worker thread: a large body
-                # or response must not stall the event loop.
-                job = self.data_plane.run(lambda: handler(route, text))
+                # Parsing, the model call and encoding are one job, which runs on a worker thread
+                # unless such jobs are cheap: a large body or response must not stall the loop.
+                kind = (match["verb"], route.name, len(text).bit_length())
+                job = self.data_plane.run(kind, lambda: handler(route, text))
             if self.timeout_s is None:
                 return _json_response(await job)
             try:
