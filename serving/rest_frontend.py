@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
+import orjson
 from aiohttp import web
 from google.protobuf import json_format
 
@@ -460,11 +461,31 @@ class PredictBody:
         return _dumps({"outputs": encode_columns(result.outputs)})
 
 
+# Every digit as "0", so that a run of 19 or more digits is one substring search away.
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"0" * 9)
+
+
+def _loads(text: str) -> Any:
+    """``json.loads``, ~10x faster for a usual body (784 floats: 14 us instead of 143).
+
+    orjson reads any document it accepts as ``json.loads`` does, except an integer outside
+    int64/uint64, which it makes a float (such a literal has 19 or more digits); it rejects
+    NaN and Infinity, which ``json.loads`` accepts as TF Serving does. Those documents, and any
+    it rejects (so that errors keep ``json.loads``'s message), go through ``json.loads``.
+    """
+    if b"0" * 19 not in text.encode("utf-8", "surrogatepass").translate(_DIGITS_AS_ZERO):
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
+
+
 def _parse_body(text: str) -> dict[str, Any]:
     if not text:
         raise invalid("JSON Parse error: The document is empty")
     try:
-        body = json.loads(text)  # accepts NaN and Infinity, as TF Serving does
+        body = _loads(text)
     except ValueError as e:
         raise invalid(f"JSON Parse error: {e}") from None
     if not isinstance(body, dict):
