@@ -32,7 +32,7 @@ from serving.core import DataPlane, InferenceTask, PredictResult
 from serving.errors import ServingError, invalid
 from serving.model_config import RELOAD_TIMEOUT_S, ModelConfigController
 from serving.servable import Classification, Regression
-from serving.tensors import serialized_examples, to_ndarray, to_tensor_proto
+from serving.tensors import fill_tensor_proto, serialized_examples, to_ndarray
 
 log = logging.getLogger("serving.grpc")
 
@@ -195,7 +195,7 @@ def _predict_response(spec: Any, result: PredictResult) -> predict_pb2.PredictRe
     response = predict_pb2.PredictResponse()
     _set_spec(response.model_spec, spec.name, result.version, result.signature_name)
     for alias, value in result.outputs.items():
-        response.outputs[alias].CopyFrom(to_tensor_proto(value))
+        fill_tensor_proto(response.outputs[alias], value)
     return response
 
 
