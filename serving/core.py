@@ -2,9 +2,10 @@
 
 The front ends only translate wire formats (protobuf, JSON) to numpy / serialized examples and
 ``ServingError`` back to status codes, so gRPC and REST cannot drift apart in behaviour. The
-methods here block; front ends call them through ``run``, on a thread pool, together with their
-own decoding and encoding: ``Session.run`` releases the GIL, so the asyncio loop keeps accepting
-requests meanwhile, and a large response is not built on the loop either.
+methods here block; front ends call them through ``run``, together with their own decoding and
+encoding, as one job: on the event loop itself when that kind of job has been cheaper than
+handing it to a thread, else on a thread pool (``Session.run`` releases the GIL, so the asyncio
+loop keeps accepting requests meanwhile, and a large response is not built on the loop either).
 
 With ``--enable_batching`` Predict goes through ``predict_batched`` instead, from the event loop:
 decoding and encoding stay on the loop and the model call joins a batch (``serving.batching``), so
@@ -14,9 +15,11 @@ a request costs no thread hand-off of its own -- the batch thread hands back a w
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence, TypeVar, Union
+from typing import Any, Callable, Hashable, Protocol, Sequence, TypeVar, Union
 
 import numpy as np
 
@@ -29,6 +32,50 @@ from serving.servable import DEFAULT_SIGNATURE, Classification, Regression, Sign
 T = TypeVar("T")
 
 Inputs = Union[dict[str, np.ndarray], Callable[[SignatureInfo], dict[str, np.ndarray]]]
+
+# Handing a job to a pool thread and its answer back to the loop costs ~200 us on the 2-core
+# benchmark machine (a 75 us batch-1 MNIST Predict took 275 us through ``run_in_executor`` at
+# c=64): two thread wake-ups and the GIL passed back and forth. A job that takes less than that
+# costs the server less on the loop than handed off; one that takes longer would hold up every
+# other request for more than the hand-off saves, so it goes to the pool.
+INLINE_BUDGET_S = 200e-6
+# A kind of job is judged by the fastest of its last COST_WINDOW runs (see ``JobCosts``).
+COST_WINDOW = 8
+
+
+class JobCosts:
+    """Which kinds of job are cheap enough to run on the event loop (``INLINE_BUDGET_S``).
+
+    A run's cost is the wall time of the job itself, wherever it ran: what it would hold the loop
+    for, TensorFlow's intra-op threads included (``time.thread_time`` misses those: a 2-core
+    matmul model showed 174 us of thread time for 576 us of wall time). Noise only ever adds to
+    it (the OS preempting the thread, waiting for the GIL on a pool thread, a cold first call),
+    so the fastest recent run is the nearest to the job's own cost, and a few slow runs do not
+    push a cheap kind of job off the loop for good. A kind never seen runs on the pool: a big
+    model never holds the loop, not even once, while a cheap one pays a few hand-offs until its
+    first runs are measured. Only successful runs count, so requests naming models that do not
+    exist cannot grow the table.
+    """
+
+    def __init__(self) -> None:
+        self._recent: dict[Hashable, deque[float]] = {}
+
+    def cheap(self, kind: Hashable) -> bool:
+        recent = self._recent.get(kind)
+        return recent is not None and min(recent) < INLINE_BUDGET_S
+
+    def record(self, kind: Hashable, seconds: float) -> None:
+        recent = self._recent.get(kind)
+        if recent is None:
+            recent = self._recent[kind] = deque(maxlen=COST_WINDOW)
+        recent.append(seconds)
+
+    def measured(self, kind: Hashable, fn: Callable[[], T]) -> T:
+        """``fn()``, its run recorded as one of ``kind``'s when it returns."""
+        start = time.perf_counter()
+        result = fn()
+        self.record(kind, time.perf_counter() - start)
+        return result
 
 
 @dataclass(frozen=True)
@@ -89,15 +136,24 @@ class DataPlane:
         self.control = control
         self.executor = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="predict")
         self.batcher = batcher  # None: batching off, front ends use ``predict`` through ``run``
+        self.job_costs = JobCosts()
 
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.stop()
         self.executor.shutdown(wait=True, cancel_futures=True)
 
-    async def run(self, fn: Callable[[], T]) -> T:
-        """``fn`` (a request's decode + model call + encode) on the thread pool, off the loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+    async def run(self, kind: Hashable, fn: Callable[[], T]) -> T:
+        """``fn`` (a request's decode + model call + encode): right here on the event loop when
+        jobs of this ``kind`` have been cheaper than the hand-off to a thread, else on the pool.
+
+        ``kind`` groups jobs of about the same cost: the API, the model and the size class of
+        the request, say (a model's batch-1 and batch-512 requests are different kinds).
+        """
+        if self.job_costs.cheap(kind):
+            return self.job_costs.measured(kind, fn)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.job_costs.measured, kind, fn)
 
     # -- inference (blocking: call through ``run``) --------------------------------------------
 
@@ -136,7 +192,7 @@ class DataPlane:
     ) -> PredictResult:
         """``predict`` for the event loop when batching is on: route, decode and validate here,
         then await the batch. A version without batching parameters, or a request that cannot
-        join a batch, runs alone on the thread pool; either way the handle is released by the
+        join a batch, runs alone through ``run``; either way the handle is released by the
         thread that ran the model, once it has run (a cancelled request cannot unpin it early).
         """
         assert self.batcher is not None
@@ -160,7 +216,10 @@ class DataPlane:
                 with handle:
                     return servable.run(sig, validated, outputs)
 
-            values = await self.run(run_alone)
+            size_class = sum(v.nbytes for v in validated.values()).bit_length()
+            values = await self.run(
+                ("Predict alone", model_name, handle.version, sig.name, outputs, size_class),
+                run_alone)
         return PredictResult(handle.version, sig.name, values)
 
     def classify(self, model_name: str, version: int | None, label: str | None,

@@ -31,7 +31,7 @@ from serving.core import DataPlane, InferenceTask, PredictResult
 from serving.errors import ServingError, invalid
 from serving.model_config import RELOAD_TIMEOUT_S
 from serving.servable import Classification, Regression
-from serving.tensors import serialized_examples, to_ndarray, to_tensor_proto
+from serving.tensors import fill_tensor_proto, serialized_examples, to_ndarray
 
 log = logging.getLogger("serving.grpc")
 
@@ -49,7 +49,7 @@ def spec_version(model_spec: Any) -> int | None:
 
 
 def spec_label(model_spec: Any) -> str | None:
-    """The version label a ModelSpec names, if any (resolved by the manager)."""
+    """The version label a ModelSpec names, if any (resolved by the routing table)."""
     return model_spec.version_label or None
 
 
@@ -57,6 +57,11 @@ def _set_spec(target: Any, name: str, version: int, signature_name: str) -> None
     target.name = name
     target.version.value = version
     target.signature_name = signature_name
+
+
+def _job_kind(api: str, model_name: str, request: Any) -> tuple[str, str, int]:
+    """What ``DataPlane.run`` judges a job's cost by: API, model and the request's size class."""
+    return api, model_name, request.ByteSize().bit_length()
 
 
 def _errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -79,9 +84,10 @@ def _errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """Predict, Classify, Regress, MultiInference and GetModelMetadata.
 
-    Each call decodes, runs and builds its response proto in one job on the data plane's thread
-    pool, so neither the model call nor the conversion of a large tensor holds up the event loop;
-    with batching on, Predict decodes and encodes on the loop and awaits its batch instead.
+    Each call decodes, runs and builds its response proto in one job through ``DataPlane.run``:
+    on the event loop when such jobs are cheap, else on its thread pool, so neither a big model
+    nor the conversion of a large tensor holds up the loop; with batching on, Predict decodes and
+    encodes on the loop and awaits its batch instead.
     """
 
     def __init__(self, data_plane: DataPlane) -> None:
@@ -90,7 +96,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_errors
     async def Predict(self, request: predict_pb2.PredictRequest, context: Any) -> Any:
         if self.data_plane.batcher is None:
-            return await self.data_plane.run(lambda: self._predict(request))
+            return await self.data_plane.run(_job_kind("Predict", request.model_spec.name, request),
+                                              lambda: self._predict(request))
         spec = request.model_spec
         result = await self.data_plane.predict_batched(
             spec.name, spec_version(spec), spec_label(spec), spec.signature_name,
@@ -107,7 +114,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_errors
     async def Classify(self, request: classification_pb2.ClassificationRequest,
                        context: Any) -> Any:
-        return await self.data_plane.run(lambda: self._classify(request))
+        return await self.data_plane.run(_job_kind("Classify", request.model_spec.name, request),
+                                         lambda: self._classify(request))
 
     def _classify(self, request: classification_pb2.ClassificationRequest) -> Any:
         spec = request.model_spec
@@ -121,7 +129,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     @_errors
     async def Regress(self, request: regression_pb2.RegressionRequest, context: Any) -> Any:
-        return await self.data_plane.run(lambda: self._regress(request))
+        return await self.data_plane.run(_job_kind("Regress", request.model_spec.name, request),
+                                         lambda: self._regress(request))
 
     def _regress(self, request: regression_pb2.RegressionRequest) -> Any:
         spec = request.model_spec
@@ -136,7 +145,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_errors
     async def MultiInference(self, request: inference_pb2.MultiInferenceRequest,
                              context: Any) -> Any:
-        return await self.data_plane.run(lambda: self._multi_inference(request))
+        model_name = request.tasks[0].model_spec.name if request.tasks else ""
+        return await self.data_plane.run(_job_kind("MultiInference", model_name, request),
+                                         lambda: self._multi_inference(request))
 
     def _multi_inference(self, request: inference_pb2.MultiInferenceRequest) -> Any:
         tasks = [
@@ -183,7 +194,7 @@ def _predict_response(spec: Any, result: PredictResult) -> predict_pb2.PredictRe
     response = predict_pb2.PredictResponse()
     _set_spec(response.model_spec, spec.name, result.version, result.signature_name)
     for alias, value in result.outputs.items():
-        response.outputs[alias].CopyFrom(to_tensor_proto(value))
+        fill_tensor_proto(response.outputs[alias], value)
     return response
 
 

@@ -4,10 +4,10 @@ Only translation lives here: URL -> (name, version, label), JSON rows/columns <-
 examples -> serialized ``tf.Example``s, ServingError -> HTTP status + ``{"error": ...}``. Behaviour
 is in ``serving.core``. The ``:predict`` verb shares a path segment with the model name, which
 aiohttp's ``{name}`` placeholders cannot split, so one catch-all route parses the tail with a
-regex. A POST is parsed, run and encoded in one job on the data plane's worker thread (with
-batching on, a ``:predict`` is handled on the event loop and awaits its batch); predict's JSON
-decoding needs the signature's dtypes, so it runs against the routed version (see
-``DataPlane.predict``).
+regex. A POST is parsed, run and encoded in one job through ``DataPlane.run`` (on the loop when
+such jobs are cheap, else a worker thread; with batching on, a ``:predict`` is handled on the
+event loop and awaits its batch); predict's JSON decoding needs the signature's dtypes, so it
+runs against the routed version (see ``DataPlane.predict``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
+import orjson
 from aiohttp import web
 from google.protobuf import json_format
 
@@ -393,9 +394,10 @@ class RestApi:
             if handler == self._predict and self.data_plane.batcher is not None:
                 job = self._predict_batched(route, text)  # on the loop, awaiting its batch
             else:
-                # Parsing, the model call and encoding all run in the worker thread: a large body
-                # or response must not stall the event loop.
-                job = self.data_plane.run(lambda: handler(route, text))
+                # Parsing, the model call and encoding are one job, which runs on a worker thread
+                # unless such jobs are cheap: a large body or response must not stall the loop.
+                kind = (match["verb"], route.name, len(text).bit_length())
+                job = self.data_plane.run(kind, lambda: handler(route, text))
             if self.timeout_s is None:
                 return _json_response(await job)
             try:
@@ -460,11 +462,31 @@ class PredictBody:
         return _dumps({"outputs": encode_columns(result.outputs)})
 
 
+# Every digit as "0", so that a run of 19 or more digits is one substring search away.
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"0" * 9)
+
+
+def _loads(text: str) -> Any:
+    """``json.loads``, ~10x faster for a usual body (784 floats: 14 us instead of 143).
+
+    orjson reads any document it accepts as ``json.loads`` does, except an integer outside
+    int64/uint64, which it makes a float (such a literal has 19 or more digits); it rejects
+    NaN and Infinity, which ``json.loads`` accepts as TF Serving does. Those documents, and any
+    it rejects (so that errors keep ``json.loads``'s message), go through ``json.loads``.
+    """
+    if b"0" * 19 not in text.encode("utf-8", "surrogatepass").translate(_DIGITS_AS_ZERO):
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
+
+
 def _parse_body(text: str) -> dict[str, Any]:
     if not text:
         raise invalid("JSON Parse error: The document is empty")
     try:
-        body = json.loads(text)  # accepts NaN and Infinity, as TF Serving does
+        body = _loads(text)
     except ValueError as e:
         raise invalid(f"JSON Parse error: {e}") from None
     if not isinstance(body, dict):

@@ -9,10 +9,11 @@ call for a small request) is not used at all.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow.core.framework import tensor_pb2, types_pb2
 
 from serving.errors import invalid
 
@@ -44,9 +45,11 @@ def to_ndarray(alias: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
     "tensor parsing error: <alias>".
     """
     dims = [d.size for d in proto.tensor_shape.dim]
-    if proto.tensor_shape.unknown_rank or any(d < 0 for d in dims):
+    if proto.tensor_shape.unknown_rank or (dims and min(dims) < 0):
         raise _parse_error(alias)
-    size = int(np.prod(dims, dtype=np.int64))
+    size = math.prod(dims)  # exact; np.prod costs ~3 us for a handful of dims
+    if size >= 2**63:  # more elements than TF's int64 count can hold
+        raise _parse_error(alias)
     if proto.dtype == types_pb2.DT_STRING:
         if proto.tensor_content:
             raise _parse_error(alias)
@@ -87,23 +90,31 @@ def _parse_error(alias: str) -> Exception:
 
 def to_tensor_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
     """numpy -> TensorProto: numbers and bools as ``tensor_content``, strings as ``string_val``."""
-    shape = tensor_shape_pb2.TensorShapeProto(
-        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in array.shape]
-    )
+    proto = tensor_pb2.TensorProto()
+    fill_tensor_proto(proto, array)
+    return proto
+
+
+def fill_tensor_proto(proto: tensor_pb2.TensorProto, array: np.ndarray) -> None:
+    """``to_tensor_proto`` written into an empty ``proto`` (a response's map entry, say), which
+    saves building a message and copying it in: ~4 us of a batch-1 Predict's ~75."""
     if array.dtype == object or array.dtype.kind in ("S", "U"):
-        proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, tensor_shape=shape)
+        dt = types_pb2.DT_STRING
+    else:
+        dt = _DT_OF.get(array.dtype)
+        if dt is None:
+            raise TypeError(f"no TensorProto encoding for numpy dtype {array.dtype}")
+    proto.dtype = dt
+    proto.tensor_shape.SetInParent()  # present even for a scalar (no dims), as before
+    dims = proto.tensor_shape.dim
+    for size in array.shape:
+        dims.add().size = size
+    if dt == types_pb2.DT_STRING:
         proto.string_val.extend(
             v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in array.ravel().tolist()
         )
-        return proto
-    dt = _DT_OF.get(array.dtype)
-    if dt is None:
-        raise TypeError(f"no TensorProto encoding for numpy dtype {array.dtype}")
-    return tensor_pb2.TensorProto(
-        dtype=dt,
-        tensor_shape=shape,
-        tensor_content=np.ascontiguousarray(array, dtype=_LAYOUT[dt][0]).tobytes(),
-    )
+    else:
+        proto.tensor_content = np.ascontiguousarray(array, dtype=_LAYOUT[dt][0]).tobytes()
 
 
 def serialized_examples(input_proto: Any) -> list[bytes]:
@@ -123,4 +134,4 @@ def serialized_examples(input_proto: Any) -> list[bytes]:
     return []
 
 
-__all__ = ["serialized_examples", "to_ndarray", "to_tensor_proto"]
+__all__ = ["fill_tensor_proto", "serialized_examples", "to_ndarray", "to_tensor_proto"]

@@ -206,3 +206,28 @@ def test_warmup_runs_unless_disabled(tmp_path):
         assert "serving_default" in servable.signatures
     finally:
         servable.close()
+
+
+# -- REST JSON -----------------------------------------------------------------------------------
+
+
+def test_rest_json_reads_every_document_as_json_loads():
+    import json
+
+    from serving.rest_frontend import _loads
+
+    documents = [
+        '{"instances": [[0.0, 0.5, 1e-7, -0.0, 3]]}',
+        '{"instances": [NaN, Infinity, -Infinity]}',  # json.loads's extension, TF Serving's too
+        '{"inputs": [18446744073709551616, -9223372036854775809, 9223372036854775808]}',
+        '{"inputs": ["\\ud800", "\\u00e9"], "signature_name": "x", "signature_name": "y"}',
+        '[1e400, 12345678901234567890.5]',
+    ]
+    for text in documents:
+        assert repr(_loads(text)) == repr(json.loads(text)), text
+    for text in ('{"instances": [1, 2,]}', "{} x", "01"):
+        with pytest.raises(ValueError) as info:
+            _loads(text)
+        with pytest.raises(ValueError) as expected:
+            json.loads(text)
+        assert str(info.value) == str(expected.value)
