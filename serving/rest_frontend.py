@@ -424,7 +424,7 @@ class RestApi:
         return body.answer(result)
 
     def _classify(self, route: Route, text: str) -> str:
-        body = _parse_body(text)
+        body = parse_body(text)
         signature_name = _signature_name(body)
         result = self.data_plane.classify(route.name, route.version, route.label, signature_name,
                                           decode_examples(body))
@@ -432,7 +432,7 @@ class RestApi:
         return _dumps({RESULT_KEY: encode_classification(result.value)})
 
     def _regress(self, route: Route, text: str) -> str:
-        body = _parse_body(text)
+        body = parse_body(text)
         signature_name = _signature_name(body)
         result = self.data_plane.regress(route.name, route.version, route.label, signature_name,
                                          decode_examples(body))
@@ -444,7 +444,7 @@ class PredictBody:
     """A ``:predict`` body: its signature name, its rows or columns, and the answer's format."""
 
     def __init__(self, text: str) -> None:
-        self.body = _parse_body(text)
+        self.body = parse_body(text)
         self.rows, has_cols = "instances" in self.body, "inputs" in self.body
         if self.rows == has_cols:
             raise invalid("Missing 'inputs' or 'instances' key" if not self.rows else
@@ -482,7 +482,7 @@ def _loads(text: str) -> Any:
     return json.loads(text)
 
 
-def _parse_body(text: str) -> dict[str, Any]:
+def parse_body(text: str) -> dict[str, Any]:
     if not text:
         raise invalid("JSON Parse error: The document is empty")
     try:
