@@ -34,10 +34,13 @@ from typing import Iterator
 
 import numpy as np
 
-from benchmarks import payloads, swaps
-from serving.flags import DEFAULT_WORKERS
-from tasks.config import REPO_ROOT
-from tests.processes import free_port, model_server, running, wait_for_http
+# The model in-process (c) runs with the server's TensorFlow settings (servable.import_runtime).
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+from benchmarks import payloads, swaps  # noqa: E402
+from serving.flags import DEFAULT_WORKERS  # noqa: E402
+from tasks.config import REPO_ROOT  # noqa: E402
+from tests.processes import free_port, model_server, running, wait_for_http  # noqa: E402
 
 MODEL = "mnist"
 # TF Serving's advice for CPUs: batch threads = cores, start with no timeout (a lone request is not
