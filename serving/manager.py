@@ -158,11 +158,12 @@ class Manager:
         self._thread.start()
 
     def wait_until_idle(self, timeout: float | None = None) -> bool:
-        """Block until every update given so far has been acted on (loads finished or failed)."""
+        """Block until every update given so far has been acted on (loads finished or failed),
+        or the manager stops."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._work:
             target = self._requested
-            while self._done < target:
+            while self._done < target and not self._stopping:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False

@@ -27,6 +27,7 @@ from serving.flags import Options
 
 if TYPE_CHECKING:
     from serving.manager import VersionStatus
+    from serving.model_config import ModelConfig
 
 log = logging.getLogger("serving.server")
 
@@ -122,13 +123,19 @@ async def serve(options: Options) -> int:
     if interval < 0:
         log.warning("--file_system_poll_wait_seconds < 0: the file system is never polled")
     try:
-        await loop.run_in_executor(None, supervisor.workers.start)
-        supervisor.manager.start()
-        await loop.run_in_executor(None, supervisor.controller.start, configs)
+        # A signal during startup (TensorFlow imports, first loads) stops the server at once
+        # instead of after the loads it interrupts.
+        startup = asyncio.create_task(_start(supervisor, configs))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({startup, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not startup.done():
+            log.info("stopped during startup")
+            startup.cancel()
+            return 1 if supervisor.lost_worker else 0
+        startup.result()  # a refused config or a worker that failed to start: raised here
         if options.model_config_file and options.model_config_file_poll_wait_seconds > 0:
             watcher = ConfigFileWatcher(options.model_config_file, supervisor.controller,
                                         file_config, RELOAD_TIMEOUT_S)
-        await loop.run_in_executor(None, supervisor.workers.open_ports)
         log.info("gRPC on %s:%d, REST on %s, %d worker process(es)", options.bind_address,
                  options.port, options.rest_api_port or "none", options.num_workers)
         if not options.rest_api_port and options.prometheus_path:
@@ -149,8 +156,18 @@ async def serve(options: Options) -> int:
     finally:
         await loop.run_in_executor(None, supervisor.workers.stop)
         await loop.run_in_executor(None, supervisor.manager.stop)
-    log.info("stopped")
+        log.info("stopped")
     return 1 if supervisor.lost_worker else 0
+
+
+async def _start(supervisor: Supervisor, configs: list[ModelConfig]) -> None:
+    """Workers up, the first versions loaded in all of them, then the ports open (TF Serving's
+    order: a client that connects as soon as the port answers finds the model)."""
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, supervisor.workers.start)
+    supervisor.manager.start()
+    await loop.run_in_executor(None, supervisor.controller.start, configs)
+    await loop.run_in_executor(None, supervisor.workers.open_ports)
 
 
 def check_ports_free(options: Options) -> None:

@@ -209,3 +209,20 @@ def test_port_taken_by_another_program_exits_nonzero(tmp_path, templates):
             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"cannot bind gRPC server to 127.0.0.1:{port}" in result.stderr
+
+
+def test_a_signal_during_startup_stops_the_server_at_once(tmp_path, templates):
+    base = tmp_path / "mnist"
+    saved_models.copy_version(templates[3], base, 1)
+    server = Server(base, tmp_path / "server.log", extra=[f"--num_workers={WORKERS}"])
+    deadline = time.monotonic() + 30
+    while len(worker_pids(server.proc.pid)) < WORKERS and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = worker_pids(server.proc.pid)
+    assert len(workers) == WORKERS  # started, still importing TensorFlow: not serving yet
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 15  # not the 20 s kill of Server.stop
+    log = server.log()
+    assert "stopped during startup" in log and "server ready" not in log
+    assert not any(_alive(pid) for pid in workers)
