@@ -17,6 +17,10 @@ from typing import Iterator
 from tasks.config import REPO_ROOT
 
 BIN = Path(sys.executable).parent
+# Servers under test run this many worker processes whatever the machine's core count (the
+# default): the multi-process paths are always exercised and memory stays bounded (each worker
+# holds every model). A later --num_workers in extra flags overrides it.
+TEST_WORKERS = 2
 
 
 def free_port() -> int:
@@ -115,7 +119,8 @@ def model_server(model_base_path: Path, model_name: str, log: Path, poll_s: floa
     grpc_port, rest_port = free_port(), free_port()
     command = [sys.executable, "-m", "serving", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
                f"--model_name={model_name}", f"--model_base_path={model_base_path}",
-               f"--file_system_poll_wait_seconds={poll_s:g}", *extra_flags]
+               f"--file_system_poll_wait_seconds={poll_s:g}", f"--num_workers={TEST_WORKERS}",
+               *extra_flags]
     with running(command, log) as process:
         rest_url = f"http://127.0.0.1:{rest_port}"
         wait_for_http(f"{rest_url}/v1/models/{model_name}", process, log)

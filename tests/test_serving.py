@@ -26,6 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import saved_models  # noqa: E402
+from tests.processes import TEST_WORKERS  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
@@ -64,7 +65,8 @@ class Server:
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "serving", f"--port={self.port}", "--rest_api_port", str(self.rest_port),
              "--model_name", model_name, "--model_base_path", str(base_path),
-             "--file_system_poll_wait_seconds=0.2", *(extra or [])],
+             "--file_system_poll_wait_seconds=0.2", f"--num_workers={TEST_WORKERS}",
+             *(extra or [])],
             cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
