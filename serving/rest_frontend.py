@@ -200,11 +200,16 @@ def _floats(array: np.ndarray) -> Any:
     """Floats as nested lists that print like TF Serving prints them: the shortest decimal that
     reads back as the same float32 ("0.1", not float64's "0.10000000149011612").
 
-    numpy's float32 -> str conversion finds that decimal; parsing it as float64 gives the double
-    Python's JSON encoder prints the same way. Costs ~1 us an element (``tolist`` alone: ~0.04).
+    Written as float32 by orjson (its shortest decimal) and read back as float64, a value prints
+    the same way from Python's JSON encoder: ~2.5 us for 10 values. orjson writes NaN and Infinity
+    as null and takes no 0-d array, so those, and float16, go through numpy's float32 -> str
+    conversion instead (~1 us a value).
     """
     if array.dtype.itemsize >= 8:
         return array.tolist()
+    if array.dtype == np.float32 and array.ndim and np.isfinite(array).all():
+        contiguous = array if array.flags.c_contiguous else np.array(array, order="C")
+        return orjson.loads(orjson.dumps(contiguous, option=orjson.OPT_SERIALIZE_NUMPY))
     return array.astype(str).astype(np.float64).tolist()
 
 

@@ -231,3 +231,24 @@ def test_rest_json_reads_every_document_as_json_loads():
         with pytest.raises(ValueError) as expected:
             json.loads(text)
         assert str(info.value) == str(expected.value)
+
+
+def test_rest_floats_print_as_the_shortest_float32_decimal():
+    """The fast path (orjson) writes exactly what numpy's float32 -> str conversion writes, for
+    any finite float32 and any array layout; NaN / Infinity still print (the slow path)."""
+    import json
+
+    from serving.rest_frontend import _floats
+
+    def reference(a: np.ndarray) -> str:
+        return json.dumps(a.astype(str).astype(np.float64).tolist())
+
+    rng = np.random.default_rng(7)
+    patterns = rng.integers(0, 2**32, 400_000, dtype=np.uint64).astype(np.uint32)
+    finite = patterns.view(np.float32)[np.isfinite(patterns.view(np.float32))][:300_000]
+    cases = [finite.reshape(-1, 10), finite[:12].reshape(3, 4)[:, ::2], np.array(2.5, np.float32),
+             np.zeros((2, 0), np.float32), np.array([0.0, -0.0, 1e-45, 3.4028235e38], np.float32),
+             np.array([[1.5, np.nan, np.inf, -np.inf]], np.float32)]
+    for case in cases:
+        assert json.dumps(_floats(case)) == reference(case), case.shape
+    assert json.dumps(_floats(cases[-1])) == "[[1.5, NaN, Infinity, -Infinity]]"
