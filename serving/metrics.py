@@ -119,10 +119,6 @@ class Counter(_Metric):
         with self._lock:
             self._values[labels] = self._values.get(labels, 0) + by
 
-    def value(self, *labels: str) -> int:
-        with self._lock:
-            return self._values.get(labels, 0)
-
     def lines(self, values: dict[tuple[str, ...], Any]) -> Iterator[str]:
         yield from super().lines(values)
         for labels, value in sorted(values.items()):

@@ -127,7 +127,10 @@ class Worker:
         asyncio.run_coroutine_threadsafe(self._open_ports(), self.loop).result()
 
     def request_stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.stopping.set)
+        try:
+            self.loop.call_soon_threadsafe(self.stopping.set)
+        except RuntimeError:  # the loop has finished: the pipe closed after the shutdown
+            pass
 
     # -- on the event loop ---------------------------------------------------------------------
 

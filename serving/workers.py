@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
-from concurrent.futures import wait
+from concurrent.futures import Future, wait
 from typing import Any, Callable
 
 import grpc
@@ -66,13 +66,18 @@ class Workers:
                 self._on_lost()
         return lost
 
-    def _all(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
-        """Call ``method`` in every worker at once; raise the first error after all answered."""
+    def _answers(self, method: str, *args: Any, timeout: float | None = None) -> list[Future]:
+        """Call ``method`` in every worker at once; the futures once all have answered."""
         futures = [c.call_future(method, *args) for c in self._channels]
-        done, pending = wait(futures, timeout)
+        _, pending = wait(futures, timeout)
         if pending:
             raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"workers did not answer {method} within {timeout:g} s")
+        return futures
+
+    def _all(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        """Call ``method`` in every worker at once; raise the first error after all answered."""
+        futures = self._answers(method, *args, timeout=timeout)
         for future in futures:
             error = future.exception()
             if error is not None:
@@ -82,9 +87,7 @@ class Workers:
     # -- what the manager and the server call --------------------------------------------------
 
     def load(self, name: str, version: int, path: str, warmup: bool) -> "LoadedEverywhere":
-        futures = [c.call_future("load", name, version, path, warmup) for c in self._channels]
-        wait(futures)
-        errors = [f.exception() for f in futures]
+        errors = [f.exception() for f in self._answers("load", name, version, path, warmup)]
         failed = next((e for e in errors if e is not None), None)
         if failed is not None:
             for channel, error in zip(self._channels, errors):
