@@ -8,23 +8,20 @@ handing it to a thread, else on a thread pool (``Session.run`` releases the GIL,
 loop keeps accepting requests meanwhile, and a large response is not built on the loop either).
 
 With ``--enable_batching`` Predict goes through ``predict_batched`` instead, from the event loop:
-decoding and encoding stay on the loop and the model call joins a batch (``serving.batching``), so
-a request costs no thread hand-off of its own -- the batch thread hands back a whole batch at once.
+decoding and encoding stay on the loop and the model call joins a batch (``serving.batching``),
+which the batcher runs on the loop too when such batches are cheap, else on a batch thread.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Protocol, Sequence, TypeVar, Union
+from typing import Any, Awaitable, Callable, Hashable, Protocol, Sequence, TypeVar, Union
 
 import numpy as np
 
 from serving.batching import Batcher
 from serving.errors import ServingError, invalid
+from serving.jobs import JobRunner
 from serving.manager import VersionStatus
 from serving.routing import RoutingTable
 from serving.servable import DEFAULT_SIGNATURE, Classification, Regression, SignatureInfo
@@ -32,50 +29,6 @@ from serving.servable import DEFAULT_SIGNATURE, Classification, Regression, Sign
 T = TypeVar("T")
 
 Inputs = Union[dict[str, np.ndarray], Callable[[SignatureInfo], dict[str, np.ndarray]]]
-
-# Handing a job to a pool thread and its answer back to the loop costs ~200 us on the 2-core
-# benchmark machine (a 75 us batch-1 MNIST Predict took 275 us through ``run_in_executor`` at
-# c=64): two thread wake-ups and the GIL passed back and forth. A job that takes less than that
-# costs the server less on the loop than handed off; one that takes longer would hold up every
-# other request for more than the hand-off saves, so it goes to the pool.
-INLINE_BUDGET_S = 200e-6
-# A kind of job is judged by the fastest of its last COST_WINDOW runs (see ``JobCosts``).
-COST_WINDOW = 8
-
-
-class JobCosts:
-    """Which kinds of job are cheap enough to run on the event loop (``INLINE_BUDGET_S``).
-
-    A run's cost is the wall time of the job itself, wherever it ran: what it would hold the loop
-    for, TensorFlow's intra-op threads included (``time.thread_time`` misses those: a 2-core
-    matmul model showed 174 us of thread time for 576 us of wall time). Noise only ever adds to
-    it (the OS preempting the thread, waiting for the GIL on a pool thread, a cold first call),
-    so the fastest recent run is the nearest to the job's own cost, and a few slow runs do not
-    push a cheap kind of job off the loop for good. A kind never seen runs on the pool: a big
-    model never holds the loop, not even once, while a cheap one pays a few hand-offs until its
-    first runs are measured. Only successful runs count, so requests naming models that do not
-    exist cannot grow the table.
-    """
-
-    def __init__(self) -> None:
-        self._recent: dict[Hashable, deque[float]] = {}
-
-    def cheap(self, kind: Hashable) -> bool:
-        recent = self._recent.get(kind)
-        return recent is not None and min(recent) < INLINE_BUDGET_S
-
-    def record(self, kind: Hashable, seconds: float) -> None:
-        recent = self._recent.get(kind)
-        if recent is None:
-            recent = self._recent[kind] = deque(maxlen=COST_WINDOW)
-        recent.append(seconds)
-
-    def measured(self, kind: Hashable, fn: Callable[[], T]) -> T:
-        """``fn()``, its run recorded as one of ``kind``'s when it returns."""
-        start = time.perf_counter()
-        result = fn()
-        self.record(kind, time.perf_counter() - start)
-        return result
 
 
 @dataclass(frozen=True)
@@ -134,26 +87,18 @@ class DataPlane:
                  batcher: Batcher | None = None) -> None:
         self.routing = routing
         self.control = control
-        self.executor = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="predict")
+        self.jobs = JobRunner(num_threads, "predict")
         self.batcher = batcher  # None: batching off, front ends use ``predict`` through ``run``
-        self.job_costs = JobCosts()
 
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.stop()
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.jobs.close()
 
-    async def run(self, kind: Hashable, fn: Callable[[], T]) -> T:
-        """``fn`` (a request's decode + model call + encode): right here on the event loop when
-        jobs of this ``kind`` have been cheaper than the hand-off to a thread, else on the pool.
-
-        ``kind`` groups jobs of about the same cost: the API, the model and the size class of
-        the request, say (a model's batch-1 and batch-512 requests are different kinds).
-        """
-        if self.job_costs.cheap(kind):
-            return self.job_costs.measured(kind, fn)
-        return await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.job_costs.measured, kind, fn)
+    def run(self, kind: Hashable, fn: Callable[[], T]) -> Awaitable[T]:
+        """``fn`` (a request's decode + model call + encode) as one job: on the event loop when
+        jobs of this ``kind`` have been cheap, else on the pool (``serving.jobs``)."""
+        return self.jobs.run(kind, fn)
 
     # -- inference (blocking: call through ``run``) --------------------------------------------
 

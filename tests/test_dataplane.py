@@ -1,4 +1,4 @@
-"""DataPlane.run: cheap kinds of job run on the event loop, expensive ones on the thread pool."""
+"""DataPlane.run (serving.jobs): cheap kinds of job run on the event loop, expensive ones on the thread pool."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from serving.core import COST_WINDOW, INLINE_BUDGET_S, DataPlane
+from serving.core import DataPlane
+from serving.jobs import COST_WINDOW, INLINE_BUDGET_S
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,7 +82,7 @@ def test_failed_jobs_are_not_measured():
         for _ in range(3):
             with pytest.raises(ValueError):
                 await data_plane.run("unknown model", fail)
-        assert not data_plane.job_costs.cheap("unknown model")
+        assert not data_plane.jobs.costs.cheap("unknown model")
 
     try:
         asyncio.run(main())

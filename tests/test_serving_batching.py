@@ -9,6 +9,7 @@ load shedding), ``per_model`` (``batching_params.pbtxt`` in the version director
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -29,7 +31,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import saved_models  # noqa: E402
 from test_serving import Server  # noqa: E402
 
-from serving.batching import _merge, padded_size, read_parameters  # noqa: E402
+from serving import batching  # noqa: E402
+from serving.batching import (Batcher, BatchingParameters, _merge, padded_size,  # noqa: E402
+                              read_parameters)
+from serving.jobs import INLINE_BUDGET_S  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -70,6 +75,149 @@ def test_padding_and_merge():
     assert merged.tolist() == [[1, 2], [3, 4], [5, 6], [3, 4], [3, 4]]  # last task's first row
     short = np.array([[7.0]])
     assert _merge([a, short], 0, pad_inner=True).tolist() == [[1, 2], [7, 7]]  # its 1st element
+
+
+# -- in-process: the scheduler on an event loop ----------------------------------------------------
+
+
+class _Model:
+    """A servable stand-in that doubles its input and records each batch and its thread."""
+
+    model_name = "double"
+
+    def __init__(self, timeout_micros: int, seconds_per_batch: float = 0.0) -> None:
+        self.batching = BatchingParameters(max_batch_size=64, batch_timeout_micros=timeout_micros,
+                                           max_enqueued_batches=100, num_batch_threads=1)
+        self.seconds_per_batch = seconds_per_batch
+        self.batches: list[tuple[int, int]] = []  # (rows, thread)
+
+    def run(self, sig, inputs, outputs):
+        end = time.perf_counter() + self.seconds_per_batch
+        while time.perf_counter() < end:  # hold the CPU like a model call
+            pass
+        self.batches.append((len(inputs["x"]), threading.get_ident()))
+        return {"y": inputs["x"] * 2}
+
+
+class _Handle:
+    def __init__(self, servable: _Model) -> None:
+        self.servable = servable
+        self.released = False
+
+    def release(self) -> None:
+        self.released = True
+
+
+_SIG = SimpleNamespace(name="serving_default", batchable=True)
+
+
+def _submit(batcher, model: _Model, value: float):
+    handle = _Handle(model)
+    return handle, batcher.submit(handle, _SIG, {"x": np.array([value], np.float32)}, ("y",))
+
+
+def _on_loop(scenario):
+    """Run ``scenario(batcher)`` on a fresh event loop with a one-slot batcher."""
+    async def main():
+        batcher = Batcher(1, "batch_threads")
+        try:
+            return await scenario(batcher)
+        finally:
+            batcher.stop()
+
+    return asyncio.run(main())
+
+
+def test_no_timeout_runs_a_lone_request_once_the_loop_is_idle(monkeypatch):
+    """batch_timeout_micros 0: an idle loop runs the batch at once, not after the busy cap."""
+    monkeypatch.setattr(batching, "IDLE_WAIT_CAP_S", 30.0)
+    model = _Model(timeout_micros=0)
+
+    async def scenario(batcher):
+        start = time.monotonic()
+        for value in (1.0, 2.0, 3.0):  # one after the other: a batch each
+            handle, future = _submit(batcher, model, value)
+            assert (await future)["y"].tolist() == [2 * value]
+            assert handle.released
+        return time.monotonic() - start
+
+    assert _on_loop(scenario) < 5
+    assert [rows for rows, _ in model.batches] == [1, 1, 1]
+
+
+def test_no_timeout_gathers_what_arrives_while_the_loop_is_busy(monkeypatch):
+    """Requests taken in one per loop iteration (as gRPC's server does) while the loop stays
+    busy join one batch; it runs when the loop has nothing else to do."""
+    monkeypatch.setattr(batching, "IDLE_WAIT_CAP_S", 30.0)
+    model = _Model(timeout_micros=0)
+
+    async def scenario(batcher):
+        loop = asyncio.get_running_loop()
+        futures = []
+
+        def arrive(i: int) -> None:
+            futures.append(_submit(batcher, model, float(i))[1])
+            if i < 9:
+                loop.call_soon(arrive, i + 1)
+
+        arrive(0)
+        return [(await f)["y"].tolist() for f in futures]
+
+    assert _on_loop(scenario) == [[2.0 * i] for i in range(10)]
+    assert [rows for rows, _ in model.batches] == [10]
+
+
+def test_no_timeout_runs_within_the_cap_on_a_loop_that_never_idles(monkeypatch):
+    monkeypatch.setattr(batching, "IDLE_WAIT_CAP_S", 0.05)
+    model = _Model(timeout_micros=0)
+
+    async def scenario(batcher):
+        loop = asyncio.get_running_loop()
+        busy = True
+
+        def spin() -> None:  # something always ready to run
+            if busy:
+                loop.call_soon(spin)
+
+        spin()
+        start = time.monotonic()
+        result = await _submit(batcher, model, 4.0)[1]
+        busy = False
+        return result["y"].tolist(), time.monotonic() - start
+
+    answer, took = _on_loop(scenario)
+    assert answer == [8.0] and 0.04 <= took < 5
+
+
+def test_a_timeout_is_waited_for_even_on_an_idle_loop():
+    model = _Model(timeout_micros=200_000)
+
+    async def scenario(batcher):
+        start = time.monotonic()
+        _, first = _submit(batcher, model, 1.0)
+        await asyncio.sleep(0.05)  # the loop idles meanwhile
+        _, second = _submit(batcher, model, 2.0)
+        await asyncio.gather(first, second)
+        return time.monotonic() - start
+
+    assert _on_loop(scenario) >= 0.19
+    assert [rows for rows, _ in model.batches] == [2]
+
+
+def test_cheap_batches_run_on_the_loop_and_expensive_ones_on_a_batch_thread():
+    cheap, expensive = _Model(0), _Model(0, seconds_per_batch=2 * INLINE_BUDGET_S)
+    expensive.model_name = "slow"
+
+    async def scenario(batcher):
+        for model in (cheap, expensive):
+            for i in range(4):
+                await _submit(batcher, model, float(i))[1]
+        return threading.get_ident()
+
+    loop_thread = _on_loop(scenario)
+    # Never seen: a batch thread measures the first; from then on it is known to be cheap.
+    assert [thread == loop_thread for _, thread in cheap.batches] == [False, True, True, True]
+    assert loop_thread not in [thread for _, thread in expensive.batches]
 
 
 # -- servers ------------------------------------------------------------------------------------
