@@ -126,11 +126,10 @@ def to_array(info: TensorInfo, value: Any) -> np.ndarray:
 
 
 def _contains_b64(value: Any) -> bool:
-    if isinstance(value, dict):
-        return True
-    if isinstance(value, list):
-        return any(_contains_b64(v) for v in value[:1])
-    return False
+    """Whether a JSON value's first leaf is an object (``{"b64": ...}``)."""
+    while isinstance(value, list) and value:
+        value = value[0]
+    return isinstance(value, dict)
 
 
 def decode_instances(sig: SignatureInfo, instances: Any) -> dict[str, np.ndarray]:
