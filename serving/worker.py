@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -35,6 +37,9 @@ from serving.ipc import Channel
 from serving.manager import VersionStatus
 from serving.routing import RoutingTable, close_servable
 from serving.servable import Servable
+
+# Loads and unloads run at this niceness (see ``_yield_cpu_to_serving``).
+LOAD_NICENESS = 10
 
 log = logging.getLogger("serving.worker")
 
@@ -100,6 +105,7 @@ class Worker:
     # -- calls from the supervisor (on the channel's threads) ----------------------------------
 
     def load(self, name: str, version: int, path: str, warmup: bool) -> None:
+        _yield_cpu_to_serving()
         try:
             servable = self.load_fn(name, version, path, warmup)
         except ServingError:
@@ -112,6 +118,7 @@ class Worker:
         self.routing.add(name, self.loaded.pop((name, version)))
 
     def unload(self, name: str, version: int) -> None:
+        _yield_cpu_to_serving()
         servable = self.loaded.pop((name, version), None)
         if servable is not None:
             close_servable(servable)
@@ -163,6 +170,12 @@ class Worker:
             close_servable(servable)
         self.data_plane.close()
         self.channel.close()
+
+
+def _yield_cpu_to_serving() -> None:
+    """Lower the calling thread's CPU priority (nice 10, Linux: per thread), so that a version
+    loading or unloading takes what CPU the serving threads leave over."""
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_NICENESS)
 
 
 def main(connection: Connection, options: Options, index: int) -> None:

@@ -26,6 +26,7 @@ import saved_models  # noqa: E402
 from test_serving import END, PYTHON, REPO, Load, Server, images  # noqa: E402
 from test_serving_models import config_text, model_entry, reload  # noqa: E402
 from test_serving_monitoring import parse_exposition, value  # noqa: E402
+from serving.worker import LOAD_NICENESS  # noqa: E402
 from tests.processes import free_port, worker_pids  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
@@ -86,6 +87,15 @@ def established_connections(pid: int, port: int) -> int:
     return count
 
 
+def thread_niceness(pid: int) -> dict[int, int]:
+    """Each thread of a process -> its nice value (/proc/<pid>/task/<tid>/stat, field 19)."""
+    niceness = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        niceness[int(task.name)] = int(fields[16])
+    return niceness
+
+
 @pytest.fixture
 def server(tmp_path, templates):
     base = tmp_path / "mnist"
@@ -138,6 +148,11 @@ def test_swap_is_available_only_when_every_worker_serves_it(server, templates):
     assert log.count("model mnist version 2: loaded from") == WORKERS
     assert log.count("model mnist version 1: unloaded") == WORKERS
     assert log.count("model mnist version 2: AVAILABLE") == 1
+    # Loads ran at a lower CPU priority than the threads that serve.
+    for pid in worker_pids(server.proc.pid):
+        niceness = thread_niceness(pid)
+        assert niceness[pid] == 0
+        assert LOAD_NICENESS in niceness.values(), niceness
 
 
 def test_reload_through_any_worker_reaches_all(server, tmp_path, templates):
