@@ -1,8 +1,9 @@
-"""Server-side batching of Predict calls, as TF Serving's ``BatchingSession`` does it.
+"""Server-side batching of session runs, as TF Serving's ``BatchingSession`` does it: Predict,
+Classify, Regress and MultiInference requests alike, whichever front end they came through.
 
-Requests for the same (servable version, signature, output set) wait in one queue; a batch is
-due when it is full (``max_batch_size`` rows), when it is not the last in its queue, or when its
-oldest request has waited ``batch_timeout_micros``. The batch's inputs are concatenated along
+Requests for the same (servable version, fed tensors, fetched tensors) wait in one queue; a
+batch is due when it is full (``max_batch_size`` rows), when it is not the last in its queue, or
+when its oldest request has waited ``batch_timeout_micros``. The batch's inputs are concatenated along
 dim 0, padded with copies of the last request's first row up to the next
 ``allowed_batch_sizes`` entry, run through the servable in one session call, and the outputs are
 split back by row counts (padding rows dropped). All queues share ``num_batch_threads`` batch
@@ -42,7 +43,7 @@ from serving.jobs import JobRunner
 
 if TYPE_CHECKING:
     from serving.routing import Handle
-    from serving.servable import LoadServable, Servable, SignatureInfo
+    from serving.servable import LoadServable, Servable
 
 log = logging.getLogger("serving.batching")
 
@@ -179,7 +180,7 @@ def batching_loader(config: BatchingConfig, load: "LoadServable") -> "LoadServab
 @dataclass(eq=False)
 class _Task:
     handle: "Handle"
-    inputs: dict[str, np.ndarray]
+    feeds: dict[str, np.ndarray]  # by graph tensor name
     rows: int
     future: asyncio.Future
     enqueued: float  # loop time
@@ -187,11 +188,10 @@ class _Task:
 
 @dataclass(eq=False)
 class _Queue:
-    """The batches of one (servable, signature, outputs[, inner shapes]); the last one is open."""
+    """The batches of one (servable, feeds, fetches[, inner shapes]); the last one is open."""
 
     servable: "Servable"
-    sig: "SignatureInfo"
-    outputs: tuple[str, ...]
+    fetches: tuple[str, ...]  # graph tensor names
     params: BatchingParameters
     batches: deque[list[_Task]] = field(default_factory=deque)
     open_rows: int = 0  # rows in the last batch
@@ -248,9 +248,12 @@ class Batcher:
                 _finish(batch, [None] * len(batch), error)
         self._runner.close()
 
-    def submit(self, handle: "Handle", sig: "SignatureInfo", inputs: dict[str, np.ndarray],
-               outputs: tuple[str, ...]) -> asyncio.Future | None:
-        """Enqueue validated ``inputs`` (on the event loop); the future gets the output arrays.
+    def submit(self, handle: "Handle", feeds: dict[str, np.ndarray], fetches: tuple[str, ...],
+               batchable: bool) -> asyncio.Future | None:
+        """Enqueue one session run of validated ``feeds`` (on the event loop), as TF Serving's
+        BatchingSession batches ``Session::Run``: Predict, Classify, Regress and MultiInference
+        alike; the future gets the fetched arrays by tensor name. ``batchable``: every tensor of
+        the signature(s) has a free dim 0.
 
         On success the batcher owns ``handle`` and releases it once the batch has run. Returns
         None when this request is not batched (the caller runs it and keeps the handle); raises
@@ -258,7 +261,7 @@ class Batcher:
         """
         servable = handle.servable
         params = servable.batching
-        rows = _rows(inputs) if params is not None and sig.batchable else None
+        rows = _rows(feeds) if params is not None and batchable else None
         if params is None or rows is None:
             return None
         if rows > params.max_batch_size:
@@ -266,17 +269,17 @@ class Batcher:
                           f"{params.max_batch_size}")
         if self._stopping:
             raise ServingError(grpc.StatusCode.UNAVAILABLE, "The server is shutting down")
-        for _ in inputs:  # TF Serving records it per input tensor
+        for _ in feeds:  # TF Serving records it per input tensor
             metrics.BATCHING_INPUT_BATCH_SIZE.observe(rows)
-        names = tuple(sorted(inputs))
+        names = tuple(sorted(feeds))
         if params.pad_variable_length_inputs:
-            shapes = tuple(inputs[a].ndim for a in names)
+            shapes = tuple(feeds[n].ndim for n in names)
         else:
-            shapes = tuple(inputs[a].shape[1:] for a in names)
-        key = (servable, sig.name, outputs, shapes)
+            shapes = tuple(feeds[n].shape[1:] for n in names)
+        key = (servable, names, fetches, shapes)
         queue = self._queues.get(key)
         if queue is None:
-            queue = self._queues[key] = _Queue(servable, sig, outputs, params)
+            queue = self._queues[key] = _Queue(servable, fetches, params)
         if not queue.batches or queue.open_rows + rows > params.max_batch_size:
             if len(queue.batches) >= params.max_enqueued_batches:
                 raise ServingError(grpc.StatusCode.UNAVAILABLE,
@@ -284,7 +287,7 @@ class Batcher:
                                    "submitted is full")
             queue.batches.append([])
             queue.open_rows = 0
-        task = _Task(handle, inputs, rows, self._loop.create_future(), self._loop.time())
+        task = _Task(handle, feeds, rows, self._loop.create_future(), self._loop.time())
         queue.batches[-1].append(task)
         queue.open_rows += rows
         self._schedule_dispatch()
@@ -359,7 +362,7 @@ class Batcher:
                                                      self.thread_pool_name)
         rows = sum(task.rows for task in batch)
         size = padded_size(queue.params.allowed_batch_sizes, rows)
-        kind = (queue.servable.model_name, queue.sig.name, queue.outputs, size.bit_length())
+        kind = (queue.servable.model_name, queue.fetches, size.bit_length())
         results: list[Any] = [None] * len(batch)
         error: BaseException | None = None
         try:
@@ -416,19 +419,19 @@ def _run_batch(queue: _Queue, batch: list[_Task], size: int) -> list[dict[str, n
     metrics.BATCHING_PADDING_SIZE.observe(padding, str(size))
     metrics.BATCHING_PROCESSED_BATCH_SIZE.observe(size)
     if len(batch) == 1 and not padding:
-        merged = batch[0].inputs  # nothing to copy
+        merged = batch[0].feeds  # nothing to copy
     else:
-        merged = {alias: _merge([task.inputs[alias] for task in batch], padding,
-                                params.pad_variable_length_inputs)
-                  for alias in batch[0].inputs}
-    values = queue.servable.run(queue.sig, merged, queue.outputs)
-    for alias, value in values.items():
+        merged = {name: _merge([task.feeds[name] for task in batch], padding,
+                               params.pad_variable_length_inputs)
+                  for name in batch[0].feeds}
+    values = queue.servable.run_tensors(merged, queue.fetches)
+    for name, value in values.items():
         if value.ndim == 0 or value.shape[0] != size:
             raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"Batched output tensor {alias} has shape {list(value.shape)}: its "
+                               f"Batched output tensor {name} has shape {list(value.shape)}: its "
                                f"0th dimension does not equal the batch size {size}")
     bounds = list(itertools.accumulate(task.rows for task in batch))
-    return [{alias: value[end - task.rows:end] for alias, value in values.items()}
+    return [{name: value[end - task.rows:end] for name, value in values.items()}
             for task, end in zip(batch, bounds)]
 
 

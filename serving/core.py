@@ -23,8 +23,11 @@ from serving.batching import Batcher
 from serving.errors import ServingError, invalid
 from serving.jobs import JobRunner
 from serving.manager import VersionStatus
-from serving.routing import RoutingTable
-from serving.servable import DEFAULT_SIGNATURE, Classification, Regression, SignatureInfo
+from serving.routing import Handle, RoutingTable
+from serving.servable import (CLASSIFY_METHOD, DEFAULT_SIGNATURE, REGRESS_METHOD, Classification,
+                              Regression, Servable, SignatureInfo, SignatureTask,
+                              inference_results, inference_tensors, predict_outputs,
+                              predict_tensors)
 
 T = TypeVar("T")
 
@@ -136,11 +139,7 @@ class DataPlane:
         output_filter: Sequence[str] = (),
     ) -> PredictResult:
         """``predict`` for the event loop when batching is on: route, decode and validate here,
-        then await the batch. A version without batching parameters, or a request that cannot
-        join a batch, runs alone through ``run``; either way the handle is released by the
-        thread that ran the model, once it has run (a cancelled request cannot unpin it early).
-        """
-        assert self.batcher is not None
+        then await the batch (``_run_batched``)."""
         handle = self.routing.acquire(model_name, version, label=label)
         try:
             servable = handle.servable
@@ -148,24 +147,75 @@ class DataPlane:
             if callable(inputs):
                 inputs = inputs(sig)
             outputs = servable.validate(sig, inputs, tuple(output_filter))
-            future = self.batcher.submit(handle, sig, inputs, outputs)
+        except BaseException:
+            handle.release()
+            raise
+        feeds, fetches = predict_tensors(sig, inputs, outputs)
+        values = await self._run_batched(handle, feeds, fetches, sig.batchable)
+        return PredictResult(handle.version, sig.name, predict_outputs(sig, outputs, values))
+
+    async def classify_batched(self, model_name: str, version: int | None, label: str | None,
+                               signature_name: str, examples: Sequence[bytes]) -> InferenceResult:
+        """``classify`` for the event loop when batching is on."""
+        (result,) = await self._infer_batched(
+            model_name, version, label, examples,
+            lambda servable: servable.example_tasks(signature_name, CLASSIFY_METHOD))
+        return result
+
+    async def regress_batched(self, model_name: str, version: int | None, label: str | None,
+                              signature_name: str, examples: Sequence[bytes]) -> InferenceResult:
+        """``regress`` for the event loop when batching is on."""
+        (result,) = await self._infer_batched(
+            model_name, version, label, examples,
+            lambda servable: servable.example_tasks(signature_name, REGRESS_METHOD))
+        return result
+
+    async def multi_inference_batched(self, tasks: Sequence[InferenceTask],
+                                      examples: Sequence[bytes]) -> list[InferenceResult]:
+        """``multi_inference`` for the event loop when batching is on."""
+        first = tasks[0] if tasks else InferenceTask("", None, None, "", "")
+        return await self._infer_batched(
+            first.model_name, first.version, first.label, examples,
+            lambda servable: servable.multi_inference_tasks(_signature_methods(tasks)))
+
+    async def _infer_batched(self, model_name: str, version: int | None, label: str | None,
+                             examples: Sequence[bytes],
+                             tasks_of: Callable[[Servable], list[SignatureTask]]
+                             ) -> list[InferenceResult]:
+        handle = self.routing.acquire(model_name, version, label=label)
+        try:
+            tasks = tasks_of(handle.servable)
+            feeds, fetches = inference_tensors(tasks, examples)
+        except BaseException:
+            handle.release()
+            raise
+        values = await self._run_batched(handle, feeds, fetches,
+                                         all(sig.batchable for sig, _ in tasks))
+        return [InferenceResult(handle.version, sig.name, value) for (sig, _), value
+                in zip(tasks, inference_results(tasks, len(examples), values))]
+
+    async def _run_batched(self, handle: Handle, feeds: dict[str, np.ndarray],
+                           fetches: tuple[str, ...], batchable: bool) -> dict[str, np.ndarray]:
+        """One session run in a batch; one that cannot join a batch (a version without batching
+        parameters, an input without a batch dim) runs alone through ``run``. Takes ``handle``
+        over: it is released once the model has run, by whoever ran it, so a cancelled request
+        cannot unpin its version under a running batch."""
+        assert self.batcher is not None
+        try:
+            future = self.batcher.submit(handle, feeds, fetches, batchable)
         except BaseException:
             handle.release()
             raise
         if future is not None:
-            values = await future
-        else:
-            validated = inputs
+            return await future
 
-            def run_alone() -> dict[str, np.ndarray]:
-                with handle:
-                    return servable.run(sig, validated, outputs)
+        def run_alone() -> dict[str, np.ndarray]:
+            with handle:
+                return handle.servable.run_tensors(feeds, fetches)
 
-            size_class = sum(v.nbytes for v in validated.values()).bit_length()
-            values = await self.run(
-                ("Predict alone", model_name, handle.version, sig.name, outputs, size_class),
-                run_alone)
-        return PredictResult(handle.version, sig.name, values)
+        size_class = sum(v.nbytes for v in feeds.values()).bit_length()
+        return await self.run(("unbatched", handle.servable.model_name, fetches, size_class),
+                              run_alone)
 
     def classify(self, model_name: str, version: int | None, label: str | None,
                  signature_name: str, examples: Sequence[bytes]) -> InferenceResult:
@@ -190,14 +240,7 @@ class DataPlane:
         """
         first = tasks[0] if tasks else InferenceTask("", None, None, "", "")
         with self.routing.acquire(first.model_name, first.version, label=first.label) as handle:
-            for task in tasks:
-                if not task.model_name:
-                    raise invalid("Found ModelSpec with an empty model name.")
-                if task.model_name != first.model_name:
-                    raise invalid("All ModelSpecs in a MultiInferenceRequest must access the same "
-                                  "model name.")
-            values = handle.servable.multi_inference(
-                [(t.signature_name, t.method_name) for t in tasks], examples)
+            values = handle.servable.multi_inference(_signature_methods(tasks), examples)
             return [InferenceResult(handle.version, t.signature_name or DEFAULT_SIGNATURE, v)
                     for t, v in zip(tasks, values)]
 
@@ -212,6 +255,18 @@ class DataPlane:
                        label: str | None = None) -> ModelMetadata:
         with self.routing.acquire(model_name, version, label=label) as handle:
             return ModelMetadata(handle.version, dict(handle.servable.signature_defs))
+
+
+def _signature_methods(tasks: Sequence[InferenceTask]) -> list[tuple[str, str]]:
+    """A MultiInference's (signature, method) pairs, once its ModelSpecs are checked as TF
+    Serving checks them: every task names the model of the first (whose version routes)."""
+    for task in tasks:
+        if not task.model_name:
+            raise invalid("Found ModelSpec with an empty model name.")
+        if task.model_name != tasks[0].model_name:
+            raise invalid("All ModelSpecs in a MultiInferenceRequest must access the same "
+                          "model name.")
+    return [(t.signature_name, t.method_name) for t in tasks]
 
 
 def parse_version(text: str) -> int:

@@ -27,7 +27,7 @@ from tensorflow_serving.apis import (
 )
 
 from serving import metrics
-from serving.core import DataPlane, InferenceTask, PredictResult
+from serving.core import DataPlane, InferenceResult, InferenceTask, PredictResult
 from serving.errors import ServingError, invalid
 from serving.model_config import RELOAD_TIMEOUT_S
 from serving.servable import Classification, Regression
@@ -86,8 +86,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     Each call decodes, runs and builds its response proto in one job through ``DataPlane.run``:
     on the event loop when such jobs are cheap, else on its thread pool, so neither a big model
-    nor the conversion of a large tensor holds up the loop; with batching on, Predict decodes and
-    encodes on the loop and awaits its batch instead.
+    nor the conversion of a large tensor holds up the loop; with batching on, an inference call
+    decodes and encodes on the loop and awaits its batch instead.
     """
 
     def __init__(self, data_plane: DataPlane) -> None:
@@ -114,57 +114,54 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_errors
     async def Classify(self, request: classification_pb2.ClassificationRequest,
                        context: Any) -> Any:
-        return await self.data_plane.run(_job_kind("Classify", request.model_spec.name, request),
+        spec = request.model_spec
+        if self.data_plane.batcher is not None:
+            result = await self.data_plane.classify_batched(
+                spec.name, spec_version(spec), spec_label(spec), spec.signature_name,
+                serialized_examples(request.input))
+            return _classification_response(spec, result)
+        return await self.data_plane.run(_job_kind("Classify", spec.name, request),
                                          lambda: self._classify(request))
 
     def _classify(self, request: classification_pb2.ClassificationRequest) -> Any:
         spec = request.model_spec
         result = self.data_plane.classify(spec.name, spec_version(spec), spec_label(spec),
                                           spec.signature_name, serialized_examples(request.input))
-        response = classification_pb2.ClassificationResponse()
-        _set_spec(response.model_spec, spec.name, result.version, result.signature_name)
-        assert isinstance(result.value, Classification)
-        _fill_classifications(response.result, result.value)
-        return response
+        return _classification_response(spec, result)
 
     @_errors
     async def Regress(self, request: regression_pb2.RegressionRequest, context: Any) -> Any:
-        return await self.data_plane.run(_job_kind("Regress", request.model_spec.name, request),
+        spec = request.model_spec
+        if self.data_plane.batcher is not None:
+            result = await self.data_plane.regress_batched(
+                spec.name, spec_version(spec), spec_label(spec), spec.signature_name,
+                serialized_examples(request.input))
+            return _regression_response(spec, result)
+        return await self.data_plane.run(_job_kind("Regress", spec.name, request),
                                          lambda: self._regress(request))
 
     def _regress(self, request: regression_pb2.RegressionRequest) -> Any:
         spec = request.model_spec
         result = self.data_plane.regress(spec.name, spec_version(spec), spec_label(spec),
                                          spec.signature_name, serialized_examples(request.input))
-        response = regression_pb2.RegressionResponse()
-        _set_spec(response.model_spec, spec.name, result.version, result.signature_name)
-        assert isinstance(result.value, Regression)
-        _fill_regressions(response.result, result.value)
-        return response
+        return _regression_response(spec, result)
 
     @_errors
     async def MultiInference(self, request: inference_pb2.MultiInferenceRequest,
                              context: Any) -> Any:
+        if self.data_plane.batcher is not None:
+            tasks = _inference_tasks(request)
+            results = await self.data_plane.multi_inference_batched(
+                tasks, serialized_examples(request.input))
+            return _multi_inference_response(tasks, results)
         model_name = request.tasks[0].model_spec.name if request.tasks else ""
         return await self.data_plane.run(_job_kind("MultiInference", model_name, request),
                                          lambda: self._multi_inference(request))
 
     def _multi_inference(self, request: inference_pb2.MultiInferenceRequest) -> Any:
-        tasks = [
-            InferenceTask(t.model_spec.name, spec_version(t.model_spec), spec_label(t.model_spec),
-                          t.model_spec.signature_name, t.method_name)
-            for t in request.tasks
-        ]
+        tasks = _inference_tasks(request)
         results = self.data_plane.multi_inference(tasks, serialized_examples(request.input))
-        response = inference_pb2.MultiInferenceResponse()
-        for task, result in zip(tasks, results):
-            entry = response.results.add()
-            _set_spec(entry.model_spec, task.model_name, result.version, result.signature_name)
-            if isinstance(result.value, Classification):
-                _fill_classifications(entry.classification_result, result.value)
-            else:
-                _fill_regressions(entry.regression_result, result.value)
-        return response
+        return _multi_inference_response(tasks, results)
 
     @_errors
     async def GetModelMetadata(self, request: Any, context: Any) -> Any:
@@ -195,6 +192,41 @@ def _predict_response(spec: Any, result: PredictResult) -> predict_pb2.PredictRe
     _set_spec(response.model_spec, spec.name, result.version, result.signature_name)
     for alias, value in result.outputs.items():
         fill_tensor_proto(response.outputs[alias], value)
+    return response
+
+
+def _classification_response(spec: Any, result: InferenceResult) -> Any:
+    response = classification_pb2.ClassificationResponse()
+    _set_spec(response.model_spec, spec.name, result.version, result.signature_name)
+    assert isinstance(result.value, Classification)
+    _fill_classifications(response.result, result.value)
+    return response
+
+
+def _regression_response(spec: Any, result: InferenceResult) -> Any:
+    response = regression_pb2.RegressionResponse()
+    _set_spec(response.model_spec, spec.name, result.version, result.signature_name)
+    assert isinstance(result.value, Regression)
+    _fill_regressions(response.result, result.value)
+    return response
+
+
+def _inference_tasks(request: inference_pb2.MultiInferenceRequest) -> list[InferenceTask]:
+    return [InferenceTask(t.model_spec.name, spec_version(t.model_spec), spec_label(t.model_spec),
+                          t.model_spec.signature_name, t.method_name)
+            for t in request.tasks]
+
+
+def _multi_inference_response(tasks: list[InferenceTask],
+                              results: list[InferenceResult]) -> Any:
+    response = inference_pb2.MultiInferenceResponse()
+    for task, result in zip(tasks, results):
+        entry = response.results.add()
+        _set_spec(entry.model_spec, task.model_name, result.version, result.signature_name)
+        if isinstance(result.value, Classification):
+            _fill_classifications(entry.classification_result, result.value)
+        else:
+            _fill_regressions(entry.regression_result, result.value)
     return response
 
 

@@ -27,7 +27,7 @@ from aiohttp import web
 from google.protobuf import json_format
 
 from serving import metrics
-from serving.core import DataPlane, PredictResult, parse_version
+from serving.core import DataPlane, InferenceResult, PredictResult, parse_version
 from serving.errors import ServingError, invalid
 from serving.servable import Classification, Regression, SignatureInfo, TensorInfo
 from serving.tensors import serialized_examples
@@ -338,6 +338,10 @@ class RestApi:
     def __init__(self, data_plane: DataPlane, timeout_ms: int) -> None:
         self.data_plane = data_plane
         self.timeout_s = timeout_ms / 1000.0 if timeout_ms > 0 else None
+        # verb -> (the blocking handler run as one job, the one for the loop with batching on)
+        self.verbs = {"predict": (self._predict, self._predict_batched),
+                      "classify": (self._classify, self._classify_batched),
+                      "regress": (self._regress, self._regress_batched)}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 31, middlewares=[metrics.rest_observed])
@@ -389,19 +393,19 @@ class RestApi:
     async def handle_post(self, request: web.Request) -> web.Response:
         try:
             route, match = self._route(request)
-            handler = {"predict": self._predict, "classify": self._classify,
-                       "regress": self._regress}.get(match["verb"] or "")
-            if match["metadata"] or handler is None:
+            handlers = self.verbs.get(match["verb"] or "")
+            if match["metadata"] or handlers is None:
                 raise ServingError(grpc.StatusCode.NOT_FOUND,
                                    f"Malformed request: POST {request.path}")
             text = await request.text()
-            if handler == self._predict and self.data_plane.batcher is not None:
-                job = self._predict_batched(route, text)  # on the loop, awaiting its batch
+            blocking, batched = handlers
+            if self.data_plane.batcher is not None:
+                job = batched(route, text)  # on the loop, awaiting its batch
             else:
                 # Parsing, the model call and encoding are one job, which runs on a worker thread
                 # unless such jobs are cheap: a large body or response must not stall the loop.
                 kind = (match["verb"], route.name, len(text).bit_length())
-                job = self.data_plane.run(kind, lambda: handler(route, text))
+                job = self.data_plane.run(kind, lambda: blocking(route, text))
             if self.timeout_s is None:
                 return _json_response(await job)
             try:
@@ -429,19 +433,39 @@ class RestApi:
 
     def _classify(self, route: Route, text: str) -> str:
         body = parse_body(text)
-        signature_name = _signature_name(body)
-        result = self.data_plane.classify(route.name, route.version, route.label, signature_name,
-                                          decode_examples(body))
-        assert isinstance(result.value, Classification)
-        return _dumps({RESULT_KEY: encode_classification(result.value)})
+        result = self.data_plane.classify(route.name, route.version, route.label,
+                                          _signature_name(body), decode_examples(body))
+        return _classification_answer(result)
+
+    async def _classify_batched(self, route: Route, text: str) -> str:
+        body = parse_body(text)
+        result = await self.data_plane.classify_batched(route.name, route.version, route.label,
+                                                        _signature_name(body),
+                                                        decode_examples(body))
+        return _classification_answer(result)
 
     def _regress(self, route: Route, text: str) -> str:
         body = parse_body(text)
-        signature_name = _signature_name(body)
-        result = self.data_plane.regress(route.name, route.version, route.label, signature_name,
-                                         decode_examples(body))
-        assert isinstance(result.value, Regression)
-        return _dumps({RESULT_KEY: _floats(result.value.values)})
+        result = self.data_plane.regress(route.name, route.version, route.label,
+                                         _signature_name(body), decode_examples(body))
+        return _regression_answer(result)
+
+    async def _regress_batched(self, route: Route, text: str) -> str:
+        body = parse_body(text)
+        result = await self.data_plane.regress_batched(route.name, route.version, route.label,
+                                                       _signature_name(body),
+                                                       decode_examples(body))
+        return _regression_answer(result)
+
+
+def _classification_answer(result: InferenceResult) -> str:
+    assert isinstance(result.value, Classification)
+    return _dumps({RESULT_KEY: encode_classification(result.value)})
+
+
+def _regression_answer(result: InferenceResult) -> str:
+    assert isinstance(result.value, Regression)
+    return _dumps({RESULT_KEY: _floats(result.value.values)})
 
 
 class PredictBody:

@@ -212,34 +212,44 @@ class Servable:
     def run(self, sig: SignatureInfo, inputs: dict[str, np.ndarray],
             outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         """Run validated ``inputs`` through ``sig``; errors from TF become INVALID_ARGUMENT."""
-        values = self._run({sig.inputs[a].tensor_name: v for a, v in inputs.items()},
-                           [sig.outputs[a].tensor_name for a in outputs])
-        return {a: values[sig.outputs[a].tensor_name] for a in outputs}
+        feeds, fetches = predict_tensors(sig, inputs, outputs)
+        return predict_outputs(sig, outputs, self.run_tensors(feeds, fetches))
 
     # -- classify / regress / multi-inference --------------------------------------------------
+    # Each is a list of (signature, method) tasks over the same examples: their session feeds
+    # and fetches (``inference_tensors``), one session run (here, or in a batch), their results
+    # (``inference_results``).
 
     def classify(self, signature_name: str, examples: Sequence[bytes]) -> Classification:
         """TF Serving's Classify over serialized ``tf.Example``s (signature checks as theirs)."""
-        sig = self._example_signature(signature_name)
-        result = self._infer([(sig, CLASSIFY_METHOD)], examples)[0]
+        result = self.infer(self.example_tasks(signature_name, CLASSIFY_METHOD), examples)[0]
         assert isinstance(result, Classification)
         return result
 
     def regress(self, signature_name: str, examples: Sequence[bytes]) -> Regression:
         """TF Serving's Regress over serialized ``tf.Example``s."""
-        sig = self._example_signature(signature_name)
-        result = self._infer([(sig, REGRESS_METHOD)], examples)[0]
+        result = self.infer(self.example_tasks(signature_name, REGRESS_METHOD), examples)[0]
         assert isinstance(result, Regression)
         return result
 
     def multi_inference(self, tasks: Sequence[tuple[str, str]],
                         examples: Sequence[bytes]) -> list[Classification | Regression]:
-        """Several (signature name, method name) tasks over the same examples in one session run.
+        """Several (signature name, method name) tasks over the same examples in one session run."""
+        return self.infer(self.multi_inference_tasks(tasks), examples)
 
-        As TF Serving: signatures must be distinct and share their input tensor; only the
-        classify and regress methods are supported.
-        """
-        resolved: list[tuple[SignatureInfo, str]] = []
+    def example_tasks(self, signature_name: str, method: str) -> list[SignatureTask]:
+        """Classify's or Regress's one task; INVALID_ARGUMENT (not Predict's
+        FAILED_PRECONDITION) for a signature that does not exist."""
+        key = signature_name or DEFAULT_SIGNATURE
+        sig = self.signatures.get(key)
+        if sig is None:
+            raise invalid(f"No signature was found with the name: {key}")
+        return [(sig, method)]
+
+    def multi_inference_tasks(self, tasks: Sequence[tuple[str, str]]) -> list[SignatureTask]:
+        """As TF Serving: signatures must be distinct; only classify and regress are supported
+        (that they share their input tensor is checked by ``inference_tensors``)."""
+        resolved: list[SignatureTask] = []
         seen: set[str] = set()
         for signature_name, method_name in tasks:
             key = signature_name or DEFAULT_SIGNATURE
@@ -253,39 +263,12 @@ class Servable:
                 raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
                                    f"Unsupported signature method_name: {method_name}")
             resolved.append((sig, method_name))
-        return self._infer(resolved, examples)
+        return resolved
 
-    def _example_signature(self, name: str) -> SignatureInfo:
-        """Classify's and Regress's lookup: INVALID_ARGUMENT (not Predict's FAILED_PRECONDITION)."""
-        key = name or DEFAULT_SIGNATURE
-        sig = self.signatures.get(key)
-        if sig is None:
-            raise invalid(f"No signature was found with the name: {key}")
-        return sig
-
-    def _infer(self, tasks: list[tuple[SignatureInfo, str]],
-               examples: Sequence[bytes]) -> list[Classification | Regression]:
-        """Check each task's signature shape, run all their outputs at once, then unpack."""
-        input_name = ""
-        fetch: list[str] = []  # graph tensor names
-        for sig, method in tasks:
-            name, outputs = _preprocess(sig, method)
-            if input_name and name != input_name:
-                raise invalid("Input tensor must be the same for all Signatures.")
-            input_name = name
-            fetch.extend(sig.outputs[a].tensor_name for a in outputs)
-        if not examples:
-            raise invalid("Input is empty.")
-        values = self._run({input_name: _string_tensor(examples)}, fetch)
-        n = len(examples)
-        results: list[Classification | Regression] = []
-        for sig, method in tasks:
-            got = {a: values[i.tensor_name] for a, i in sig.outputs.items() if i.tensor_name in values}
-            if method == CLASSIFY_METHOD:
-                results.append(_classification(n, got.get("classes"), got.get("scores")))
-            else:
-                results.append(_regression(n, got["outputs"]))
-        return results
+    def infer(self, tasks: list[SignatureTask],
+              examples: Sequence[bytes]) -> list[Classification | Regression]:
+        feeds, fetches = inference_tensors(tasks, examples)
+        return inference_results(tasks, len(examples), self.run_tensors(feeds, fetches))
 
     # -- session calls -------------------------------------------------------------------------
 
@@ -317,8 +300,10 @@ class Servable:
                 self._callables[key] = fn
         return fn
 
-    def _run(self, feeds: dict[str, np.ndarray], fetches: Sequence[str]) -> dict[str, np.ndarray]:
-        """Feed graph tensors by name, fetch graph tensors by name."""
+    def run_tensors(self, feeds: dict[str, np.ndarray],
+                    fetches: Sequence[str]) -> dict[str, np.ndarray]:
+        """Feed graph tensors by name, fetch graph tensors by name: the one session call every
+        API makes (what the batcher merges)."""
         import tensorflow as tf
 
         feed_names = tuple(sorted(feeds))
@@ -406,6 +391,51 @@ def _preprocess(sig: SignatureInfo, method: str) -> tuple[str, tuple[str, ...]]:
                                f"No regression outputs found in SignatureDef: {sig.name}")
         outputs = ("outputs",)
     return info.tensor_name, outputs
+
+
+SignatureTask = tuple[SignatureInfo, str]  # a signature and the method it runs as
+
+
+def predict_tensors(sig: SignatureInfo, inputs: dict[str, np.ndarray],
+                    outputs: tuple[str, ...]) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+    """A Predict's session feeds and fetches: the signature's aliases as graph tensor names."""
+    return ({sig.inputs[a].tensor_name: v for a, v in inputs.items()},
+            tuple(sig.outputs[a].tensor_name for a in outputs))
+
+
+def predict_outputs(sig: SignatureInfo, outputs: tuple[str, ...],
+                    values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The fetched graph tensors back under the signature's output aliases."""
+    return {a: values[sig.outputs[a].tensor_name] for a in outputs}
+
+
+def inference_tensors(tasks: list[SignatureTask], examples: Sequence[bytes]
+                      ) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+    """Check each task's signature shape; the examples feed and all the tasks' fetches."""
+    input_name = ""
+    fetches: list[str] = []  # graph tensor names
+    for sig, method in tasks:
+        name, outputs = _preprocess(sig, method)
+        if input_name and name != input_name:
+            raise invalid("Input tensor must be the same for all Signatures.")
+        input_name = name
+        fetches.extend(sig.outputs[a].tensor_name for a in outputs)
+    if not examples:
+        raise invalid("Input is empty.")
+    return {input_name: _string_tensor(examples)}, tuple(fetches)
+
+
+def inference_results(tasks: list[SignatureTask], n: int,
+                      values: dict[str, np.ndarray]) -> list[Classification | Regression]:
+    """Each task's Classification or Regression from the fetched tensors (TF Serving's checks)."""
+    results: list[Classification | Regression] = []
+    for sig, method in tasks:
+        got = {a: values[i.tensor_name] for a, i in sig.outputs.items() if i.tensor_name in values}
+        if method == CLASSIFY_METHOD:
+            results.append(_classification(n, got.get("classes"), got.get("scores")))
+        else:
+            results.append(_regression(n, got["outputs"]))
+    return results
 
 
 def _string_tensor(values: Sequence[bytes]) -> np.ndarray:

@@ -19,7 +19,6 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -30,6 +29,8 @@ from tensorflow_serving.apis import predict_pb2
 sys.path.insert(0, str(Path(__file__).parent))
 import saved_models  # noqa: E402
 from test_serving import Server  # noqa: E402
+from test_serving_api import (CLASSIFY, REGRESS, classify_request,  # noqa: E402
+                              multi_request, regress_request)
 
 from serving import batching  # noqa: E402
 from serving.batching import (Batcher, BatchingParameters, _merge, padded_size,  # noqa: E402
@@ -91,12 +92,12 @@ class _Model:
         self.seconds_per_batch = seconds_per_batch
         self.batches: list[tuple[int, int]] = []  # (rows, thread)
 
-    def run(self, sig, inputs, outputs):
+    def run_tensors(self, feeds, fetches):
         end = time.perf_counter() + self.seconds_per_batch
         while time.perf_counter() < end:  # hold the CPU like a model call
             pass
-        self.batches.append((len(inputs["x"]), threading.get_ident()))
-        return {"y": inputs["x"] * 2}
+        self.batches.append((len(feeds["x:0"]), threading.get_ident()))
+        return {"y:0": feeds["x:0"] * 2}
 
 
 class _Handle:
@@ -108,12 +109,9 @@ class _Handle:
         self.released = True
 
 
-_SIG = SimpleNamespace(name="serving_default", batchable=True)
-
-
 def _submit(batcher, model: _Model, value: float):
     handle = _Handle(model)
-    return handle, batcher.submit(handle, _SIG, {"x": np.array([value], np.float32)}, ("y",))
+    return handle, batcher.submit(handle, {"x:0": np.array([value], np.float32)}, ("y:0",), True)
 
 
 def _on_loop(scenario):
@@ -137,7 +135,7 @@ def test_no_timeout_runs_a_lone_request_once_the_loop_is_idle(monkeypatch):
         start = time.monotonic()
         for value in (1.0, 2.0, 3.0):  # one after the other: a batch each
             handle, future = _submit(batcher, model, value)
-            assert (await future)["y"].tolist() == [2 * value]
+            assert (await future)["y:0"].tolist() == [2 * value]
             assert handle.released
         return time.monotonic() - start
 
@@ -161,7 +159,7 @@ def test_no_timeout_gathers_what_arrives_while_the_loop_is_busy(monkeypatch):
                 loop.call_soon(arrive, i + 1)
 
         arrive(0)
-        return [(await f)["y"].tolist() for f in futures]
+        return [(await f)["y:0"].tolist() for f in futures]
 
     assert _on_loop(scenario) == [[2.0 * i] for i in range(10)]
     assert [rows for rows, _ in model.batches] == [10]
@@ -183,7 +181,7 @@ def test_no_timeout_runs_within_the_cap_on_a_loop_that_never_idles(monkeypatch):
         start = time.monotonic()
         result = await _submit(batcher, model, 4.0)[1]
         busy = False
-        return result["y"].tolist(), time.monotonic() - start
+        return result["y:0"].tolist(), time.monotonic() - start
 
     answer, took = _on_loop(scenario)
     assert answer == [8.0] and 0.04 <= took < 5
@@ -351,6 +349,38 @@ def test_rest_and_grpc_share_a_batch(servers):
     assert [a.tolist() for a in answers] == [[3.5], [4.5]]
     total, count = histogram(batched, name)
     assert (total - sum_before, count - count_before) == (2, 1)
+
+
+def test_classify_regress_and_multi_inference_are_batched_too(servers):
+    """Batching is per session run, as TF Serving's BatchingSession: concurrent Classify, Regress
+    and MultiInference calls (gRPC, and REST :classify / :regress) share batches, and answer
+    byte for byte what the server without batching answers."""
+    plain, batched = servers["plain"], servers["batched"]
+    xs = [tuple(x.tolist()) for x in inputs(24, seed=1)]
+    calls = {
+        "classify": lambda server, x: server.predict_stub.Classify(
+            classify_request("classify_x_to_y", x), timeout=10).result,
+        "regress": lambda server, x: server.predict_stub.Regress(
+            regress_request(xs=x), timeout=10).result,
+        "multi": lambda server, x: server.predict_stub.MultiInference(multi_request(
+            (MODEL, "classify_x_to_y", CLASSIFY), (MODEL, "regress_x_to_y", REGRESS), xs=x),
+            timeout=10).results,
+        "rest classify": lambda server, x: server.http(
+            "POST", f"/v1/models/{MODEL}:classify",
+            {"signature_name": "classify_x_to_y", "examples": [{"x": v} for v in x]}),
+        "rest regress": lambda server, x: server.http(
+            "POST", f"/v1/models/{MODEL}:regress",
+            {"signature_name": "regress_x_to_y", "examples": [{"x": v} for v in x]}),
+    }
+    name = ":tensorflow:serving:batching_session:processed_batch_size"
+    for kind, call in calls.items():
+        expected = [call(plain, x) for x in xs]
+        _, count_before = histogram(batched, name)
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(lambda x: call(batched, x), xs))
+        _, count = histogram(batched, name)
+        assert got == expected, kind
+        assert 0 < count - count_before < len(xs), kind  # batched, and requests shared batches
 
 
 def test_request_larger_than_a_batch_is_invalid_argument(servers):
