@@ -7,9 +7,10 @@ encoding, as one job: on the event loop itself when that kind of job has been ch
 handing it to a thread, else on a thread pool (``Session.run`` releases the GIL, so the asyncio
 loop keeps accepting requests meanwhile, and a large response is not built on the loop either).
 
-With ``--enable_batching`` Predict goes through ``predict_batched`` instead, from the event loop:
-decoding and encoding stay on the loop and the model call joins a batch (``serving.batching``),
-which the batcher runs on the loop too when such batches are cheap, else on a batch thread.
+With ``--enable_batching`` the inference APIs go through their ``*_batched`` methods instead,
+from the event loop: decoding and encoding stay on the loop and the session run joins a batch
+(``serving.batching``), which the batcher runs on the loop too when such batches are cheap, else
+on a batch thread.
 """
 
 from __future__ import annotations
