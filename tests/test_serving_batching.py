@@ -202,6 +202,24 @@ def test_a_timeout_is_waited_for_even_on_an_idle_loop():
     assert [rows for rows, _ in model.batches] == [2]
 
 
+def test_a_cancelled_request_leaves_its_batch_whole():
+    """A client that gives up while its request waits in a batch (a gRPC deadline cancels the
+    handler) costs the others nothing: the batch runs, they get their answers, and every
+    request's version pin is released."""
+    model = _Model(timeout_micros=50_000)
+
+    async def scenario(batcher):
+        submitted = [_submit(batcher, model, float(i)) for i in range(3)]
+        submitted[1][1].cancel()
+        answers = [(await f)["y:0"].tolist() for i, (_, f) in enumerate(submitted) if i != 1]
+        return answers, [handle.released for handle, _ in submitted]
+
+    answers, released = _on_loop(scenario)
+    assert answers == [[0.0], [4.0]]
+    assert released == [True, True, True]
+    assert [rows for rows, _ in model.batches] == [3]
+
+
 def test_cheap_batches_run_on_the_loop_and_expensive_ones_on_a_batch_thread():
     cheap, expensive = _Model(0), _Model(0, seconds_per_batch=2 * INLINE_BUDGET_S)
     expensive.model_name = "slow"
