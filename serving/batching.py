@@ -196,11 +196,16 @@ class _Queue:
     batches: deque[list[_Task]] = field(default_factory=deque)
     open_rows: int = 0  # rows in the last batch
 
+    @property
+    def waits_for_idle(self) -> bool:
+        """No timeout: a batch is due when the loop has nothing else to do (see ``Batcher``)."""
+        return self.params.batch_timeout_micros == 0
+
     def deadline(self) -> float:
         """When the first batch is due, full or not (loop time)."""
         if len(self.batches) > 1 or self.open_rows >= self.params.max_batch_size:
             return -math.inf
-        if self.params.batch_timeout_micros == 0:  # when the loop has nothing else to do
+        if self.waits_for_idle:
             return self.batches[0][0].enqueued + IDLE_WAIT_CAP_S
         return self.batches[0][0].enqueued + self.params.batch_timeout_micros / 1e6
 
@@ -213,7 +218,7 @@ class Batcher:
     of its queue, or when its oldest request has waited ``batch_timeout_micros`` (a loop timer).
     At most ``num_batch_threads`` batches run at once, queues taken round-robin as TF Serving's
     ``SharedBatchScheduler`` does. A batch runs through a ``JobRunner``: on the loop itself when
-    batches of its kind (model, signature, size class) have been cheaper than handing them to a
+    batches of its kind (model, fetched tensors, size class) have been cheaper than handing them to a
     batch thread, else on one -- for a small model, a batch costs the loop less than the hand-off.
 
     ``batch_timeout_micros`` 0 means, as in TF Serving, "run as soon as a batch thread is free";
@@ -316,7 +321,7 @@ class Batcher:
         due = None
         if self._running < self.num_threads and self._queues:
             due = min(queue.deadline() for queue in self._queues.values())
-            if any(queue.params.batch_timeout_micros == 0 for queue in self._queues.values()):
+            if any(queue.waits_for_idle for queue in self._queues.values()):
                 self._watch_idle()
         if self._timer is not None and (due is None or self._timer.when() != due):
             self._timer.cancel()
@@ -337,6 +342,8 @@ class Batcher:
         """Each loop iteration until the loop has nothing else to run: then the batches without
         a timeout are due (the loop is their batch thread, and it is free)."""
         self._idle_watched = False
+        if not any(queue.waits_for_idle for queue in self._queues.values()):
+            return  # nothing waits for it any more (its batches filled up meanwhile, say)
         # asyncio keeps the callbacks of the next iteration in ``_ready`` (no public API says
         # whether there are any); a loop without it counts as idle, which runs batches at once.
         if getattr(self._loop, "_ready", None):
@@ -347,7 +354,7 @@ class Batcher:
     def _take(self, now: float, idle: bool) -> tuple[_Queue, list[_Task]] | None:
         """The first due batch, queues visited round-robin."""
         for key, queue in self._queues.items():
-            if queue.deadline() <= now or (idle and queue.params.batch_timeout_micros == 0):
+            if queue.deadline() <= now or (idle and queue.waits_for_idle):
                 batch = queue.batches.popleft()
                 del self._queues[key]  # back at the end of the round, or gone when empty
                 if queue.batches:
