@@ -52,6 +52,14 @@ log = logging.getLogger("serving.batching")
 # gRPC at 64 concurrent on 2 workers (one run each, against the no-op): 0.75x at 1 ms, 0.84x at
 # 2 ms, 0.88x at 5 ms; one model call per request, 0.64x.
 IDLE_WAIT_CAP_S = 5e-3
+# A batch runs on the event loop when batches of its kind have taken less than this (the fastest
+# of their recent runs). More than a single request's budget (``jobs.INLINE_BUDGET_S``, the
+# ~200 us a thread hand-off costs): a batch answers many requests at once, and on a thread its
+# Python half (merge, split, TF's call wrapper) still contends for the GIL. At 200 us, 3-33 % of
+# batch-1 MNIST batches (16-63 rows: 100-470 us on a loaded loop) flapped onto threads, at 5,309
+# req/s mean over 3 runs (2 workers, gRPC, 64 concurrent); at 1 ms none did, 5,629 req/s. A
+# millisecond on the loop is within what waiting for a batch already adds.
+BATCH_INLINE_BUDGET_S = 1e-3
 PER_MODEL_FILE = "batching_params.pbtxt"  # TF Serving's kBatchingParamsFilename
 
 
@@ -218,8 +226,9 @@ class Batcher:
     of its queue, or when its oldest request has waited ``batch_timeout_micros`` (a loop timer).
     At most ``num_batch_threads`` batches run at once, queues taken round-robin as TF Serving's
     ``SharedBatchScheduler`` does. A batch runs through a ``JobRunner``: on the loop itself when
-    batches of its kind (model, fetched tensors, size class) have been cheaper than handing them to a
-    batch thread, else on one -- for a small model, a batch costs the loop less than the hand-off.
+    batches of its kind (model, fetched tensors, size class) have taken less than
+    ``BATCH_INLINE_BUDGET_S``, else on a batch thread -- for a small model, a batch costs the loop
+    less than the hand-off.
 
     ``batch_timeout_micros`` 0 means, as in TF Serving, "run as soon as a batch thread is free";
     here the loop is the batch thread, and it is free once it has nothing else ready to run. So
@@ -232,7 +241,7 @@ class Batcher:
     def __init__(self, num_threads: int, thread_pool_name: str) -> None:
         self.thread_pool_name = thread_pool_name
         self.num_threads = num_threads
-        self._runner = JobRunner(num_threads, thread_pool_name)
+        self._runner = JobRunner(num_threads, thread_pool_name, BATCH_INLINE_BUDGET_S)
         self._loop = asyncio.get_running_loop()
         self._queues: dict[tuple[Any, ...], _Queue] = {}  # in round-robin order
         self._running = 0  # batches taken and not yet finished

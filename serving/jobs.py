@@ -26,7 +26,7 @@ COST_WINDOW = 8
 
 
 class JobCosts:
-    """Which kinds of job are cheap enough to run on the event loop (``INLINE_BUDGET_S``).
+    """Which kinds of job are cheap enough to run on the event loop: below ``budget_s``.
 
     A run's cost is the wall time of the job itself, wherever it ran: what it would hold the loop
     for, TensorFlow's intra-op threads included (``time.thread_time`` misses those: a 2-core
@@ -39,12 +39,13 @@ class JobCosts:
     exist cannot grow the table.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, budget_s: float = INLINE_BUDGET_S) -> None:
+        self.budget_s = budget_s
         self._recent: dict[Hashable, deque[float]] = {}
 
     def cheap(self, kind: Hashable) -> bool:
         recent = self._recent.get(kind)
-        return recent is not None and min(recent) < INLINE_BUDGET_S
+        return recent is not None and min(recent) < self.budget_s
 
     def record(self, kind: Hashable, seconds: float) -> None:
         recent = self._recent.get(kind)
@@ -63,10 +64,11 @@ class JobCosts:
 class JobRunner:
     """A thread pool and the costs that decide, per kind of job, whether to use it."""
 
-    def __init__(self, num_threads: int, thread_name_prefix: str) -> None:
+    def __init__(self, num_threads: int, thread_name_prefix: str,
+                 inline_budget_s: float = INLINE_BUDGET_S) -> None:
         self.executor = ThreadPoolExecutor(max_workers=num_threads,
                                            thread_name_prefix=thread_name_prefix)
-        self.costs = JobCosts()
+        self.costs = JobCosts(inline_budget_s)
 
     async def run(self, kind: Hashable, fn: Callable[[], T]) -> T:
         """``fn()``: right here on the event loop when jobs of this ``kind`` have been cheaper

@@ -33,9 +33,8 @@ from test_serving_api import (CLASSIFY, REGRESS, classify_request,  # noqa: E402
                               multi_request, regress_request)
 
 from serving import batching  # noqa: E402
-from serving.batching import (Batcher, BatchingParameters, _merge, padded_size,  # noqa: E402
-                              read_parameters)
-from serving.jobs import INLINE_BUDGET_S  # noqa: E402
+from serving.batching import (BATCH_INLINE_BUDGET_S, Batcher, BatchingParameters,  # noqa: E402
+                              _merge, padded_size, read_parameters)
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -221,7 +220,7 @@ def test_a_cancelled_request_leaves_its_batch_whole():
 
 
 def test_cheap_batches_run_on_the_loop_and_expensive_ones_on_a_batch_thread():
-    cheap, expensive = _Model(0), _Model(0, seconds_per_batch=2 * INLINE_BUDGET_S)
+    cheap, expensive = _Model(0), _Model(0, seconds_per_batch=2 * BATCH_INLINE_BUDGET_S)
     expensive.model_name = "slow"
 
     async def scenario(batcher):
