@@ -3,8 +3,8 @@ Classify, Regress and MultiInference requests alike, whichever front end they ca
 
 Requests for the same (servable version, fed tensors, fetched tensors) wait in one queue; a
 batch is due when it is full (``max_batch_size`` rows), when it is not the last in its queue, or
-when its oldest request has waited ``batch_timeout_micros``. The batch's inputs are concatenated along
-dim 0, padded with copies of the last request's first row up to the next
+when its oldest request has waited ``batch_timeout_micros``. The batch's inputs are concatenated
+along dim 0, padded with copies of the last request's first row up to the next
 ``allowed_batch_sizes`` entry, run through the servable in one session call, and the outputs are
 split back by row counts (padding rows dropped). All queues share ``num_batch_threads`` batch
 slots, as TF Serving's ``SharedBatchScheduler`` shares its threads.
@@ -378,11 +378,12 @@ class Batcher:
                                                      self.thread_pool_name)
         rows = sum(task.rows for task in batch)
         size = padded_size(queue.params.allowed_batch_sizes, rows)
+        padding = size - rows
         kind = (queue.servable.model_name, queue.fetches, size.bit_length())
         results: list[Any] = [None] * len(batch)
         error: BaseException | None = None
         try:
-            results = await self._runner.run(kind, lambda: _run_batch(queue, batch, size))
+            results = await self._runner.run(kind, lambda: _run_batch(queue, batch, size, padding))
         except ServingError as e:
             error = e
         except asyncio.CancelledError:  # the loop is shutting down
@@ -428,10 +429,11 @@ def padded_size(allowed: tuple[int, ...], size: int) -> int:
     return size
 
 
-def _run_batch(queue: _Queue, batch: list[_Task], size: int) -> list[dict[str, np.ndarray]]:
-    """Merge, pad to ``size`` rows, run, split back; on the loop or a batch thread."""
+def _run_batch(queue: _Queue, batch: list[_Task], size: int,
+               padding: int) -> list[dict[str, np.ndarray]]:
+    """Merge, pad with ``padding`` rows to ``size``, run, split back; on the loop or a batch
+    thread."""
     params = queue.params
-    padding = size - sum(task.rows for task in batch)
     metrics.BATCHING_PADDING_SIZE.observe(padding, str(size))
     metrics.BATCHING_PROCESSED_BATCH_SIZE.observe(size)
     if len(batch) == 1 and not padding:

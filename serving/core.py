@@ -174,7 +174,7 @@ class DataPlane:
     async def multi_inference_batched(self, tasks: Sequence[InferenceTask],
                                       examples: Sequence[bytes]) -> list[InferenceResult]:
         """``multi_inference`` for the event loop when batching is on."""
-        first = tasks[0] if tasks else InferenceTask("", None, None, "", "")
+        first = _routing_task(tasks)
         return await self._infer_batched(
             first.model_name, first.version, first.label, examples,
             lambda servable: servable.multi_inference_tasks(_signature_methods(tasks)))
@@ -239,7 +239,7 @@ class DataPlane:
         As TF Serving: the first task's ModelSpec routes the request (the other tasks' versions
         are not looked at), every task must name that same model, signatures must be distinct.
         """
-        first = tasks[0] if tasks else InferenceTask("", None, None, "", "")
+        first = _routing_task(tasks)
         with self.routing.acquire(first.model_name, first.version, label=first.label) as handle:
             values = handle.servable.multi_inference(_signature_methods(tasks), examples)
             return [InferenceResult(handle.version, t.signature_name or DEFAULT_SIGNATURE, v)
@@ -256,6 +256,12 @@ class DataPlane:
                        label: str | None = None) -> ModelMetadata:
         with self.routing.acquire(model_name, version, label=label) as handle:
             return ModelMetadata(handle.version, dict(handle.servable.signature_defs))
+
+
+def _routing_task(tasks: Sequence[InferenceTask]) -> InferenceTask:
+    """The task whose ModelSpec routes a MultiInference (the first; an empty spec, which routing
+    rejects, when there is none)."""
+    return tasks[0] if tasks else InferenceTask("", None, None, "", "")
 
 
 def _signature_methods(tasks: Sequence[InferenceTask]) -> list[tuple[str, str]]:
