@@ -137,10 +137,11 @@ class DataPlane:
         label: str | None,
         signature_name: str,
         inputs: Inputs,
-        output_filter: Sequence[str] = (),
-    ) -> PredictResult:
+        output_filter: Sequence[str],
+        answer: Callable[[PredictResult], T],
+    ) -> T:
         """``predict`` for the event loop when batching is on: route, decode and validate here,
-        then await the batch (``_run_batched``)."""
+        then await the batch (``_run_batched``); returns the front end's ``answer``."""
         handle = self.routing.acquire(model_name, version, label=label)
         try:
             servable = handle.servable
@@ -152,37 +153,43 @@ class DataPlane:
             handle.release()
             raise
         feeds, fetches = predict_tensors(sig, inputs, outputs)
-        values = await self._run_batched(handle, feeds, fetches, sig.batchable)
-        return PredictResult(handle.version, sig.name, predict_outputs(sig, outputs, values))
+        version_served = handle.version
+        return await self._run_batched(
+            handle, feeds, fetches, sig.batchable,
+            lambda values: answer(PredictResult(version_served, sig.name,
+                                                predict_outputs(sig, outputs, values))))
 
     async def classify_batched(self, model_name: str, version: int | None, label: str | None,
-                               signature_name: str, examples: Sequence[bytes]) -> InferenceResult:
+                               signature_name: str, examples: Sequence[bytes],
+                               answer: Callable[[InferenceResult], T]) -> T:
         """``classify`` for the event loop when batching is on."""
-        (result,) = await self._infer_batched(
+        return await self._infer_batched(
             model_name, version, label, examples,
-            lambda servable: servable.example_tasks(signature_name, CLASSIFY_METHOD))
-        return result
+            lambda servable: servable.example_tasks(signature_name, CLASSIFY_METHOD),
+            lambda results: answer(results[0]))
 
     async def regress_batched(self, model_name: str, version: int | None, label: str | None,
-                              signature_name: str, examples: Sequence[bytes]) -> InferenceResult:
+                              signature_name: str, examples: Sequence[bytes],
+                              answer: Callable[[InferenceResult], T]) -> T:
         """``regress`` for the event loop when batching is on."""
-        (result,) = await self._infer_batched(
+        return await self._infer_batched(
             model_name, version, label, examples,
-            lambda servable: servable.example_tasks(signature_name, REGRESS_METHOD))
-        return result
+            lambda servable: servable.example_tasks(signature_name, REGRESS_METHOD),
+            lambda results: answer(results[0]))
 
     async def multi_inference_batched(self, tasks: Sequence[InferenceTask],
-                                      examples: Sequence[bytes]) -> list[InferenceResult]:
+                                      examples: Sequence[bytes],
+                                      answer: Callable[[list[InferenceResult]], T]) -> T:
         """``multi_inference`` for the event loop when batching is on."""
         first = _routing_task(tasks)
         return await self._infer_batched(
             first.model_name, first.version, first.label, examples,
-            lambda servable: servable.multi_inference_tasks(_signature_methods(tasks)))
+            lambda servable: servable.multi_inference_tasks(_signature_methods(tasks)), answer)
 
     async def _infer_batched(self, model_name: str, version: int | None, label: str | None,
                              examples: Sequence[bytes],
-                             tasks_of: Callable[[Servable], list[SignatureTask]]
-                             ) -> list[InferenceResult]:
+                             tasks_of: Callable[[Servable], list[SignatureTask]],
+                             answer: Callable[[list[InferenceResult]], T]) -> T:
         handle = self.routing.acquire(model_name, version, label=label)
         try:
             tasks = tasks_of(handle.servable)
@@ -190,29 +197,37 @@ class DataPlane:
         except BaseException:
             handle.release()
             raise
-        values = await self._run_batched(handle, feeds, fetches,
-                                         all(sig.batchable for sig, _ in tasks))
-        return [InferenceResult(handle.version, sig.name, value) for (sig, _), value
-                in zip(tasks, inference_results(tasks, len(examples), values))]
+        version_served = handle.version
+        return await self._run_batched(
+            handle, feeds, fetches, all(sig.batchable for sig, _ in tasks),
+            lambda values: answer([
+                InferenceResult(version_served, sig.name, value) for (sig, _), value
+                in zip(tasks, inference_results(tasks, len(examples), values))]))
 
     async def _run_batched(self, handle: Handle, feeds: dict[str, np.ndarray],
-                           fetches: tuple[str, ...], batchable: bool) -> dict[str, np.ndarray]:
+                           fetches: tuple[str, ...], batchable: bool,
+                           answer: Callable[[dict[str, np.ndarray]], T]) -> T:
         """One session run in a batch; one that cannot join a batch (a version without batching
         parameters, an input without a batch dim) runs alone through ``run``. Takes ``handle``
         over: it is released once the model has run, by whoever ran it, so a cancelled request
-        cannot unpin its version under a running batch."""
+        cannot unpin its version under a running batch.
+
+        ``answer`` turns the fetched arrays into the front end's response as the batch finishes
+        (``Batcher.submit``), so that a batch's responses are sent together.
+        """
         assert self.batcher is not None
         try:
-            future = self.batcher.submit(handle, feeds, fetches, batchable)
+            future = self.batcher.submit(handle, feeds, fetches, batchable, answer)
         except BaseException:
             handle.release()
             raise
         if future is not None:
             return await future
 
-        def run_alone() -> dict[str, np.ndarray]:
+        def run_alone() -> T:
             with handle:
-                return handle.servable.run_tensors(feeds, fetches)
+                values = handle.servable.run_tensors(feeds, fetches)
+            return answer(values)
 
         size_class = sum(v.nbytes for v in feeds.values()).bit_length()
         return await self.run(("unbatched", handle.servable.model_name, fetches, size_class),

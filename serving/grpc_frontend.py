@@ -99,10 +99,10 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             return await self.data_plane.run(_job_kind("Predict", request.model_spec.name, request),
                                               lambda: self._predict(request))
         spec = request.model_spec
-        result = await self.data_plane.predict_batched(
+        return await self.data_plane.predict_batched(
             spec.name, spec_version(spec), spec_label(spec), spec.signature_name,
-            _predict_inputs(request), list(request.output_filter))
-        return _predict_response(spec, result)
+            _predict_inputs(request), list(request.output_filter),
+            lambda result: _predict_response(spec, result))
 
     def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
         spec = request.model_spec
@@ -116,10 +116,10 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                        context: Any) -> Any:
         spec = request.model_spec
         if self.data_plane.batcher is not None:
-            result = await self.data_plane.classify_batched(
+            return await self.data_plane.classify_batched(
                 spec.name, spec_version(spec), spec_label(spec), spec.signature_name,
-                serialized_examples(request.input))
-            return _classification_response(spec, result)
+                serialized_examples(request.input),
+                lambda result: _classification_response(spec, result))
         return await self.data_plane.run(_job_kind("Classify", spec.name, request),
                                          lambda: self._classify(request))
 
@@ -133,10 +133,10 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def Regress(self, request: regression_pb2.RegressionRequest, context: Any) -> Any:
         spec = request.model_spec
         if self.data_plane.batcher is not None:
-            result = await self.data_plane.regress_batched(
+            return await self.data_plane.regress_batched(
                 spec.name, spec_version(spec), spec_label(spec), spec.signature_name,
-                serialized_examples(request.input))
-            return _regression_response(spec, result)
+                serialized_examples(request.input),
+                lambda result: _regression_response(spec, result))
         return await self.data_plane.run(_job_kind("Regress", spec.name, request),
                                          lambda: self._regress(request))
 
@@ -151,9 +151,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                              context: Any) -> Any:
         if self.data_plane.batcher is not None:
             tasks = _inference_tasks(request)
-            results = await self.data_plane.multi_inference_batched(
-                tasks, serialized_examples(request.input))
-            return _multi_inference_response(tasks, results)
+            return await self.data_plane.multi_inference_batched(
+                tasks, serialized_examples(request.input),
+                lambda results: _multi_inference_response(tasks, results))
         model_name = request.tasks[0].model_spec.name if request.tasks else ""
         return await self.data_plane.run(_job_kind("MultiInference", model_name, request),
                                          lambda: self._multi_inference(request))

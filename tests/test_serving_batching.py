@@ -33,6 +33,7 @@ from test_serving_api import (CLASSIFY, REGRESS, classify_request,  # noqa: E402
                               multi_request, regress_request)
 
 from serving import batching  # noqa: E402
+from serving.errors import ServingError  # noqa: E402
 from serving.batching import (BATCH_INLINE_BUDGET_S, Batcher, BatchingParameters,  # noqa: E402
                               _merge, padded_size, read_parameters)
 
@@ -110,7 +111,8 @@ class _Handle:
 
 def _submit(batcher, model: _Model, value: float):
     handle = _Handle(model)
-    return handle, batcher.submit(handle, {"x:0": np.array([value], np.float32)}, ("y:0",), True)
+    return handle, batcher.submit(handle, {"x:0": np.array([value], np.float32)}, ("y:0",), True,
+                                  lambda values: values)
 
 
 def _on_loop(scenario):
@@ -217,6 +219,40 @@ def test_a_cancelled_request_leaves_its_batch_whole():
     assert answers == [[0.0], [4.0]]
     assert released == [True, True, True]
     assert [rows for rows, _ in model.batches] == [3]
+
+
+def test_a_batch_makes_every_answer_before_any_request_resumes():
+    """Each request's ``answer`` (its response encoding) runs as the batch finishes, all of
+    them before the first awaiting request resumes, so the batch's responses go out together;
+    an answer that fails fails its own request only."""
+    model = _Model(timeout_micros=50_000)
+    made: list[float] = []
+    resumed: list[tuple[float, int]] = []
+
+    def answer(values):
+        value = float(values["y:0"][0])
+        made.append(value)
+        if value == 2.0:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "cannot encode")
+        return value
+
+    async def one(batcher, value: float):
+        future = batcher.submit(_Handle(model), {"x:0": np.array([value], np.float32)}, ("y:0",),
+                                True, answer)
+        try:
+            result = await future
+        except ServingError as e:
+            result = e.message
+        resumed.append((value, len(made)))
+        return result
+
+    async def scenario(batcher):
+        return await asyncio.gather(*(one(batcher, float(i)) for i in range(3)))
+
+    assert _on_loop(scenario) == [0.0, "cannot encode", 4.0]
+    assert [rows for rows, _ in model.batches] == [3]
+    assert sorted(made) == [0.0, 2.0, 4.0]
+    assert all(count == 3 for _, count in resumed)  # all made before the first resumed
 
 
 def test_cheap_batches_run_on_the_loop_and_expensive_ones_on_a_batch_thread():

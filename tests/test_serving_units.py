@@ -16,6 +16,7 @@ import saved_models  # noqa: E402
 
 from serving.errors import ServingError  # noqa: E402
 from serving.flags import parse_args  # noqa: E402
+from serving.servable import SignatureInfo, TensorInfo  # noqa: E402
 from serving.source import VersionPolicy, list_versions, parse_version  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -224,10 +225,10 @@ def test_rest_json_reads_every_document_as_json_loads():
         '[1e400, 12345678901234567890.5]',
     ]
     for text in documents:
-        assert repr(_loads(text)) == repr(json.loads(text)), text
+        assert repr(_loads(text.encode())) == repr(json.loads(text)), text
     for text in ('{"instances": [1, 2,]}', "{} x", "01"):
         with pytest.raises(ValueError) as info:
-            _loads(text)
+            _loads(text.encode())
         with pytest.raises(ValueError) as expected:
             json.loads(text)
         assert str(info.value) == str(expected.value)
@@ -252,3 +253,89 @@ def test_rest_floats_print_as_the_shortest_float32_decimal():
     for case in cases:
         assert json.dumps(_floats(case)) == reference(case), case.shape
     assert json.dumps(_floats(cases[-1])) == "[[1.5, NaN, Infinity, -Infinity]]"
+
+
+def _signature(dtype_name: str) -> SignatureInfo:
+    dtype = np.dtype(object if dtype_name == "string" else dtype_name)
+    x = TensorInfo("x", "x:0", dtype, dtype_name, (-1, -1))
+    return SignatureInfo("serving_default", "tensorflow/serving/predict", {"x": x}, {}, True)
+
+
+def _decoded(body: bytes, dtype_name: str) -> tuple[str, object]:
+    """What a :predict body decodes to (signature name, row format, arrays) or its error."""
+    from serving.rest_frontend import PredictBody
+
+    try:
+        predict = PredictBody(body)
+        inputs = predict.decode(_signature(dtype_name))
+    except ServingError as e:
+        return "error", (e.code, e.message)
+    return "ok", (predict.signature_name, predict.rows,
+                  {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in inputs.items()})
+
+
+def test_rest_numeric_bodies_read_straight_into_numpy_as_any_body_is_read(monkeypatch):
+    """simdjson takes the common :predict body (one numeric vector or matrix) straight into
+    numpy; it must read it exactly as the general path (``json.loads`` + ``np.asarray``) does,
+    and leave every other body, ragged or deeper-nested ones included, to that path."""
+    from serving import rest_frontend
+
+    straight = ['{"instances": [[0.0, 0.5, 1e-7, -0.0, 3]]}', '{"instances": [[1, 2], [3, 4]]}',
+                '{"inputs": [1.5, 2.5], "signature_name": "serving_default"}',
+                '{"signature_name": "", "instances": [[3.4e38, -2]]}', '{"instances": [[]]}',
+                '{"instances": [[12345678901234567890, 0.1]]}', '{"inputs": [[7]]}']
+    general = ['{"instances": [[1, 2], [3]]}', '{"instances": [[1, [2]], [3, 4]]}',
+               '{"instances": [[1, 2], 3]}', '{"instances": [[[1], [2]]]}',
+               '{"instances": [true, 1]}', '{"instances": [1, null]}', '{"instances": [1, "2"]}',
+               '{"instances": [NaN]}',
+               '{"instances": [1e400]}', '{"instances": []}', '{"instances": 5}',
+               '{"instances": [{"x": [1]}]}', '{"instances": [[1]], "instances": [[2]]}',
+               '{"instances": [[1]], "inputs": [[1]]}', '{"signature_name": "a[b", "inputs": [1]}',
+               '{"instances": [[1]], "extra": 1}', '{"instances": [[123456789012345678901234]]}',
+               '[[1, 2]]', '{"instances": [[1, 2]]', '{"signature_name": 3, "instances": [[1]]}',
+               '{"inputs": {"x": [1.0]}}', '{"instances": [[1], [2]], "signature_name": "\\u005b"}']
+    for text in straight + general:
+        assert (rest_frontend._numeric_tensor(text.encode())[0] is not None) == (text in straight), \
+            text
+    seen = {}
+    for dtype_name in ("float32", "float64", "float16", "int32", "string"):
+        for text in straight + general:
+            seen[dtype_name, text] = _decoded(text.encode(), dtype_name)
+    monkeypatch.setattr(rest_frontend, "_numeric_tensor", lambda body: (None, False, ""))
+    for (dtype_name, text), outcome in seen.items():
+        assert outcome == _decoded(text.encode(), dtype_name), (dtype_name, text)
+    assert seen["float32", straight[0]][0] == "ok" and seen["float32", general[0]][0] == "error"
+
+
+def test_rest_predict_answers_read_back_the_same_whichever_writer(monkeypatch):
+    """orjson writes finite float32/float64 and integer outputs (the shortest decimal, as the
+    json module writes float32's shortest digits read as float64); the json module writes the
+    rest. Every answer must read back to the same values whichever writer made it."""
+    import json
+
+    from serving import rest_frontend
+    from serving.core import PredictResult
+
+    rng = np.random.default_rng(11)
+    patterns = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    finite = patterns.view(np.float32)[np.isfinite(patterns.view(np.float32))][:100_000]
+    cases = [{"scores": finite.reshape(-1, 10)},
+             {"scores": finite[:20].reshape(2, 10), "classes": np.array([3, 7], np.int64),
+              "best": np.array([0.5, 1e-7], np.float64), "ok": np.array([True, False])},
+             {"scores": np.array([[1.5, np.nan, np.inf]], np.float32)},
+             {"words": np.array([b"a", b"\xff"], object)}]
+    for outputs in cases:
+        for text in (b'{"instances": [[1.0]]}', b'{"inputs": [[1.0]]}'):
+            result = PredictResult(1, "serving_default", outputs)
+            answers = [rest_frontend.PredictBody(text).answer(result)]
+            with monkeypatch.context() as patched:
+                patched.setattr(rest_frontend, "_orjson_writes_exactly", lambda array: False)
+                answers.append(rest_frontend.PredictBody(text).answer(result))
+            fast, general = answers
+            if fast != general:  # else the json module wrote both: NaN, Infinity, strings
+                assert json.loads(fast) == json.loads(general)
+        assert all(map(rest_frontend._orjson_writes_exactly, outputs.values())) == \
+            (outputs is cases[0] or outputs is cases[1])
+    nan = PredictResult(1, "serving_default", cases[2])
+    assert rest_frontend.PredictBody(b'{"instances": [[1.0]]}').answer(nan) == \
+        b'{"predictions":[[1.5,NaN,Infinity]]}'
