@@ -420,10 +420,8 @@ class RestApi:
             if self.data_plane.batcher is not None:
                 job = batched(route, data)  # on the loop, awaiting its batch
             else:
-                # Parsing, the model call and encoding are one job, which runs on a worker thread
-                # unless such jobs are cheap: a large body or response must not stall the loop.
                 kind = (match["verb"], route.name, len(data).bit_length())
-                job = self.data_plane.run(kind, lambda: blocking(route, data))
+                job = self._unbatched(kind, lambda: blocking(route, data))
             try:
                 async with asyncio.timeout(self.timeout_s):
                     return _json_response(await job)
@@ -435,6 +433,17 @@ class RestApi:
         except Exception as e:  # noqa: BLE001
             log.exception("REST %s %s failed", request.method, request.path)
             return _json_response(_json_bytes({"error": f"{type(e).__name__}: {e}"}), 500)
+
+    async def _unbatched(self, kind: tuple[Any, ...], job: Callable[[], bytes]) -> bytes:
+        """Parsing, the model call and encoding as one job, which runs on a worker thread unless
+        such jobs are cheap (a large body or response must not stall the loop)."""
+        answer = await self.data_plane.run(kind, job)
+        # A cheap job answers within the loop step that read the request, and aiohttp would send
+        # the response before the loop reads the other requests that came in with it; one
+        # yield lets those run first, so the responses of a step go out together, as a batch's
+        # do (Batcher.submit): 1.22x requests/s at 64 concurrent, 2 workers, paired runs.
+        await asyncio.sleep(0)
+        return answer
 
     def _predict(self, route: Route, data: bytes) -> bytes:
         body = PredictBody(data)
