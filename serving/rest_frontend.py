@@ -362,9 +362,10 @@ class RestApi:
                       "regress": (self._regress, self._regress_batched)}
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 31, middlewares=[metrics.rest_observed])
-        app.router.add_route("GET", "/v1/models/{tail:.+}", self.handle_get)
-        app.router.add_route("POST", "/v1/models/{tail:.+}", self.handle_post)
+        app = web.Application(client_max_size=1 << 31)
+        app.router.add_route("GET", "/v1/models/{tail:.+}", metrics.rest_observed(self.handle_get))
+        app.router.add_route("POST", "/v1/models/{tail:.+}",
+                             metrics.rest_observed(self.handle_post))
         return app
 
     @staticmethod
