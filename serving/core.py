@@ -25,10 +25,9 @@ from serving.errors import ServingError, invalid
 from serving.jobs import JobRunner
 from serving.manager import VersionStatus
 from serving.routing import Handle, RoutingTable
-from serving.servable import (CLASSIFY_METHOD, DEFAULT_SIGNATURE, REGRESS_METHOD, Classification,
-                              Regression, Servable, SignatureInfo, SignatureTask,
-                              inference_results, inference_tensors, predict_outputs,
-                              predict_tensors)
+from serving.servable import (DEFAULT_SIGNATURE, Classification, Regression, Servable,
+                              SignatureInfo, SignatureTask, inference_results, inference_tensors,
+                              predict_outputs, predict_tensors)
 
 T = TypeVar("T")
 
@@ -159,22 +158,15 @@ class DataPlane:
             lambda values: answer(PredictResult(version_served, sig.name,
                                                 predict_outputs(sig, outputs, values))))
 
-    async def classify_batched(self, model_name: str, version: int | None, label: str | None,
-                               signature_name: str, examples: Sequence[bytes],
-                               answer: Callable[[InferenceResult], T]) -> T:
-        """``classify`` for the event loop when batching is on."""
+    async def example_inference_batched(self, method: str, model_name: str, version: int | None,
+                                        label: str | None, signature_name: str,
+                                        examples: Sequence[bytes],
+                                        answer: Callable[[InferenceResult], T]) -> T:
+        """``classify`` or ``regress`` (``method``: CLASSIFY_METHOD, REGRESS_METHOD) for the event
+        loop when batching is on."""
         return await self._infer_batched(
             model_name, version, label, examples,
-            lambda servable: servable.example_tasks(signature_name, CLASSIFY_METHOD),
-            lambda results: answer(results[0]))
-
-    async def regress_batched(self, model_name: str, version: int | None, label: str | None,
-                              signature_name: str, examples: Sequence[bytes],
-                              answer: Callable[[InferenceResult], T]) -> T:
-        """``regress`` for the event loop when batching is on."""
-        return await self._infer_batched(
-            model_name, version, label, examples,
-            lambda servable: servable.example_tasks(signature_name, REGRESS_METHOD),
+            lambda servable: servable.example_tasks(signature_name, method),
             lambda results: answer(results[0]))
 
     async def multi_inference_batched(self, tasks: Sequence[InferenceTask],

@@ -30,7 +30,7 @@ from serving import metrics
 from serving.core import DataPlane, InferenceResult, InferenceTask, PredictResult
 from serving.errors import ServingError, invalid
 from serving.model_config import RELOAD_TIMEOUT_S
-from serving.servable import Classification, Regression
+from serving.servable import CLASSIFY_METHOD, REGRESS_METHOD, Classification, Regression
 from serving.tensors import fill_tensor_proto, serialized_examples, to_ndarray
 
 log = logging.getLogger("serving.grpc")
@@ -116,10 +116,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                        context: Any) -> Any:
         spec = request.model_spec
         if self.data_plane.batcher is not None:
-            return await self.data_plane.classify_batched(
-                spec.name, spec_version(spec), spec_label(spec), spec.signature_name,
-                serialized_examples(request.input),
-                lambda result: _classification_response(spec, result))
+            return await self.data_plane.example_inference_batched(
+                CLASSIFY_METHOD, spec.name, spec_version(spec), spec_label(spec), spec.signature_name,
+                serialized_examples(request.input), lambda result: _classification_response(spec, result))
         return await self.data_plane.run(_job_kind("Classify", spec.name, request),
                                          lambda: self._classify(request))
 
@@ -133,10 +132,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def Regress(self, request: regression_pb2.RegressionRequest, context: Any) -> Any:
         spec = request.model_spec
         if self.data_plane.batcher is not None:
-            return await self.data_plane.regress_batched(
-                spec.name, spec_version(spec), spec_label(spec), spec.signature_name,
-                serialized_examples(request.input),
-                lambda result: _regression_response(spec, result))
+            return await self.data_plane.example_inference_batched(
+                REGRESS_METHOD, spec.name, spec_version(spec), spec_label(spec), spec.signature_name,
+                serialized_examples(request.input), lambda result: _regression_response(spec, result))
         return await self.data_plane.run(_job_kind("Regress", spec.name, request),
                                          lambda: self._regress(request))
 

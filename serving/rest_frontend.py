@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import re
-from typing import Any, Callable, NamedTuple
+from typing import Any, Awaitable, Callable, NamedTuple
 
 import grpc
 import numpy as np
@@ -35,7 +35,8 @@ from google.protobuf import json_format
 from serving import metrics
 from serving.core import DataPlane, InferenceResult, PredictResult, parse_version
 from serving.errors import ServingError, invalid
-from serving.servable import Classification, Regression, SignatureInfo, TensorInfo
+from serving.servable import (CLASSIFY_METHOD, REGRESS_METHOD, Classification, Regression,
+                              SignatureInfo, TensorInfo)
 from serving.tensors import serialized_examples
 
 log = logging.getLogger("serving.rest")
@@ -350,16 +351,21 @@ def decode_examples(body: dict[str, Any]) -> list[bytes]:
 # -- handlers ----------------------------------------------------------------------------------
 
 
+# A verb's handlers: the blocking one, run as one job, and the one for the loop with batching on.
+VerbHandlers = tuple[Callable[[Route, bytes], bytes], Callable[[Route, bytes], Awaitable[bytes]]]
+
+
 class RestApi:
     """The aiohttp handlers over a DataPlane."""
 
     def __init__(self, data_plane: DataPlane, timeout_ms: int) -> None:
         self.data_plane = data_plane
         self.timeout_s = timeout_ms / 1000.0 if timeout_ms > 0 else None
-        # verb -> (the blocking handler run as one job, the one for the loop with batching on)
-        self.verbs = {"predict": (self._predict, self._predict_batched),
-                      "classify": (self._classify, self._classify_batched),
-                      "regress": (self._regress, self._regress_batched)}
+        self.verbs: dict[str, VerbHandlers] = {"predict": (self._predict, self._predict_batched),
+                      "classify": self._example_verb(CLASSIFY_METHOD, data_plane.classify,
+                                                     _classification_answer),
+                      "regress": self._example_verb(REGRESS_METHOD, data_plane.regress,
+                                                    _regression_answer)}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 31)
@@ -458,30 +464,24 @@ class RestApi:
                                                      body.signature_name, body.decode, (),
                                                      body.answer)
 
-    def _classify(self, route: Route, data: bytes) -> bytes:
-        body = parse_body(data)
-        result = self.data_plane.classify(route.name, route.version, route.label,
-                                          _signature_name(body), decode_examples(body))
-        return _classification_answer(result)
+    def _example_verb(self, method: str,
+                      run: Callable[[str, int | None, str | None, str, list[bytes]], InferenceResult],
+                      answer: Callable[[InferenceResult], bytes]) -> VerbHandlers:
+        """The (blocking, batched) handlers of :classify or :regress (``method``); ``run`` is the
+        data plane's blocking call for it."""
 
-    async def _classify_batched(self, route: Route, data: bytes) -> bytes:
-        body = parse_body(data)
-        return await self.data_plane.classify_batched(route.name, route.version, route.label,
-                                                      _signature_name(body),
-                                                      decode_examples(body),
-                                                      _classification_answer)
+        def blocking(route: Route, data: bytes) -> bytes:
+            body = parse_body(data)
+            return answer(run(route.name, route.version, route.label, _signature_name(body),
+                              decode_examples(body)))
 
-    def _regress(self, route: Route, data: bytes) -> bytes:
-        body = parse_body(data)
-        result = self.data_plane.regress(route.name, route.version, route.label,
-                                         _signature_name(body), decode_examples(body))
-        return _regression_answer(result)
+        async def batched(route: Route, data: bytes) -> bytes:
+            body = parse_body(data)
+            return await self.data_plane.example_inference_batched(
+                method, route.name, route.version, route.label, _signature_name(body),
+                decode_examples(body), answer)
 
-    async def _regress_batched(self, route: Route, data: bytes) -> bytes:
-        body = parse_body(data)
-        return await self.data_plane.regress_batched(route.name, route.version, route.label,
-                                                     _signature_name(body),
-                                                     decode_examples(body), _regression_answer)
+        return blocking, batched
 
 
 def _classification_answer(result: InferenceResult) -> bytes:
