@@ -308,9 +308,9 @@ def test_rest_numeric_bodies_read_straight_into_numpy_as_any_body_is_read(monkey
 
 
 def test_rest_predict_answers_read_back_the_same_whichever_writer(monkeypatch):
-    """orjson writes finite float32/float64 and integer outputs (the shortest decimal, as the
-    json module writes float32's shortest digits read as float64); the json module writes the
-    rest. Every answer must read back to the same values whichever writer made it."""
+    """orjson writes float32/float64 and integer outputs (the shortest decimal, as the json
+    module writes float32's shortest digits read as float64); the json module writes the rest,
+    and any answer in which orjson wrote a NaN or Infinity as null. Every answer must read back to the same values whichever writer made it."""
     import json
 
     from serving import rest_frontend
@@ -329,13 +329,54 @@ def test_rest_predict_answers_read_back_the_same_whichever_writer(monkeypatch):
             result = PredictResult(1, "serving_default", outputs)
             answers = [rest_frontend.PredictBody(text).answer(result)]
             with monkeypatch.context() as patched:
-                patched.setattr(rest_frontend, "_orjson_writes_exactly", lambda array: False)
+                patched.setattr(rest_frontend, "_orjson_writes_dtype", lambda array: False)
                 answers.append(rest_frontend.PredictBody(text).answer(result))
             fast, general = answers
             if fast != general:  # else the json module wrote both: NaN, Infinity, strings
                 assert json.loads(fast) == json.loads(general)
-        assert all(map(rest_frontend._orjson_writes_exactly, outputs.values())) == \
-            (outputs is cases[0] or outputs is cases[1])
+        assert all(map(rest_frontend._orjson_writes_dtype, outputs.values())) == \
+            (outputs is not cases[3])
     nan = PredictResult(1, "serving_default", cases[2])
     assert rest_frontend.PredictBody(b'{"instances": [[1.0]]}').answer(nan) == \
         b'{"predictions":[[1.5,NaN,Infinity]]}'
+
+
+def test_deadlines_fail_late_requests_only_and_pass_other_cancellations_through():
+    """A request past its deadline gets DEADLINE_EXCEEDED within a slot of it; one that ends in
+    time keeps its answer; a cancellation from elsewhere (the client went away) stays a
+    cancellation; nothing stays registered afterwards."""
+    import asyncio
+
+    from serving.deadlines import SLOT_S, Deadlines
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        deadlines = Deadlines(0.05)
+
+        async def answer_after(seconds: float) -> str:
+            await asyncio.sleep(seconds)
+            return "answer"
+
+        async def timed(seconds: float) -> tuple[object, float]:
+            start = loop.time()
+            try:
+                return await deadlines.run(answer_after(seconds)), loop.time() - start
+            except ServingError as e:
+                return e.code, loop.time() - start
+
+        (fast, _), (slow, waited) = await asyncio.gather(timed(0.01), timed(1.0))
+        assert fast == "answer"
+        assert slow == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert 0.05 <= waited < 0.05 + SLOT_S + 0.05  # the slot, plus scheduling slack
+
+        cancelled = asyncio.create_task(timed(1.0))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await asyncio.sleep(0.1)  # every slot timer has fired
+        assert not deadlines._slots and not deadlines._expired
+
+        assert await Deadlines(None).run(answer_after(0.01)) == "answer"
+
+    asyncio.run(scenario())
