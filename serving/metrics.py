@@ -313,13 +313,17 @@ REST_STATUS_CODE = "serving.status_code"
 _REST_VERBS = {"predict": "Predict", "classify": "Classify", "regress": "Regress"}
 
 
-def _rest_api(method: str, tail: str) -> str | None:
-    """TF Serving's API name for a ``/v1/models/<tail>`` request; None when it names none."""
+@functools.lru_cache(maxsize=1024)  # clients repeat a few URLs
+def _rest_labels(method: str, tail: str) -> tuple[str, str] | None:
+    """(model name, TF Serving's API name) of a ``/v1/models/<tail>`` request; None when it names
+    no API."""
     if method == "GET":
-        return "GetModelMetadata" if tail.endswith("/metadata") else "GetModelStatus"
-    if method == "POST" and ":" in tail:
-        return _REST_VERBS.get(tail.rsplit(":", 1)[1])
-    return None
+        api = "GetModelMetadata" if tail.endswith("/metadata") else "GetModelStatus"
+    elif method == "POST" and ":" in tail:
+        api = _REST_VERBS.get(tail.rsplit(":", 1)[1])
+    else:
+        api = None
+    return None if api is None else (tail.split("/", 1)[0].split(":", 1)[0], api)
 
 
 RestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -335,11 +339,10 @@ def rest_observed(handler: RestHandler) -> RestHandler:
     async def observed(request: web.Request) -> web.StreamResponse:
         start = time.perf_counter()
         response = await handler(request)
-        tail = request.match_info["tail"]
-        api = _rest_api(request.method, tail)
-        if api is not None:
+        labels = _rest_labels(request.method, request.match_info["tail"])
+        if labels is not None:
             fallback = grpc.StatusCode.OK if response.status < 400 else grpc.StatusCode.INTERNAL
-            model_name = tail.split("/", 1)[0].split(":", 1)[0]
+            model_name, api = labels
             observe_request(model_name, api, "REST", response.get(REST_STATUS_CODE, fallback),
                             start)
         return response
