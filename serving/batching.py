@@ -380,9 +380,8 @@ class Batcher:
 
     async def _process(self, queue: _Queue, batch: list[_Task]) -> None:
         started = self._loop.time()
-        for task in batch:
-            metrics.BATCHING_QUEUING_LATENCY.observe((started - task.enqueued) * 1e6,
-                                                     self.thread_pool_name)
+        metrics.BATCHING_QUEUING_LATENCY.observe_all(
+            [(started - task.enqueued) * 1e6 for task in batch], self.thread_pool_name)
         rows = sum(task.rows for task in batch)
         size = padded_size(queue.params.allowed_batch_sizes, rows)
         padding = size - rows

@@ -129,7 +129,7 @@ class DataPlane:
             values = servable.run(sig, inputs, outputs)
             return PredictResult(handle.version, sig.name, values)
 
-    async def predict_batched(
+    def predict_batched(
         self,
         model_name: str,
         version: int | None,
@@ -138,9 +138,11 @@ class DataPlane:
         inputs: Inputs,
         output_filter: Sequence[str],
         answer: Callable[[PredictResult], T],
-    ) -> T:
-        """``predict`` for the event loop when batching is on: route, decode and validate here,
-        then await the batch (``_run_batched``); returns the front end's ``answer``."""
+    ) -> Awaitable[T]:
+        """``predict`` for the event loop when batching is on: route, decode and validate now
+        (raising at once), then the batch to await (``_run_batched``) for the front end's
+        ``answer``. Not a coroutine, like ``_run_batched``: each level of coroutine costs
+        every request of a batch its creation and a resumption."""
         handle = self.routing.acquire(model_name, version, label=label)
         try:
             servable = handle.servable
@@ -153,7 +155,7 @@ class DataPlane:
             raise
         feeds, fetches = predict_tensors(sig, inputs, outputs)
         version_served = handle.version
-        return await self._run_batched(
+        return self._run_batched(
             handle, feeds, fetches, sig.batchable,
             lambda values: answer(PredictResult(version_served, sig.name,
                                                 predict_outputs(sig, outputs, values))))
@@ -196,13 +198,14 @@ class DataPlane:
                 InferenceResult(version_served, sig.name, value) for (sig, _), value
                 in zip(tasks, inference_results(tasks, len(examples), values))]))
 
-    async def _run_batched(self, handle: Handle, feeds: dict[str, np.ndarray],
-                           fetches: tuple[str, ...], batchable: bool,
-                           answer: Callable[[dict[str, np.ndarray]], T]) -> T:
-        """One session run in a batch; one that cannot join a batch (a version without batching
-        parameters, an input without a batch dim) runs alone through ``run``. Takes ``handle``
-        over: it is released once the model has run, by whoever ran it, so a cancelled request
-        cannot unpin its version under a running batch.
+    def _run_batched(self, handle: Handle, feeds: dict[str, np.ndarray],
+                     fetches: tuple[str, ...], batchable: bool,
+                     answer: Callable[[dict[str, np.ndarray]], T]) -> Awaitable[T]:
+        """One session run in a batch (its future); one that cannot join a batch (a version
+        without batching parameters, an input without a batch dim) runs alone through ``run``.
+        The caller awaits it at once. Takes ``handle`` over: it is released once the model has
+        run, by whoever ran it, so a cancelled request cannot unpin its version under a running
+        batch.
 
         ``answer`` turns the fetched arrays into the front end's response as the batch finishes
         (``Batcher.submit``), so that a batch's responses are sent together.
@@ -214,7 +217,7 @@ class DataPlane:
             handle.release()
             raise
         if future is not None:
-            return await future
+            return future
 
         def run_alone() -> T:
             with handle:
@@ -222,8 +225,8 @@ class DataPlane:
             return answer(values)
 
         size_class = sum(v.nbytes for v in feeds.values()).bit_length()
-        return await self.run(("unbatched", handle.servable.model_name, fetches, size_class),
-                              run_alone)
+        return self.run(("unbatched", handle.servable.model_name, fetches, size_class),
+                        run_alone)
 
     def classify(self, model_name: str, version: int | None, label: str | None,
                  signature_name: str, examples: Sequence[bytes]) -> InferenceResult:

@@ -29,7 +29,7 @@ import bisect
 import functools
 import threading
 import time
-from typing import Any, Awaitable, Callable, Iterator, Protocol, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 import grpc
 from aiohttp import web
@@ -137,14 +137,18 @@ class Histogram(_Metric):
         # _values: per label combination [count in bucket 0, ..., count in +Inf, sum]
 
     def observe(self, value: float, *labels: str) -> None:
+        self.observe_all((value,), *labels)
+
+    def observe_all(self, values: Iterable[float], *labels: str) -> None:
+        """Several observations with the same labels (a batch's requests) under one lock."""
         self._check(labels)
-        index = bisect.bisect_left(self.bounds, value)
         with self._lock:
             cell = self._values.get(labels)
             if cell is None:
                 cell = self._values[labels] = [0] * (len(self.bounds) + 1) + [0.0]
-            cell[index] += 1
-            cell[-1] += value
+            for value in values:
+                cell[bisect.bisect_left(self.bounds, value)] += 1
+                cell[-1] += value
 
     @staticmethod
     def _copy(value: Any) -> Any:

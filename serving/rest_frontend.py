@@ -467,9 +467,9 @@ class RestApi:
                                          body.signature_name, body.decode)
         return body.answer(result)
 
-    async def _predict_batched(self, route: Route, data: bytes) -> bytes:
+    def _predict_batched(self, route: Route, data: bytes) -> Awaitable[bytes]:
         body = PredictBody(data)
-        return await self.data_plane.predict_batched(route.name, route.version, route.label,
+        return self.data_plane.predict_batched(route.name, route.version, route.label,
                                                      body.signature_name, body.decode, (),
                                                      body.answer)
 
