@@ -290,13 +290,13 @@ class Batcher:
                           f"{params.max_batch_size}")
         if self._stopping:
             raise ServingError(grpc.StatusCode.UNAVAILABLE, "The server is shutting down")
-        for _ in feeds:  # TF Serving records it per input tensor
-            metrics.BATCHING_INPUT_BATCH_SIZE.observe(rows)
+        # TF Serving records it per input tensor
+        metrics.BATCHING_INPUT_BATCH_SIZE.observe_all([rows] * len(feeds))
         names = tuple(sorted(feeds))
         if params.pad_variable_length_inputs:
-            shapes = tuple(feeds[n].ndim for n in names)
+            shapes = tuple([feeds[n].ndim for n in names])
         else:
-            shapes = tuple(feeds[n].shape[1:] for n in names)
+            shapes = tuple([feeds[n].shape[1:] for n in names])
         key = (servable, names, fetches, shapes)
         queue = self._queues.get(key)
         if queue is None:

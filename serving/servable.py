@@ -405,7 +405,7 @@ def predict_tensors(sig: SignatureInfo, inputs: dict[str, np.ndarray],
                     outputs: tuple[str, ...]) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
     """A Predict's session feeds and fetches: the signature's aliases as graph tensor names."""
     return ({sig.inputs[a].tensor_name: v for a, v in inputs.items()},
-            tuple(sig.outputs[a].tensor_name for a in outputs))
+            tuple([sig.outputs[a].tensor_name for a in outputs]))
 
 
 def predict_outputs(sig: SignatureInfo, outputs: tuple[str, ...],
