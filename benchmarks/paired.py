@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -59,6 +60,45 @@ def server(target: str, tree: Path, store: Path, scratch: Path, name: str,
         process.wait(timeout=30)
 
 
+@dataclass(frozen=True)
+class Paired:
+    """Requests/s of sides A and B, round by round."""
+
+    rates: list[tuple[float, float]]
+
+    @property
+    def ratio(self) -> float:
+        """The median per-round A/B: the figure to quote."""
+        return statistics.median(a / b for a, b in self.rates)
+
+    def spread(self) -> str:
+        ratios = [a / b for a, b in self.rates]
+        return f"rounds {min(ratios):.3f}-{max(ratios):.3f}"
+
+
+def paired(api: str, sides: list[tuple[str, Path]], store: Path, scratch: Path, rounds: int,
+           duration_s: int, concurrency: int, workers: int) -> Paired:
+    """Serve the model in ``store`` from both ``sides`` ((target, checkout)) at once and load
+    them in turn, ``rounds`` times ``duration_s`` seconds each."""
+    grpc = api == "grpc"
+    body = payloads.write_all(scratch / "bodies", MODEL)[api]
+    path = payloads.PREDICT_PATH if grpc else f"/v1/models/{MODEL}:predict"
+    rates: list[tuple[float, float]] = []
+    with ExitStack() as stack:
+        urls = []
+        for name, (target, tree) in zip(("a", "b"), sides):
+            grpc_port, rest_port = stack.enter_context(
+                server(target, tree.resolve(), store, scratch, f"{api}-{name}", workers))
+            urls.append(f"http://127.0.0.1:{grpc_port if grpc else rest_port}{path}")
+        for round_ in range(1, rounds + 1):
+            a, b = (h2load(url, body, concurrency, duration_s, grpc, scratch / "h2load.log")[0]
+                    for url in urls)
+            rates.append((a, b))
+            print(f"  round {round_}: A {a:8.0f} req/s   B {b:8.0f} req/s   A/B {a / b:.3f}",
+                  flush=True)
+    return Paired(rates)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.paired",
                                      description=__doc__.split("\n\n")[0])
@@ -72,29 +112,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     args = parser.parse_args(argv)
-    grpc = args.api == "grpc"
-    with tempfile.TemporaryDirectory(prefix="paired-") as scratch_name, ExitStack() as stack:
+    with tempfile.TemporaryDirectory(prefix="paired-") as scratch_name:
         scratch = Path(scratch_name)
         print("building the model (1 epoch) ...", flush=True)
         store = build_model(scratch)
-        body = payloads.write_all(scratch / "bodies", MODEL)[args.api]
-        path = payloads.PREDICT_PATH if grpc else f"/v1/models/{MODEL}:predict"
-        urls = []
-        for name, target, tree in (("a", args.a, args.a_tree), ("b", args.b, args.b_tree)):
-            grpc_port, rest_port = stack.enter_context(
-                server(target, tree.resolve(), store, scratch, name, args.workers))
-            urls.append(f"http://127.0.0.1:{grpc_port if grpc else rest_port}{path}")
-        rates: list[tuple[float, float]] = []
-        for round_ in range(1, args.rounds + 1):
-            a, b = (h2load(url, body, args.concurrency, args.duration, grpc,
-                           scratch / "h2load.log")[0] for url in urls)
-            rates.append((a, b))
-            print(f"  round {round_}: A {a:8.0f} req/s   B {b:8.0f} req/s   A/B {a / b:.3f}",
-                  flush=True)
-    ratio = statistics.median(a / b for a, b in rates)
+        result = paired(args.api, [(args.a, args.a_tree), (args.b, args.b_tree)], store, scratch,
+                        args.rounds, args.duration, args.concurrency, args.workers)
     print(f"A = {args.a} ({args.a_tree}), B = {args.b} ({args.b_tree}), {args.api}, "
-          f"{args.concurrency} concurrent, {args.workers} workers: median A/B {ratio:.3f} "
-          f"(rounds {min(a / b for a, b in rates):.3f}-{max(a / b for a, b in rates):.3f})")
+          f"{args.concurrency} concurrent, {args.workers} workers: median A/B {result.ratio:.3f} "
+          f"({result.spread()})")
 
 
 if __name__ == "__main__":
