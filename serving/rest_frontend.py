@@ -10,9 +10,9 @@ awaits its batch, which encodes the answer as it finishes); predict's JSON decod
 signature's dtypes, so it runs against the routed version (see ``DataPlane.predict``).
 
 JSON is read by simdjson when the body is one numeric matrix or vector (no Python float per
-number), else by orjson with ``json.loads``'s semantics; answers whose numbers orjson writes
-exactly (finite floats, integers) are written by orjson straight from the arrays, the others by
-the json module (NaN, Infinity, strings).
+number), else by orjson with ``json.loads``'s semantics; numeric answers are written by orjson
+straight from the arrays, and by the json module where orjson cannot write them as TF Serving
+does (NaN and Infinity, which orjson makes null; strings; float16).
 """
 
 from __future__ import annotations
