@@ -470,8 +470,7 @@ class RestApi:
     def _predict_batched(self, route: Route, data: bytes) -> Awaitable[bytes]:
         body = PredictBody(data)
         return self.data_plane.predict_batched(route.name, route.version, route.label,
-                                                     body.signature_name, body.decode, (),
-                                                     body.answer)
+                                               body.signature_name, body.decode, (), body.answer)
 
     def _example_verb(self, method: str,
                       run: Callable[[str, int | None, str | None, str, list[bytes]], InferenceResult],
