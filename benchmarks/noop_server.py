@@ -34,15 +34,19 @@ class NoopPrediction(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.outputs["scores"].CopyFrom(to_tensor_proto(FIXED_SCORES))
         self._response = response
 
-    async def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
+    async def Predict(
+        self, request: predict_pb2.PredictRequest, context
+    ) -> predict_pb2.PredictResponse:
         # grpc.aio has already parsed the PredictRequest, as for our server.
         return self._response
 
 
 async def rest_predict(request: web.Request) -> web.Response:
     PredictBody(await request.read())  # parse the body as ours does
-    return web.Response(body=b'{"predictions": [[0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]]}',
-                        content_type="application/json")
+    return web.Response(
+        body=b'{"predictions": [[0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]]}',
+        content_type="application/json",
+    )
 
 
 async def serve(port: int, rest_port: int) -> None:
@@ -69,8 +73,10 @@ def main() -> None:
     parser.add_argument("--num_workers", type=int, default=DEFAULT_WORKERS)
     args = parser.parse_args()
     context = multiprocessing.get_context("spawn")  # as our server's workers
-    workers = [context.Process(target=worker, args=(args.port, args.rest_api_port), daemon=True)
-               for _ in range(args.num_workers)]
+    workers = [
+        context.Process(target=worker, args=(args.port, args.rest_api_port), daemon=True)
+        for _ in range(args.num_workers)
+    ]
     for process in workers:
         process.start()
     # SIGTERM ends the workers too: exiting normally lets multiprocessing stop its daemons.

@@ -33,8 +33,9 @@ TARGETS = ("ours", "ours batching", "no-op")
 
 
 @contextmanager
-def server(target: str, tree: Path, store: Path, scratch: Path, name: str,
-           workers: int) -> Iterator[tuple[int, int]]:
+def server(
+    target: str, tree: Path, store: Path, scratch: Path, name: str, workers: int
+) -> Iterator[tuple[int, int]]:
     """One side's server, run from ``tree``; yields its (gRPC, REST) ports once REST answers."""
     grpc_port, rest_port = free_port(), free_port()
     ports = [f"--port={grpc_port}", f"--rest_api_port={rest_port}", f"--num_workers={workers}"]
@@ -42,8 +43,14 @@ def server(target: str, tree: Path, store: Path, scratch: Path, name: str,
         command = [sys.executable, "-m", "benchmarks.noop_server", *ports]
         ready = f"http://127.0.0.1:{rest_port}/"
     else:
-        command = [sys.executable, "-m", "serving", *ports, f"--model_name={MODEL}",
-                   f"--model_base_path={store}"]
+        command = [
+            sys.executable,
+            "-m",
+            "serving",
+            *ports,
+            f"--model_name={MODEL}",
+            f"--model_base_path={store}",
+        ]
         if target == "ours batching":
             parameters = scratch / "batching_parameters.pbtxt"
             parameters.write_text(BATCHING_PARAMETERS)
@@ -76,8 +83,16 @@ class Paired:
         return f"rounds {min(ratios):.3f}-{max(ratios):.3f}"
 
 
-def paired(api: str, sides: list[tuple[str, Path]], store: Path, scratch: Path, rounds: int,
-           duration_s: int, concurrency: int, workers: int) -> Paired:
+def paired(
+    api: str,
+    sides: list[tuple[str, Path]],
+    store: Path,
+    scratch: Path,
+    rounds: int,
+    duration_s: int,
+    concurrency: int,
+    workers: int,
+) -> Paired:
     """Serve the model in ``store`` from both ``sides`` ((target, checkout)) at once and load
     them in turn, ``rounds`` times ``duration_s`` seconds each."""
     grpc = api == "grpc"
@@ -88,27 +103,35 @@ def paired(api: str, sides: list[tuple[str, Path]], store: Path, scratch: Path, 
         urls = []
         for name, (target, tree) in zip(("a", "b"), sides):
             grpc_port, rest_port = stack.enter_context(
-                server(target, tree.resolve(), store, scratch, f"{api}-{name}", workers))
+                server(target, tree.resolve(), store, scratch, f"{api}-{name}", workers)
+            )
             urls.append(f"http://127.0.0.1:{grpc_port if grpc else rest_port}{path}")
         for round_ in range(1, rounds + 1):
-            a, b = (h2load(url, body, concurrency, duration_s, grpc, scratch / "h2load.log")[0]
-                    for url in urls)
+            a, b = (
+                h2load(url, body, concurrency, duration_s, grpc, scratch / "h2load.log")[0]
+                for url in urls
+            )
             rates.append((a, b))
-            print(f"  round {round_}: A {a:8.0f} req/s   B {b:8.0f} req/s   A/B {a / b:.3f}",
-                  flush=True)
+            print(
+                f"  round {round_}: A {a:8.0f} req/s   B {b:8.0f} req/s   A/B {a / b:.3f}",
+                flush=True,
+            )
     return Paired(rates)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.paired",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.paired", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--api", choices=("grpc", "rest"), required=True)
     parser.add_argument("--a", choices=TARGETS, required=True)
     parser.add_argument("--b", choices=TARGETS, required=True)
     parser.add_argument("--a-tree", type=Path, default=REPO_ROOT, help="checkout A runs from")
     parser.add_argument("--b-tree", type=Path, default=REPO_ROOT, help="checkout B runs from")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--duration", type=int, default=5, help="seconds of load per side and round")
+    parser.add_argument(
+        "--duration", type=int, default=5, help="seconds of load per side and round"
+    )
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     args = parser.parse_args(argv)
@@ -116,11 +139,21 @@ def main(argv: list[str] | None = None) -> None:
         scratch = Path(scratch_name)
         print("building the model (1 epoch) ...", flush=True)
         store = build_model(scratch)
-        result = paired(args.api, [(args.a, args.a_tree), (args.b, args.b_tree)], store, scratch,
-                        args.rounds, args.duration, args.concurrency, args.workers)
-    print(f"A = {args.a} ({args.a_tree}), B = {args.b} ({args.b_tree}), {args.api}, "
-          f"{args.concurrency} concurrent, {args.workers} workers: median A/B {result.ratio:.3f} "
-          f"({result.spread()})")
+        result = paired(
+            args.api,
+            [(args.a, args.a_tree), (args.b, args.b_tree)],
+            store,
+            scratch,
+            args.rounds,
+            args.duration,
+            args.concurrency,
+            args.workers,
+        )
+    print(
+        f"A = {args.a} ({args.a_tree}), B = {args.b} ({args.b_tree}), {args.api}, "
+        f"{args.concurrency} concurrent, {args.workers} workers: median A/B {result.ratio:.3f} "
+        f"({result.spread()})"
+    )
 
 
 if __name__ == "__main__":

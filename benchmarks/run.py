@@ -68,30 +68,67 @@ class Measurement:
     failed: int
 
 
-def h2load(url: str, body: Path, concurrency: int, duration_s: float, grpc: bool, log: Path) -> tuple[float, np.ndarray, int, int]:
+def h2load(
+    url: str, body: Path, concurrency: int, duration_s: float, grpc: bool, log: Path
+) -> tuple[float, np.ndarray, int, int]:
     """Requests/s, per-request latencies (ms), succeeded and failed counts of one h2load run."""
-    headers = ["-H", "content-type: application/grpc", "-H", "te: trailers"] if grpc else \
-              ["-H", "content-type: application/json", "--h1"]
-    command = ["h2load", f"--clients={concurrency}", "--max-concurrent-streams=1", "--threads=1",
-               f"--duration={duration_s:g}", "--warm-up-time=1", f"--data={body}", f"--log-file={log}",
-               *headers, url]
+    headers = (
+        ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+        if grpc
+        else ["-H", "content-type: application/json", "--h1"]
+    )
+    command = [
+        "h2load",
+        f"--clients={concurrency}",
+        "--max-concurrent-streams=1",
+        "--threads=1",
+        f"--duration={duration_s:g}",
+        "--warm-up-time=1",
+        f"--data={body}",
+        f"--log-file={log}",
+        *headers,
+        url,
+    ]
     log.unlink(missing_ok=True)  # h2load appends to an existing log
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", output).group(1))
-    counts = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", output)
+    counts = re.search(
+        r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", output
+    )
     latencies = np.loadtxt(log, usecols=2, ndmin=1) / 1000.0 if log.stat().st_size else np.zeros(1)
     return rps, latencies, int(counts.group(1)), int(counts.group(2))
 
 
-def measure(scenario: str, target: str, url: str, body: Path, grpc: bool, levels: list[int],
-            duration_s: float, scratch: Path) -> list[Measurement]:
+def measure(
+    scenario: str,
+    target: str,
+    url: str,
+    body: Path,
+    grpc: bool,
+    levels: list[int],
+    duration_s: float,
+    scratch: Path,
+) -> list[Measurement]:
     results = []
     for concurrency in levels:
-        rps, latencies, ok, failed = h2load(url, body, concurrency, duration_s, grpc, scratch / "h2load.log")
-        result = Measurement(scenario, target, concurrency, rps, float(np.percentile(latencies, 50)),
-                             float(np.percentile(latencies, 99)), ok, failed)
-        print(f"  {scenario} {target:28s} c={concurrency:<3d} {rps:8.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
-              f"p99 {result.p99_ms:6.2f} ms  failed {failed}", flush=True)
+        rps, latencies, ok, failed = h2load(
+            url, body, concurrency, duration_s, grpc, scratch / "h2load.log"
+        )
+        result = Measurement(
+            scenario,
+            target,
+            concurrency,
+            rps,
+            float(np.percentile(latencies, 50)),
+            float(np.percentile(latencies, 99)),
+            ok,
+            failed,
+        )
+        print(
+            f"  {scenario} {target:28s} c={concurrency:<3d} {rps:8.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
+            f"p99 {result.p99_ms:6.2f} ms  failed {failed}",
+            flush=True,
+        )
         results.append(result)
     return results
 
@@ -105,8 +142,12 @@ def build_model(directory: Path) -> Path:
 
     data = mnist.load(REPO_ROOT / "data" / "mnist")
     trained = fit(data, ModelConfig(), TrainConfig(epochs=1), resolve_devices("cpu", []))
-    exported = export.fn(trained.model, ExportConfig(base_path=directory / "exports"), directory / "models",
-                         data.test.images[:4])
+    exported = export.fn(
+        trained.model,
+        ExportConfig(base_path=directory / "exports"),
+        directory / "models",
+        data.test.images[:4],
+    )
     store = directory / "models" / MODEL
     store.mkdir(parents=True)
     shutil.copytree(exported.path, store / "1")
@@ -118,14 +159,19 @@ def register_in_mlflow(directory: Path, keras_model) -> None:
     from tasks.config import MlflowConfig
     from tasks.tracking import register_model, tracked_run
 
-    cfg = MlflowConfig(tracking_uri=f"sqlite:///{directory / 'mlflow.db'}", experiment="bench",
-                       artifact_location=str(directory / "mlartifacts"))
+    cfg = MlflowConfig(
+        tracking_uri=f"sqlite:///{directory / 'mlflow.db'}",
+        experiment="bench",
+        artifact_location=str(directory / "mlartifacts"),
+    )
     with tracked_run(cfg, "bench", {}, {}) as tracker:
         register_model(tracker, keras_model, MODEL, 1)
 
 
 @contextmanager
-def our_server(store: Path, log: Path, extra_flags: tuple[str, ...] = ()) -> Iterator[tuple[int, int]]:
+def our_server(
+    store: Path, log: Path, extra_flags: tuple[str, ...] = ()
+) -> Iterator[tuple[int, int]]:
     with model_server(store, MODEL, log, poll_s=1, extra_flags=extra_flags) as server:
         yield int(server.grpc_address.rsplit(":", 1)[1]), int(server.rest_url.rsplit(":", 1)[1])
 
@@ -133,8 +179,14 @@ def our_server(store: Path, log: Path, extra_flags: tuple[str, ...] = ()) -> Ite
 @contextmanager
 def noop_server(log: Path, workers: int) -> Iterator[tuple[int, int]]:
     grpc_port, rest_port = free_port(), free_port()
-    command = [sys.executable, "-m", "benchmarks.noop_server", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
-               f"--num_workers={workers}"]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.noop_server",
+        f"--port={grpc_port}",
+        f"--rest_api_port={rest_port}",
+        f"--num_workers={workers}",
+    ]
     with running(command, log) as process:
         wait_for_http(f"http://127.0.0.1:{rest_port}/", process, log)
         yield grpc_port, rest_port
@@ -143,11 +195,24 @@ def noop_server(log: Path, workers: int) -> Iterator[tuple[int, int]]:
 @contextmanager
 def mlflow_models_serve(directory: Path, log: Path) -> Iterator[int]:
     port = free_port()
-    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}/1",
-               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        f"models:/{MODEL}/1",
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     # It execs `uvicorn` by name: the venv's bin must be on PATH.
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{directory / 'mlflow.db'}",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{directory / 'mlflow.db'}",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     with running(command, log, env) as process:
         wait_for_http(f"http://127.0.0.1:{port}/ping", process, log, timeout_s=180)
         yield port
@@ -171,9 +236,20 @@ def in_process(store: Path) -> list[Measurement]:
             servable.run(signature, inputs, outputs)
             times.append((time.perf_counter() - started) * 1000)
         times = np.array(times)
-        result = Measurement("c", f"model in-process batch {batch}", 1, 1000 / times.mean() * batch,
-                             float(np.percentile(times, 50)), float(np.percentile(times, 99)), len(times), 0)
-        print(f"  c model batch {batch:<4d} {result.p50_ms:.3f} ms p50, {result.requests_per_s:,.0f} images/s", flush=True)
+        result = Measurement(
+            "c",
+            f"model in-process batch {batch}",
+            1,
+            1000 / times.mean() * batch,
+            float(np.percentile(times, 50)),
+            float(np.percentile(times, 99)),
+            len(times),
+            0,
+        )
+        print(
+            f"  c model batch {batch:<4d} {result.p50_ms:.3f} ms p50, {result.requests_per_s:,.0f} images/s",
+            flush=True,
+        )
         results.append(result)
     servable.close()
     return results
@@ -187,8 +263,10 @@ def ratio_lines(results: list[Measurement]) -> list[str]:
             for baseline in ("no-op", "mlflow models serve"):
                 base = by_key.get((scenario, baseline, concurrency))
                 if base and base.requests_per_s:
-                    lines.append(f"| {scenario} | {concurrency} | {target} / {baseline} | "
-                                 f"{result.requests_per_s / base.requests_per_s:.2f}x |")
+                    lines.append(
+                        f"| {scenario} | {concurrency} | {target} / {baseline} | "
+                        f"{result.requests_per_s / base.requests_per_s:.2f}x |"
+                    )
     return lines
 
 
@@ -208,90 +286,143 @@ def target_lines(results: list[Measurement], pairs: dict[str, Paired]) -> list[s
     drifts by ±10 % in minutes."""
     lines = []
     for scenario, concurrency, baseline, bar in TARGETS:
-        ours = [r for r in results if r.scenario == scenario and r.concurrency == concurrency
-                and r.target.startswith("ours")]
-        base = next((r for r in results if (r.scenario, r.target, r.concurrency) == (scenario, baseline, concurrency)), None)
+        ours = [
+            r
+            for r in results
+            if r.scenario == scenario
+            and r.concurrency == concurrency
+            and r.target.startswith("ours")
+        ]
+        base = next(
+            (
+                r
+                for r in results
+                if (r.scenario, r.target, r.concurrency) == (scenario, baseline, concurrency)
+            ),
+            None,
+        )
         if not ours or base is None or not base.requests_per_s:
             continue
         best = max(ours, key=lambda r: r.requests_per_s)
         ratio = best.requests_per_s / base.requests_per_s
         figure = f"{ratio:.2f}x"
-        pair = pairs.get(scenario) if baseline == "no-op" and concurrency == PAIRED_CONCURRENCY else None
+        pair = (
+            pairs.get(scenario)
+            if baseline == "no-op" and concurrency == PAIRED_CONCURRENCY
+            else None
+        )
         if pair is not None:
-            figure = (f"{pair.ratio:.2f}x paired ({PAIRED_TARGET} / no-op, {pair.spread()}; "
-                      f"one-shot {ratio:.2f}x, {best.target})")
+            figure = (
+                f"{pair.ratio:.2f}x paired ({PAIRED_TARGET} / no-op, {pair.spread()}; "
+                f"one-shot {ratio:.2f}x, {best.target})"
+            )
             ratio = pair.ratio
         verdict = "met" if ratio >= bar else f"missed by {bar / ratio:.2f}x"
-        lines.append(f"- {scenario} at {concurrency} concurrent, ours / {baseline} ≥ {bar:g}x: "
-                     f"**{figure}: {verdict}**")
+        lines.append(
+            f"- {scenario} at {concurrency} concurrent, ours / {baseline} ≥ {bar:g}x: "
+            f"**{figure}: {verdict}**"
+        )
     return lines
 
 
 def paired_lines(pairs: dict[str, Paired]) -> list[str]:
     if not pairs:
         return []
-    lines = ["## Paired rounds (targets a and b)", "",
-             f"`{PAIRED_TARGET}` and the no-op up at once, loaded in turn at "
-             f"{PAIRED_CONCURRENCY} concurrent (benchmarks/paired.py): drift between the two "
-             "sides' loads is seconds, not minutes.", "",
-             "| scenario | round | ours req/s | no-op req/s | ratio |", "|---|---|---|---|---|"]
+    lines = [
+        "## Paired rounds (targets a and b)",
+        "",
+        f"`{PAIRED_TARGET}` and the no-op up at once, loaded in turn at "
+        f"{PAIRED_CONCURRENCY} concurrent (benchmarks/paired.py): drift between the two "
+        "sides' loads is seconds, not minutes.",
+        "",
+        "| scenario | round | ours req/s | no-op req/s | ratio |",
+        "|---|---|---|---|---|",
+    ]
     for scenario, pair in sorted(pairs.items()):
-        lines += [f"| {scenario} | {i} | {a:,.0f} | {b:,.0f} | {a / b:.3f} |"
-                  for i, (a, b) in enumerate(pair.rates, 1)]
+        lines += [
+            f"| {scenario} | {i} | {a:,.0f} | {b:,.0f} | {a / b:.3f} |"
+            for i, (a, b) in enumerate(pair.rates, 1)
+        ]
         lines.append(f"| {scenario} | median | | | **{pair.ratio:.3f}** |")
     return lines + [""]
 
 
-def write_results(path: Path, results: list[Measurement], pairs: dict[str, Paired], command: str,
-                  seconds: float, workers: int, sections: str = "") -> None:
+def write_results(
+    path: Path,
+    results: list[Measurement],
+    pairs: dict[str, Paired],
+    command: str,
+    seconds: float,
+    workers: int,
+    sections: str = "",
+) -> None:
     analysis = ""
     if path.exists() and ANALYSIS_MARKER in path.read_text():
         analysis = path.read_text().split(ANALYSIS_MARKER, 1)[1]
-    rows = [f"| {r.scenario} | {r.target} | {r.concurrency} | {r.requests_per_s:,.0f} | {r.p50_ms:.2f} | "
-            f"{r.p99_ms:.2f} | {r.failed} |" for r in results]
-    text = "\n".join([
-        "# Benchmark results",
-        "",
-        "Written by `benchmarks/run.py`; every ratio compares figures measured in the same run.",
-        "",
-        f"- command: `{command}`",
-        f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, took {seconds:.0f} s",
-        f"- machine: {platform.machine()}, {os.cpu_count()} cores (shared, noisy), Python {platform.python_version()}",
-        "- load: h2load, a separate process; gRPC over HTTP/2, REST over HTTP/1.1; batch-1 MNIST requests",
-        f"- process layout: {workers} worker process(es) sharing the ports, for our server and the no-op alike",
-        "",
-        "| scenario | target | concurrency | req/s (c: images/s) | p50 ms | p99 ms | failed |",
-        "|---|---|---|---|---|---|---|",
-        *rows,
-        "",
-        "## Ratios",
-        "",
-        "| scenario | concurrency | ratio | value |",
-        "|---|---|---|---|",
-        *ratio_lines(results),
-        "",
-        "Targets:",
-        "",
-        *target_lines(results, pairs),
-        "",
-        *paired_lines(pairs),
-        *([sections] if sections else []),
-        ANALYSIS_MARKER,
-    ])
+    rows = [
+        f"| {r.scenario} | {r.target} | {r.concurrency} | {r.requests_per_s:,.0f} | {r.p50_ms:.2f} | "
+        f"{r.p99_ms:.2f} | {r.failed} |"
+        for r in results
+    ]
+    text = "\n".join(
+        [
+            "# Benchmark results",
+            "",
+            "Written by `benchmarks/run.py`; every ratio compares figures measured in the same run.",
+            "",
+            f"- command: `{command}`",
+            f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, took {seconds:.0f} s",
+            f"- machine: {platform.machine()}, {os.cpu_count()} cores (shared, noisy), Python {platform.python_version()}",
+            "- load: h2load, a separate process; gRPC over HTTP/2, REST over HTTP/1.1; batch-1 MNIST requests",
+            f"- process layout: {workers} worker process(es) sharing the ports, for our server and the no-op alike",
+            "",
+            "| scenario | target | concurrency | req/s (c: images/s) | p50 ms | p99 ms | failed |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            "## Ratios",
+            "",
+            "| scenario | concurrency | ratio | value |",
+            "|---|---|---|---|",
+            *ratio_lines(results),
+            "",
+            "Targets:",
+            "",
+            *target_lines(results, pairs),
+            "",
+            *paired_lines(pairs),
+            *([sections] if sections else []),
+            ANALYSIS_MARKER,
+        ]
+    )
     path.write_text(text + analysis)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--duration", type=int, default=5, help="seconds of load per figure")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--skip-mlflow", action="store_true", help="leave out `mlflow models serve` (slow)")
-    parser.add_argument("--skip-swaps", action="store_true", help="leave out d and e (hot swaps, memory)")
-    parser.add_argument("--paired-rounds", type=int, default=4,
-                        help="rounds of the paired a and b target figures (0: leave them out)")
+    parser.add_argument(
+        "--skip-mlflow", action="store_true", help="leave out `mlflow models serve` (slow)"
+    )
+    parser.add_argument(
+        "--skip-swaps", action="store_true", help="leave out d and e (hot swaps, memory)"
+    )
+    parser.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=4,
+        help="rounds of the paired a and b target figures (0: leave them out)",
+    )
     parser.add_argument("--write", type=Path, help="write the results as Markdown to this file")
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                        help="worker processes of our server and of the no-op (default: cores)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help="worker processes of our server and of the no-op (default: cores)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("h2load") is None:
         sys.exit("h2load not found: apt-get install nghttp2-client (make bench does)")
@@ -308,42 +439,97 @@ def main(argv: list[str] | None = None) -> None:
         batching_file.write_text(BATCHING_PARAMETERS)
         batching_flags = ("--enable_batching", f"--batching_parameters_file={batching_file}")
         layout = (f"--num_workers={args.workers}",)
-        for target, server in (("ours", our_server(store, scratch / "ours.log", layout)),
-                               ("ours batching", our_server(store, scratch / "ours-batching.log",
-                                                            layout + batching_flags)),
-                               ("no-op", noop_server(scratch / "noop.log", args.workers))):
+        for target, server in (
+            ("ours", our_server(store, scratch / "ours.log", layout)),
+            (
+                "ours batching",
+                our_server(store, scratch / "ours-batching.log", layout + batching_flags),
+            ),
+            ("no-op", noop_server(scratch / "noop.log", args.workers)),
+        ):
             with server as (grpc_port, rest_port):
-                results += measure("a", target, f"http://127.0.0.1:{grpc_port}{grpc_path}", bodies["grpc"], True,
-                                   args.concurrency, args.duration, scratch)
-                results += measure("b", target, f"http://127.0.0.1:{rest_port}{rest_path}", bodies["rest"], False,
-                                   args.concurrency, args.duration, scratch)
+                results += measure(
+                    "a",
+                    target,
+                    f"http://127.0.0.1:{grpc_port}{grpc_path}",
+                    bodies["grpc"],
+                    True,
+                    args.concurrency,
+                    args.duration,
+                    scratch,
+                )
+                results += measure(
+                    "b",
+                    target,
+                    f"http://127.0.0.1:{rest_port}{rest_path}",
+                    bodies["rest"],
+                    False,
+                    args.concurrency,
+                    args.duration,
+                    scratch,
+                )
         from benchmarks.paired import paired  # not at the top: paired.py builds on this module
 
         pairs: dict[str, Paired] = {}
         if args.paired_rounds and PAIRED_CONCURRENCY in args.concurrency:
             for scenario, api in (("a", "grpc"), ("b", "rest")):
-                print(f"{scenario}: paired rounds, {PAIRED_TARGET} and the no-op in turn ...",
-                      flush=True)
-                pairs[scenario] = paired(api, [(PAIRED_TARGET, REPO_ROOT), ("no-op", REPO_ROOT)],
-                                         store, scratch, args.paired_rounds, args.duration,
-                                         PAIRED_CONCURRENCY, args.workers)
+                print(
+                    f"{scenario}: paired rounds, {PAIRED_TARGET} and the no-op in turn ...",
+                    flush=True,
+                )
+                pairs[scenario] = paired(
+                    api,
+                    [(PAIRED_TARGET, REPO_ROOT), ("no-op", REPO_ROOT)],
+                    store,
+                    scratch,
+                    args.paired_rounds,
+                    args.duration,
+                    PAIRED_CONCURRENCY,
+                    args.workers,
+                )
         if not args.skip_mlflow:
             with mlflow_models_serve(scratch, scratch / "mlflow-serve.log") as port:
-                results += measure("b", "mlflow models serve", f"http://127.0.0.1:{port}/invocations",
-                                   bodies["mlflow"], False, args.concurrency, args.duration, scratch)
+                results += measure(
+                    "b",
+                    "mlflow models serve",
+                    f"http://127.0.0.1:{port}/invocations",
+                    bodies["mlflow"],
+                    False,
+                    args.concurrency,
+                    args.duration,
+                    scratch,
+                )
         results += in_process(store)
         hot, memory = [], None
         if not args.skip_swaps:
             print("d/e: hot swaps under load, memory across swaps ...", flush=True)
-            hot, memory = swaps.run_all(store / "1", scratch, polls=[1.0, 0.1], swaps=5, rss_swaps=50,
-                                        processes=2, in_flight=8)
+            hot, memory = swaps.run_all(
+                store / "1",
+                scratch,
+                polls=[1.0, 0.1],
+                swaps=5,
+                rss_swaps=50,
+                processes=2,
+                in_flight=8,
+            )
     (REPO_ROOT / "benchmarks" / "out").mkdir(exist_ok=True)
-    (REPO_ROOT / "benchmarks" / "out" / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    (REPO_ROOT / "benchmarks" / "out" / "results.json").write_text(
+        json.dumps([asdict(r) for r in results], indent=1)
+    )
     (REPO_ROOT / "benchmarks" / "out" / "swaps.json").write_text(swaps.to_json(hot, memory))
     if args.write:
-        command = ("python -m benchmarks.run " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
-        write_results(args.write, results, pairs, command, time.monotonic() - started,
-                      args.workers, swaps.markdown(hot, memory, command))
+        command = (
+            "python -m benchmarks.run " + shlex.join(argv if argv is not None else sys.argv[1:])
+        ).strip()
+        write_results(
+            args.write,
+            results,
+            pairs,
+            command,
+            time.monotonic() - started,
+            args.workers,
+            swaps.markdown(hot, memory, command),
+        )
         print(f"wrote {args.write}")
 
 

@@ -55,13 +55,16 @@ SCORE_TOLERANCE = 1e-5  # as push's canary: more than float32 round-off means an
 # The load generator: separate processes, each an asyncio loop with `in_flight` request loops.
 # --------------------------------------------------------------------------------------------
 
+
 def _decode_scores(tensor) -> np.ndarray:
     if tensor.tensor_content:
         return np.frombuffer(tensor.tensor_content, dtype=np.float32)
     return np.asarray(tensor.float_val, dtype=np.float32)
 
 
-async def _generate(index: int, address: str, in_flight: int, pause_s: float, commands, results, stop) -> None:
+async def _generate(
+    index: int, address: str, in_flight: int, pause_s: float, commands, results, stop
+) -> None:
     import grpc
     from tensorflow_serving.apis import predict_pb2
 
@@ -83,8 +86,12 @@ async def _generate(index: int, address: str, in_flight: int, pause_s: float, co
                 response = predict_pb2.PredictResponse.FromString(raw)
                 version = response.model_spec.version.value
                 scores = _decode_scores(response.outputs["scores"])
-                if (response.model_spec.name != MODEL or version <= 0 or scores.shape != expected.shape
-                        or not np.allclose(scores, expected, rtol=0, atol=SCORE_TOLERANCE)):
+                if (
+                    response.model_spec.name != MODEL
+                    or version <= 0
+                    or scores.shape != expected.shape
+                    or not np.allclose(scores, expected, rtol=0, atol=SCORE_TOLERANCE)
+                ):
                     code = WRONG_ANSWER
                     if len(first_errors) < 5:
                         first_errors.append(f"wrong answer: {response.model_spec} scores {scores}")
@@ -109,13 +116,24 @@ async def _generate(index: int, address: str, in_flight: int, pause_s: float, co
     stopping = True
     await asyncio.gather(*loops)
     await channel.close()
-    results.put(("records", index, {
-        "sent": np.array(sent), "done": np.array(done),
-        "version": np.array(versions, np.int64), "code": np.array(codes, np.int64),
-    }, first_errors))
+    results.put(
+        (
+            "records",
+            index,
+            {
+                "sent": np.array(sent),
+                "done": np.array(done),
+                "version": np.array(versions, np.int64),
+                "code": np.array(codes, np.int64),
+            },
+            first_errors,
+        )
+    )
 
 
-def _generator_main(index: int, address: str, in_flight: int, pause_s: float, commands, results, stop) -> None:
+def _generator_main(
+    index: int, address: str, in_flight: int, pause_s: float, commands, results, stop
+) -> None:
     try:
         asyncio.run(_generate(index, address, in_flight, pause_s, commands, results, stop))
     except BaseException as error:  # reported to the parent, which would otherwise wait for records
@@ -144,14 +162,19 @@ class LoadGenerator:
         self._results = context.Queue()
         self._stop = context.Event()
         self._processes = [
-            context.Process(target=_generator_main, daemon=True,
-                            args=(i, address, in_flight, pause_s, self._commands, self._results, self._stop))
+            context.Process(
+                target=_generator_main,
+                daemon=True,
+                args=(i, address, in_flight, pause_s, self._commands, self._results, self._stop),
+            )
             for i in range(processes)
         ]
         for process in self._processes:
             process.start()  # importing TF's protos takes seconds: overlapped with the server's start
 
-    def start(self, request_bytes: bytes, expected_scores: np.ndarray, timeout_s: float = 120) -> float:
+    def start(
+        self, request_bytes: bytes, expected_scores: np.ndarray, timeout_s: float = 120
+    ) -> float:
         """Send the request to every process and wait until all of them are loading; returns then."""
         for _ in self._processes:
             self._commands.put((request_bytes, expected_scores))
@@ -175,9 +198,13 @@ class LoadGenerator:
         parts = [self._expect("records", timeout_s) for _ in self._processes]
         for process in self._processes:
             process.join(timeout=10)
-        return Records(*(np.concatenate([part[2][key] for part in parts])
-                         for key in ("sent", "done", "version", "code")),
-                       errors=[error for part in parts for error in part[3]])
+        return Records(
+            *(
+                np.concatenate([part[2][key] for part in parts])
+                for key in ("sent", "done", "version", "code")
+            ),
+            errors=[error for part in parts for error in part[3]],
+        )
 
     def close(self) -> None:
         self._stop.set()
@@ -191,6 +218,7 @@ class LoadGenerator:
 # --------------------------------------------------------------------------------------------
 # The server, the store and the swaps.
 # --------------------------------------------------------------------------------------------
+
 
 def fresh_store(directory: Path, source: Path) -> Path:
     """<directory>/models/mnist/1 = a copy of ``source`` (an exported version directory)."""
@@ -222,7 +250,9 @@ class Swap:
     p99_ms: float | None = None  # of the requests overlapping this swap's window
     worst_ms: float | None = None  # the slowest of them ...
     worst_answered_vs_available_s: float | None = None  # ... answered this long after AVAILABLE
-    worst_answered_vs_old_end_s: float | None = None  # ... and this long after the old version's END
+    worst_answered_vs_old_end_s: float | None = (
+        None  # ... and this long after the old version's END
+    )
 
 
 def swap(client, store: Path, source: Path, version: int, timeout_s: float = 120) -> Swap:
@@ -232,7 +262,9 @@ def swap(client, store: Path, source: Path, version: int, timeout_s: float = 120
 
     before = {s.version: s.state for s in client.version_statuses()}
     old = [v for v, state in before.items() if state in ("AVAILABLE", "UNLOADING")]
-    publish(ExportResult(MODEL, version, source), store.parent)  # copy to .push-*, rename to <version>
+    publish(
+        ExportResult(MODEL, version, source), store.parent
+    )  # copy to .push-*, rename to <version>
     published = time.monotonic()
     deadline = published + timeout_s
     available = None
@@ -256,6 +288,7 @@ def swap(client, store: Path, source: Path, version: int, timeout_s: float = 120
 # Scenario d: hot swaps under load.
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class HotSwapResult:
     poll_s: float
@@ -276,7 +309,9 @@ class HotSwapResult:
     worst_swap_p99_ms: float  # the worst single swap window
     steady_max_ms: float
     swap_max_ms: float
-    to_available_s: list[float]  # per swap: rename -> AVAILABLE as seen by a 20 ms status poll (an upper bound)
+    to_available_s: list[
+        float
+    ]  # per swap: rename -> AVAILABLE as seen by a 20 ms status poll (an upper bound)
     to_first_answer_s: list[float]  # per swap: rename -> first answer from the new version
     swap_window_s: list[float]  # per swap: rename -> old END + SETTLE_S
     swaps: list[dict] = field(default_factory=list)
@@ -294,8 +329,14 @@ class HotSwapResult:
         return self.worst_swap_p99_ms / self.steady_p99_ms if self.steady_p99_ms else float("inf")
 
 
-def analyse(records: Records, swaps: list[Swap], load_started: float, poll_s: float,
-            processes: int, in_flight: int) -> HotSwapResult:
+def analyse(
+    records: Records,
+    swaps: list[Swap],
+    load_started: float,
+    poll_s: float,
+    processes: int,
+    in_flight: int,
+) -> HotSwapResult:
     for s in swaps:
         answered = records.done[records.version == s.version]
         s.first_answer = float(answered.min()) if answered.size else None
@@ -326,16 +367,28 @@ def analyse(records: Records, swaps: list[Swap], load_started: float, poll_s: fl
         codes[name] = codes.get(name, 0) + 1
     seconds = float(records.done.max() - records.sent.min()) if records.sent.size else 0.0
     return HotSwapResult(
-        poll_s=poll_s, processes=processes, in_flight=in_flight, seconds=seconds,
-        requests=int(records.code.size), failed=int(failed.sum()), failures_by_code=codes,
+        poll_s=poll_s,
+        processes=processes,
+        in_flight=in_flight,
+        seconds=seconds,
+        requests=int(records.code.size),
+        failed=int(failed.sum()),
+        failures_by_code=codes,
         first_errors=records.errors[:5],
         requests_per_s=records.code.size / seconds if seconds else 0.0,
-        steady_requests=int(steady.sum()), steady_p50_ms=pct(steady, 50), steady_p99_ms=pct(steady, 99),
-        swap_requests=int(during.sum()), swap_p50_ms=pct(during, 50), swap_p99_ms=pct(during, 99),
+        steady_requests=int(steady.sum()),
+        steady_p50_ms=pct(steady, 50),
+        steady_p99_ms=pct(steady, 99),
+        swap_requests=int(during.sum()),
+        swap_p50_ms=pct(during, 50),
+        swap_p99_ms=pct(during, 99),
         worst_swap_p99_ms=max((pct(mask, 99) for mask in in_window), default=float("nan")),
-        steady_max_ms=worst(steady), swap_max_ms=worst(during),
+        steady_max_ms=worst(steady),
+        swap_max_ms=worst(during),
         to_available_s=[s.available - s.published for s in swaps],
-        to_first_answer_s=[(s.first_answer - s.published) if s.first_answer else float("nan") for s in swaps],
+        to_first_answer_s=[
+            (s.first_answer - s.published) if s.first_answer else float("nan") for s in swaps
+        ],
         swap_window_s=[end - start for start, end in windows],
         swaps=[asdict(s) for s in swaps],
     )
@@ -350,8 +403,16 @@ def _code_name(number: int) -> str:
     return str(number)
 
 
-def hot_swaps(source: Path, scratch: Path, poll_s: float = 1.0, swaps: int = 5, processes: int = 2,
-              in_flight: int = 8, lead_s: float = 4.0, gap_s: float = 2.5) -> HotSwapResult:
+def hot_swaps(
+    source: Path,
+    scratch: Path,
+    poll_s: float = 1.0,
+    swaps: int = 5,
+    processes: int = 2,
+    in_flight: int = 8,
+    lead_s: float = 4.0,
+    gap_s: float = 2.5,
+) -> HotSwapResult:
     """Scenario d: ``swaps`` versions published one after another under continuous load."""
     from tasks.model_server import ModelServer
 
@@ -372,10 +433,13 @@ def hot_swaps(source: Path, scratch: Path, poll_s: float = 1.0, swaps: int = 5, 
         finally:
             generator.close()
     result = analyse(records, done, load_started, poll_s, processes, in_flight)
-    print(f"  d poll {poll_s:g} s: {result.requests} requests ({result.requests_per_s:.0f}/s), failed {result.failed}; "
-          f"p99 steady {result.steady_p99_ms:.2f} ms, during swaps {result.swap_p99_ms:.2f} ms "
-          f"(pooled {result.p99_ratio:.2f}x; worst swap {result.worst_swap_p99_ms:.2f} ms, {result.worst_ratio:.2f}x); "
-          f"first answer after {_summary(result.to_first_answer_s)} s", flush=True)
+    print(
+        f"  d poll {poll_s:g} s: {result.requests} requests ({result.requests_per_s:.0f}/s), failed {result.failed}; "
+        f"p99 steady {result.steady_p99_ms:.2f} ms, during swaps {result.swap_p99_ms:.2f} ms "
+        f"(pooled {result.p99_ratio:.2f}x; worst swap {result.worst_swap_p99_ms:.2f} ms, {result.worst_ratio:.2f}x); "
+        f"first answer after {_summary(result.to_first_answer_s)} s",
+        flush=True,
+    )
     return result
 
 
@@ -387,12 +451,15 @@ def _summary(values: list[float]) -> str:
 # Scenario e: server memory across many swaps.
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class MemoryResult:
     poll_s: float
     swaps: int
     rss_before_kib: int  # version 1 loaded and warm, no swap yet
-    rss_after_kib: list[int]  # after swap 1, 2, ... (each sampled RSS_SETTLE_S after the old version's END)
+    rss_after_kib: list[
+        int
+    ]  # after swap 1, 2, ... (each sampled RSS_SETTLE_S after the old version's END)
     requests: int
     failed: int
     first_errors: list[str]
@@ -404,7 +471,9 @@ class MemoryResult:
         return self.rss_after_kib[-1] / self.rss_after_kib[0] - 1
 
 
-def memory_over_swaps(source: Path, scratch: Path, swaps: int = 50, poll_s: float = 0.1) -> MemoryResult:
+def memory_over_swaps(
+    source: Path, scratch: Path, swaps: int = 50, poll_s: float = 0.1
+) -> MemoryResult:
     """Scenario e: RSS after 1 swap vs after ``swaps`` swaps, under a light load."""
     from tasks.model_server import ModelServer
 
@@ -427,17 +496,29 @@ def memory_over_swaps(source: Path, scratch: Path, swaps: int = 50, poll_s: floa
             records = generator.stop()
         finally:
             generator.close()
-    result = MemoryResult(poll_s, swaps, before, after, int(records.code.size), int((records.code != 0).sum()),
-                          records.errors[:5], time.monotonic() - started)
-    print(f"  e RSS {before / 1024:.0f} MiB before swaps, {after[0] / 1024:.0f} MiB after 1, "
-          f"{after[-1] / 1024:.0f} MiB after {swaps} ({result.growth:+.1%}); "
-          f"{result.requests} requests, failed {result.failed}", flush=True)
+    result = MemoryResult(
+        poll_s,
+        swaps,
+        before,
+        after,
+        int(records.code.size),
+        int((records.code != 0).sum()),
+        records.errors[:5],
+        time.monotonic() - started,
+    )
+    print(
+        f"  e RSS {before / 1024:.0f} MiB before swaps, {after[0] / 1024:.0f} MiB after 1, "
+        f"{after[-1] / 1024:.0f} MiB after {swaps} ({result.growth:+.1%}); "
+        f"{result.requests} requests, failed {result.failed}",
+        flush=True,
+    )
     return result
 
 
 # --------------------------------------------------------------------------------------------
 # Report.
 # --------------------------------------------------------------------------------------------
+
 
 def _verdict(met: bool) -> str:
     return "**met**" if met else "**missed**"
@@ -471,21 +552,38 @@ def markdown(hot: list[HotSwapResult], memory: MemoryResult | None, command: str
                 f"| {r.poll_s:g} | {r.requests:,} | {r.requests_per_s:,.0f} | {r.failed} | "
                 f"{r.steady_p50_ms:.2f} / {r.steady_p99_ms:.2f} | {r.swap_p50_ms:.2f} / {r.swap_p99_ms:.2f} | "
                 f"{r.worst_swap_p99_ms:.2f} | {r.steady_max_ms:.0f} / {r.swap_max_ms:.0f} | {r.p99_ratio:.2f}x | "
-                f"{_summary(r.to_available_s)} | {_summary(r.to_first_answer_s)} |")
-        lines += ["", "Per swap (version: p99 of its window / slowest request, answered this long after the "
-                  "old version's END as seen by the status poll):", ""]
+                f"{_summary(r.to_available_s)} | {_summary(r.to_first_answer_s)} |"
+            )
+        lines += [
+            "",
+            "Per swap (version: p99 of its window / slowest request, answered this long after the "
+            "old version's END as seen by the status poll):",
+            "",
+        ]
         for r in hot:
-            lines.append(f"- poll {r.poll_s:g} s: " + "; ".join(
-                f"v{s['version']}: {s['p99_ms']:.0f} / {s['worst_ms']:.0f} ms, "
-                f"{s['worst_answered_vs_old_end_s'] * 1000:+.0f} ms" for s in r.swaps if s["p99_ms"] is not None))
-        lines += ["", "Targets (p99 judged per swap, on the worst swap window; the pooled ratio is in the table):", ""]
+            lines.append(
+                f"- poll {r.poll_s:g} s: "
+                + "; ".join(
+                    f"v{s['version']}: {s['p99_ms']:.0f} / {s['worst_ms']:.0f} ms, "
+                    f"{s['worst_answered_vs_old_end_s'] * 1000:+.0f} ms"
+                    for s in r.swaps
+                    if s["p99_ms"] is not None
+                )
+            )
+        lines += [
+            "",
+            "Targets (p99 judged per swap, on the worst swap window; the pooled ratio is in the table):",
+            "",
+        ]
         for r in hot:
             lines.append(
                 f"- poll {r.poll_s:g} s: p99 during a swap ≤ 2 × steady p99: {_verdict(r.worst_ratio <= 2)} "
                 f"(worst swap {r.worst_swap_p99_ms:.2f} ms vs limit {2 * r.steady_p99_ms:.2f} ms = "
                 f"{r.worst_ratio:.2f}x steady; pooled {r.p99_ratio:.2f}x); "
                 f"0 failed requests: {_verdict(r.failed == 0)} ({r.failed} of {r.requests:,}"
-                + (f": {r.failures_by_code}, first: {r.first_errors}" if r.failed else "") + ")")
+                + (f": {r.failures_by_code}, first: {r.first_errors}" if r.failed else "")
+                + ")"
+            )
         lines.append("")
     if memory is not None:
         m = memory
@@ -506,33 +604,59 @@ def markdown(hot: list[HotSwapResult], memory: MemoryResult | None, command: str
             f"- target RSS growth ≤ 10 % from 1 to {m.swaps} swaps: {_verdict(m.growth <= 0.10)} "
             f"({m.growth:+.1%}: {m.rss_after_kib[0] / 1024:.1f} → {m.rss_after_kib[-1] / 1024:.1f} MiB)",
             f"- 0 failed requests during the {m.swaps} swaps: {_verdict(m.failed == 0)} ({m.failed} of {m.requests:,}"
-            + (f", first: {m.first_errors}" if m.failed else "") + ")",
+            + (f", first: {m.first_errors}" if m.failed else "")
+            + ")",
             "",
         ]
     return "\n".join(lines)
 
 
-def run_all(source: Path, scratch: Path, polls: list[float], swaps: int, rss_swaps: int, processes: int,
-            in_flight: int, skip_hot: bool = False, skip_memory: bool = False
-            ) -> tuple[list[HotSwapResult], MemoryResult | None]:
-    hot = [] if skip_hot else [hot_swaps(source, scratch, poll, swaps, processes, in_flight) for poll in polls]
+def run_all(
+    source: Path,
+    scratch: Path,
+    polls: list[float],
+    swaps: int,
+    rss_swaps: int,
+    processes: int,
+    in_flight: int,
+    skip_hot: bool = False,
+    skip_memory: bool = False,
+) -> tuple[list[HotSwapResult], MemoryResult | None]:
+    hot = (
+        []
+        if skip_hot
+        else [hot_swaps(source, scratch, poll, swaps, processes, in_flight) for poll in polls]
+    )
     memory = None if skip_memory else memory_over_swaps(source, scratch, rss_swaps)
     return hot, memory
 
 
 def to_json(hot: list[HotSwapResult], memory: MemoryResult | None) -> str:
-    return json.dumps({"d": [asdict(r) for r in hot], "e": asdict(memory) if memory else None}, indent=1)
+    return json.dumps(
+        {"d": [asdict(r) for r in hot], "e": asdict(memory) if memory else None}, indent=1
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.swaps", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", type=Path, help="an exported version directory to publish (default: build one)")
-    parser.add_argument("--poll", type=float, nargs="+", default=[1.0, 0.1],
-                        help="--file_system_poll_wait_seconds of the server, one run of d each")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.swaps", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--source", type=Path, help="an exported version directory to publish (default: build one)"
+    )
+    parser.add_argument(
+        "--poll",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.1],
+        help="--file_system_poll_wait_seconds of the server, one run of d each",
+    )
     parser.add_argument("--swaps", type=int, default=5, help="versions published in d")
     parser.add_argument("--rss-swaps", type=int, default=50, help="versions published in e")
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--in-flight", type=int, default=8, help="concurrent requests per generator process")
+    parser.add_argument(
+        "--in-flight", type=int, default=8, help="concurrent requests per generator process"
+    )
     parser.add_argument("--skip-hot", action="store_true", help="leave out d")
     parser.add_argument("--skip-memory", action="store_true", help="leave out e")
     parser.add_argument("--write", type=Path, help="write the sections as Markdown to this file")
@@ -545,8 +669,17 @@ def main(argv: list[str] | None = None) -> None:
 
             print("building the model (1 epoch) ...", flush=True)
             source = build_model(scratch / "model") / "1"
-        hot, memory = run_all(source, scratch, args.poll, args.swaps, args.rss_swaps, args.processes,
-                              args.in_flight, args.skip_hot, args.skip_memory)
+        hot, memory = run_all(
+            source,
+            scratch,
+            args.poll,
+            args.swaps,
+            args.rss_swaps,
+            args.processes,
+            args.in_flight,
+            args.skip_hot,
+            args.skip_memory,
+        )
     command = "python -m benchmarks.swaps " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)

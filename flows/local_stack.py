@@ -69,17 +69,57 @@ def services() -> list[Service]:
     model_base_path = cfg.push.model_base_path / model_name
     mlflow_dir = STACK / "mlflow"
     return [
-        Service("prefect-server", [str(BIN / "prefect"), "server", "start"], f"{PREFECT_API}/health",
-                "http://127.0.0.1:4200", PREFECT_ENV),
-        Service("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", "5000", "--workers", "1",
-                           "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
-                           "--artifacts-destination", str(mlflow_dir / "artifacts")],
-                "http://127.0.0.1:5000/health", "http://127.0.0.1:5000"),
-        Service("model-server", [sys.executable, "-m", "serving", "--port", "8500", "--rest_api_port", "8501",
-                                 "--model_name", model_name, "--model_base_path", str(model_base_path)],
-                f"http://127.0.0.1:8501/v1/models/{model_name}", f"http://127.0.0.1:8501/v1/models/{model_name}"),
-        Service("prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"],
-                None, f"{WORK_POOL} work pool", PREFECT_ENV),
+        Service(
+            "prefect-server",
+            [str(BIN / "prefect"), "server", "start"],
+            f"{PREFECT_API}/health",
+            "http://127.0.0.1:4200",
+            PREFECT_ENV,
+        ),
+        Service(
+            "mlflow",
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "5000",
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(mlflow_dir / "artifacts"),
+            ],
+            "http://127.0.0.1:5000/health",
+            "http://127.0.0.1:5000",
+        ),
+        Service(
+            "model-server",
+            [
+                sys.executable,
+                "-m",
+                "serving",
+                "--port",
+                "8500",
+                "--rest_api_port",
+                "8501",
+                "--model_name",
+                model_name,
+                "--model_base_path",
+                str(model_base_path),
+            ],
+            f"http://127.0.0.1:8501/v1/models/{model_name}",
+            f"http://127.0.0.1:8501/v1/models/{model_name}",
+        ),
+        Service(
+            "prefect-worker",
+            [str(BIN / "prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"],
+            None,
+            f"{WORK_POOL} work pool",
+            PREFECT_ENV,
+        ),
     ]
 
 
@@ -97,11 +137,20 @@ def start(service: Service, timeout_s: float = 120.0) -> None:
     for directory in (service.pid_file.parent, service.log_file.parent, STACK / "mlflow"):
         directory.mkdir(parents=True, exist_ok=True)
     with service.log_file.open("ab") as log:
-        process = subprocess.Popen(service.command, cwd=REPO_ROOT, env={**os.environ, **service.env},
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)  # its own group: `down` stops its children too
+        process = subprocess.Popen(
+            service.command,
+            cwd=REPO_ROOT,
+            env={**os.environ, **service.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # its own group: `down` stops its children too
     service.pid_file.write_text(str(process.pid))
-    print(f"  started {service.name} (pid {process.pid}), log {service.log_file.relative_to(REPO_ROOT)}", flush=True)
+    print(
+        f"  started {service.name} (pid {process.pid}), log {service.log_file.relative_to(REPO_ROOT)}",
+        flush=True,
+    )
     if service.ready_url is None:
         return
     deadline = time.monotonic() + timeout_s
@@ -109,7 +158,9 @@ def start(service: Service, timeout_s: float = 120.0) -> None:
         if process.poll() is not None:
             sys.exit(f"{service.name} exited with {process.returncode}; see {service.log_file}")
         if time.monotonic() > deadline:
-            sys.exit(f"{service.name} did not answer at {service.ready_url} within {timeout_s:.0f} s; see {service.log_file}")
+            sys.exit(
+                f"{service.name} did not answer at {service.ready_url} within {timeout_s:.0f} s; see {service.log_file}"
+            )
         time.sleep(0.5)
 
 
@@ -128,17 +179,27 @@ def stop(service: Service, grace_s: float = 15.0) -> None:
 
 
 def prefect(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "prefect"), *args], cwd=REPO_ROOT, env={**os.environ, **PREFECT_ENV},
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [str(BIN / "prefect"), *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, **PREFECT_ENV},
+        capture_output=True,
+        text=True,
+    )
 
 
 def up() -> None:
     pending = [service for service in services() if service.pid() is None]
     for service in pending:
-        if service.name == "prefect-worker" and prefect("work-pool", "inspect", WORK_POOL).returncode != 0:
+        if (
+            service.name == "prefect-worker"
+            and prefect("work-pool", "inspect", WORK_POOL).returncode != 0
+        ):
             created = prefect("work-pool", "create", WORK_POOL, "--type", "process")
             if created.returncode != 0:
-                sys.exit(f"could not create work pool {WORK_POOL}: {created.stdout}{created.stderr}")
+                sys.exit(
+                    f"could not create work pool {WORK_POOL}: {created.stdout}{created.stderr}"
+                )
         start(service)
     deployed = prefect("--no-prompt", "deploy", "--all")
     if deployed.returncode != 0:
@@ -159,7 +220,9 @@ def status() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.local_stack", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.local_stack", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("action", choices=["up", "down", "status"])
     action = parser.parse_args(argv).action
     {"up": up, "down": down, "status": status}[action]()

@@ -46,35 +46,62 @@ def train_and_serve(config_path: str | None = None, overrides: list[str] | None 
     cfg = load_config(config_path, overrides or [])
     log = logger()
     run_name = f"{cfg.export.model_name}-{flow_run.get_name() or 'local'}"
-    tags = {"prefect_flow_run_id": str(flow_run.get_id()), "gate": "not evaluated", "pushed": "false"}
-    with tracked_run(cfg.mlflow, run_name, cfg.flat(), tags) as tracker, tempfile.TemporaryDirectory() as scratch:
+    tags = {
+        "prefect_flow_run_id": str(flow_run.get_id()),
+        "gate": "not evaluated",
+        "pushed": "false",
+    }
+    with (
+        tracked_run(cfg.mlflow, run_name, cfg.flat(), tags) as tracker,
+        tempfile.TemporaryDirectory() as scratch,
+    ):
         data = mnist.load(cfg.data.dir)
 
         trained = train(data, cfg.model, cfg.train, tracker)
         tracker.set_tags({"device": trained.device})
-        tracker.log_artifact(plots.training_curves(trained.history, Path(scratch) / "training.png"), "plots")
+        tracker.log_artifact(
+            plots.training_curves(trained.history, Path(scratch) / "training.png"), "plots"
+        )
 
         exported = export(trained.model, cfg.export, cfg.push.model_base_path, data.test.images)
         tracker.set_tags({"export_version": exported.version})
         tracker.log_artifact(exported.path, "saved_model")
-        registry_version = register_model(tracker, trained.model, exported.model_name, exported.version)
+        registry_version = register_model(
+            tracker, trained.model, exported.model_name, exported.version
+        )
 
         verdict = validate(exported, data.test, cfg.validate_, cfg.push.servers)
         tracker.log_metrics({"val_error_rate": verdict.error_rate})
         if verdict.baseline_error_rate is not None:
             tracker.log_metrics({"baseline_error_rate": verdict.baseline_error_rate})
             tracker.set_tags({"baseline_version": verdict.baseline_version})
-        tracker.set_tags({"gate": "passed" if verdict.passed else "failed", "gate_reason": verdict.reason})
-        confusion_png = plots.confusion_matrix(verdict.confusion, verdict.error_rate, Path(scratch) / "confusion.png")
+        tracker.set_tags(
+            {"gate": "passed" if verdict.passed else "failed", "gate_reason": verdict.reason}
+        )
+        confusion_png = plots.confusion_matrix(
+            verdict.confusion, verdict.error_rate, Path(scratch) / "confusion.png"
+        )
         tracker.log_artifact(confusion_png, "plots")
         if not verdict.passed:
-            raise GateFailed(f"gate failed for {exported.model_name} version {exported.version}: {verdict.reason}")
+            raise GateFailed(
+                f"gate failed for {exported.model_name} version {exported.version}: {verdict.reason}"
+            )
 
         pushed = push(exported, verdict, cfg.push)
         tracker.set_tags({"pushed": "true", "pushed_version": pushed.version})
-        tracker.log_metrics({f"seconds_to_available.{server}": s for server, s in pushed.seconds_to_available.items()})
+        tracker.log_metrics(
+            {
+                f"seconds_to_available.{server}": s
+                for server, s in pushed.seconds_to_available.items()
+            }
+        )
         promote_champion(tracker, exported.model_name, registry_version)
-        log.info("%s version %d is serving on %s", pushed.model_name, pushed.version, ", ".join(pushed.servers))
+        log.info(
+            "%s version %d is serving on %s",
+            pushed.model_name,
+            pushed.version,
+            ", ".join(pushed.servers),
+        )
         return Outcome(
             model_name=pushed.model_name,
             version=pushed.version,
@@ -86,10 +113,18 @@ def train_and_serve(config_path: str | None = None, overrides: list[str] | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.train_and_serve", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.train_and_serve", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--config", help="YAML configuration (default: configs/mnist.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one key, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set train.epochs=3 (repeatable)",
+    )
     args = parser.parse_args(argv)
     try:
         load_config(args.config, args.overrides)  # fail on a bad key before any run starts
@@ -97,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     outcome = train_and_serve(args.config, args.overrides)
-    print(f"{outcome.model_name} version {outcome.version} is serving (error rate {outcome.error_rate:.4f})")
+    print(
+        f"{outcome.model_name} version {outcome.version} is serving (error rate {outcome.error_rate:.4f})"
+    )
     return 0
 
 

@@ -117,25 +117,37 @@ def _parameters_class() -> Any:
     F = descriptor_pb2.FieldDescriptorProto
     proto = descriptor_pb2.FileDescriptorProto(
         name="tensorflow_serving/servables/tensorflow/session_bundle_config.proto",
-        package="tensorflow.serving", syntax="proto3",
-        dependency=["google/protobuf/wrappers.proto"])
+        package="tensorflow.serving",
+        syntax="proto3",
+        dependency=["google/protobuf/wrappers.proto"],
+    )
     message = proto.message_type.add(name="BatchingParameters")
-    for number, name, type_name in ((1, "max_batch_size", "Int64Value"),
-                                    (2, "batch_timeout_micros", "Int64Value"),
-                                    (3, "max_enqueued_batches", "Int64Value"),
-                                    (4, "num_batch_threads", "Int64Value"),
-                                    (5, "thread_pool_name", "StringValue")):
-        message.field.add(name=name, number=number, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
-                          type_name=f".google.protobuf.{type_name}")
-    message.field.add(name="allowed_batch_sizes", number=6, type=F.TYPE_INT64,
-                      label=F.LABEL_REPEATED)
-    message.field.add(name="pad_variable_length_inputs", number=7, type=F.TYPE_BOOL,
-                      label=F.LABEL_OPTIONAL)
+    for number, name, type_name in (
+        (1, "max_batch_size", "Int64Value"),
+        (2, "batch_timeout_micros", "Int64Value"),
+        (3, "max_enqueued_batches", "Int64Value"),
+        (4, "num_batch_threads", "Int64Value"),
+        (5, "thread_pool_name", "StringValue"),
+    ):
+        message.field.add(
+            name=name,
+            number=number,
+            type=F.TYPE_MESSAGE,
+            label=F.LABEL_OPTIONAL,
+            type_name=f".google.protobuf.{type_name}",
+        )
+    message.field.add(
+        name="allowed_batch_sizes", number=6, type=F.TYPE_INT64, label=F.LABEL_REPEATED
+    )
+    message.field.add(
+        name="pad_variable_length_inputs", number=7, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
     pool.Add(proto)
     return message_factory.GetMessageClass(
-        pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters"))
+        pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters")
+    )
 
 
 def read_parameters(path: str) -> BatchingParameters:
@@ -144,26 +156,40 @@ def read_parameters(path: str) -> BatchingParameters:
     proto = textproto.read(path, _parameters_class()())
     defaults = BatchingParameters()
     values: dict[str, Any] = {}
-    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches",
-                 "num_batch_threads", "thread_pool_name"):
-        values[name] = getattr(proto, name).value if proto.HasField(name) else \
-            getattr(defaults, name)
-    params = BatchingParameters(**values, allowed_batch_sizes=tuple(proto.allowed_batch_sizes),
-                                pad_variable_length_inputs=proto.pad_variable_length_inputs)
+    for name in (
+        "max_batch_size",
+        "batch_timeout_micros",
+        "max_enqueued_batches",
+        "num_batch_threads",
+        "thread_pool_name",
+    ):
+        values[name] = (
+            getattr(proto, name).value if proto.HasField(name) else getattr(defaults, name)
+        )
+    params = BatchingParameters(
+        **values,
+        allowed_batch_sizes=tuple(proto.allowed_batch_sizes),
+        pad_variable_length_inputs=proto.pad_variable_length_inputs,
+    )
     for name in ("max_batch_size", "max_enqueued_batches", "num_batch_threads"):
         if getattr(params, name) < 1:
             raise ValueError(f"{path}: {name} must be positive; was {getattr(params, name)}")
     if params.batch_timeout_micros < 0:
-        raise ValueError(f"{path}: batch_timeout_micros must be non-negative; was "
-                         f"{params.batch_timeout_micros}")
+        raise ValueError(
+            f"{path}: batch_timeout_micros must be non-negative; was {params.batch_timeout_micros}"
+        )
     sizes = params.allowed_batch_sizes
     if sizes:
         if any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] < 1:
-            raise ValueError(f"{path}: allowed_batch_sizes entries must be monotonically "
-                             f"increasing positive numbers; were {list(sizes)}")
+            raise ValueError(
+                f"{path}: allowed_batch_sizes entries must be monotonically "
+                f"increasing positive numbers; were {list(sizes)}"
+            )
         if sizes[-1] != params.max_batch_size:
-            raise ValueError(f"{path}: allowed_batch_sizes: last entry must equal max_batch_size; "
-                             f"last entry was {sizes[-1]}; expected {params.max_batch_size}")
+            raise ValueError(
+                f"{path}: allowed_batch_sizes: last entry must equal max_batch_size; "
+                f"last entry was {sizes[-1]}; expected {params.max_batch_size}"
+            )
     return params
 
 
@@ -263,9 +289,14 @@ class Batcher:
                 _finish(batch, [None] * len(batch), error)
         self._runner.close()
 
-    def submit(self, handle: "Handle", feeds: dict[str, np.ndarray], fetches: tuple[str, ...],
-               batchable: bool, answer: Callable[[dict[str, np.ndarray]], Any]
-               ) -> asyncio.Future | None:
+    def submit(
+        self,
+        handle: "Handle",
+        feeds: dict[str, np.ndarray],
+        fetches: tuple[str, ...],
+        batchable: bool,
+        answer: Callable[[dict[str, np.ndarray]], Any],
+    ) -> asyncio.Future | None:
         """Enqueue one session run of validated ``feeds`` (on the event loop), as TF Serving's
         BatchingSession batches ``Session::Run``: Predict, Classify, Regress and MultiInference
         alike. ``batchable``: every tensor of the signature(s) has a free dim 0.
@@ -286,8 +317,9 @@ class Batcher:
         if params is None or rows is None:
             return None
         if rows > params.max_batch_size:
-            raise invalid(f"Task size {rows} is larger than maximum input batch size "
-                          f"{params.max_batch_size}")
+            raise invalid(
+                f"Task size {rows} is larger than maximum input batch size {params.max_batch_size}"
+            )
         if self._stopping:
             raise ServingError(grpc.StatusCode.UNAVAILABLE, "The server is shutting down")
         # TF Serving records it per input tensor
@@ -303,9 +335,10 @@ class Batcher:
             queue = self._queues[key] = _Queue(servable, fetches, params)
         if not queue.batches or queue.open_rows + rows > params.max_batch_size:
             if len(queue.batches) >= params.max_enqueued_batches:
-                raise ServingError(grpc.StatusCode.UNAVAILABLE,
-                                   "The batch scheduling queue to which this task was "
-                                   "submitted is full")
+                raise ServingError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "The batch scheduling queue to which this task was submitted is full",
+                )
             queue.batches.append([])
             queue.open_rows = 0
         task = _Task(handle, feeds, rows, answer, self._loop.create_future(), self._loop.time())
@@ -381,7 +414,8 @@ class Batcher:
     async def _process(self, queue: _Queue, batch: list[_Task]) -> None:
         started = self._loop.time()
         metrics.BATCHING_QUEUING_LATENCY.observe_all(
-            [(started - task.enqueued) * 1e6 for task in batch], self.thread_pool_name)
+            [(started - task.enqueued) * 1e6 for task in batch], self.thread_pool_name
+        )
         rows = sum(task.rows for task in batch)
         size = padded_size(queue.params.allowed_batch_sizes, rows)
         padding = size - rows
@@ -438,8 +472,9 @@ def padded_size(allowed: tuple[int, ...], size: int) -> int:
     return size
 
 
-def _run_batch(queue: _Queue, batch: list[_Task], size: int,
-               padding: int) -> list[dict[str, np.ndarray]]:
+def _run_batch(
+    queue: _Queue, batch: list[_Task], size: int, padding: int
+) -> list[dict[str, np.ndarray]]:
     """Merge, pad with ``padding`` rows to ``size``, run, split back; on the loop or a batch
     thread."""
     params = queue.params
@@ -448,18 +483,25 @@ def _run_batch(queue: _Queue, batch: list[_Task], size: int,
     if len(batch) == 1 and not padding:
         merged = batch[0].feeds  # nothing to copy
     else:
-        merged = {name: _merge([task.feeds[name] for task in batch], padding,
-                               params.pad_variable_length_inputs)
-                  for name in batch[0].feeds}
+        merged = {
+            name: _merge(
+                [task.feeds[name] for task in batch], padding, params.pad_variable_length_inputs
+            )
+            for name in batch[0].feeds
+        }
     values = queue.servable.run_tensors(merged, queue.fetches)
     for name, value in values.items():
         if value.ndim == 0 or value.shape[0] != size:
-            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"Batched output tensor {name} has shape {list(value.shape)}: its "
-                               f"0th dimension does not equal the batch size {size}")
+            raise ServingError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"Batched output tensor {name} has shape {list(value.shape)}: its "
+                f"0th dimension does not equal the batch size {size}",
+            )
     bounds = list(itertools.accumulate(task.rows for task in batch))
-    return [{name: value[end - task.rows:end] for name, value in values.items()}
-            for task, end in zip(batch, bounds)]
+    return [
+        {name: value[end - task.rows : end] for name, value in values.items()}
+        for task, end in zip(batch, bounds)
+    ]
 
 
 def _merge(parts: list[np.ndarray], padding: int, pad_inner: bool) -> np.ndarray:
@@ -484,12 +526,24 @@ def _pad_inner(value: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
 def start(config: BatchingConfig) -> Batcher:
     """The server's batcher: the global parameters size and name the thread pool."""
     params = config.parameters
-    log.info("batching on: %d batch thread(s); max_batch_size %d, batch_timeout_micros %d, "
-             "max_enqueued_batches %d%s", params.num_batch_threads, params.max_batch_size,
-             params.batch_timeout_micros, params.max_enqueued_batches,
-             "; per-model batching_params.pbtxt honoured" if config.per_model else "")
+    log.info(
+        "batching on: %d batch thread(s); max_batch_size %d, batch_timeout_micros %d, "
+        "max_enqueued_batches %d%s",
+        params.num_batch_threads,
+        params.max_batch_size,
+        params.batch_timeout_micros,
+        params.max_enqueued_batches,
+        "; per-model batching_params.pbtxt honoured" if config.per_model else "",
+    )
     return Batcher(params.num_batch_threads, params.thread_pool_name)
 
 
-__all__ = ["Batcher", "BatchingConfig", "BatchingParameters", "batching_loader", "padded_size",
-           "read_parameters", "start"]
+__all__ = [
+    "Batcher",
+    "BatchingConfig",
+    "BatchingParameters",
+    "batching_loader",
+    "padded_size",
+    "read_parameters",
+    "start",
+]

@@ -18,8 +18,11 @@ import numpy as np
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m serving.client", allow_abbrev=False,
-                                     description="Send MNIST test images to a model server.")
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.client",
+        allow_abbrev=False,
+        description="Send MNIST test images to a model server.",
+    )
     parser.add_argument("--server", default="127.0.0.1:8500", help="gRPC host:port")
     parser.add_argument("--num_tests", type=int, default=100, help="number of test images")
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight")
@@ -57,7 +60,9 @@ async def run_client(args: argparse.Namespace, images: np.ndarray, labels: np.nd
                 request.model_spec.signature_name = args.signature_name
                 request.inputs["images"].CopyFrom(to_tensor_proto(images[i : i + 1]))
                 response = await stub.Predict(request, timeout=args.timeout)
-                if int(np.argmax(to_ndarray("scores", response.outputs["scores"]))) != int(labels[i]):
+                if int(np.argmax(to_ndarray("scores", response.outputs["scores"]))) != int(
+                    labels[i]
+                ):
                     errors += 1
 
         await asyncio.gather(*(worker() for _ in range(max(1, args.concurrency))))
@@ -84,12 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except grpc.RpcError as e:
-        print(f"error: request to {args.server} failed: {e.code().name}: {e.details()}",
-              file=sys.stderr)
+        print(
+            f"error: request to {args.server} failed: {e.code().name}: {e.details()}",
+            file=sys.stderr,
+        )
         return 1
     elapsed = time.monotonic() - start
-    print(f"{n} requests in {elapsed:.2f} s ({n / elapsed:.0f}/s, concurrency {args.concurrency})",
-          file=sys.stderr)
+    print(
+        f"{n} requests in {elapsed:.2f} s ({n / elapsed:.0f}/s, concurrency {args.concurrency})",
+        file=sys.stderr,
+    )
     print(f"Inference error rate: {errors / n * 100:g}%")
     return 0
 

@@ -23,11 +23,20 @@ import numpy as np
 from serving.batching import Batcher
 from serving.errors import ServingError, invalid
 from serving.jobs import JobRunner
-from serving.manager import VersionStatus
 from serving.routing import Handle, RoutingTable
-from serving.servable import (DEFAULT_SIGNATURE, Classification, Regression, Servable,
-                              SignatureInfo, SignatureTask, inference_results, inference_tensors,
-                              predict_outputs, predict_tensors)
+from serving.servable import (
+    DEFAULT_SIGNATURE,
+    Classification,
+    Regression,
+    Servable,
+    SignatureInfo,
+    SignatureTask,
+    inference_results,
+    inference_tensors,
+    predict_outputs,
+    predict_tensors,
+)
+from serving.types import VersionStatus
 
 T = TypeVar("T")
 
@@ -71,8 +80,9 @@ class ControlPlane(Protocol):
     """What a worker asks the supervisor, which alone knows every version's state and owns the
     model list and the metrics of all workers (``serving.worker.SupervisorLink``)."""
 
-    async def statuses(self, model_name: str, version: int | None,
-                       label: str | None) -> list[VersionStatus]: ...
+    async def statuses(
+        self, model_name: str, version: int | None, label: str | None
+    ) -> list[VersionStatus]: ...
 
     async def reload(self, config: Any, timeout_s: float) -> None: ...
 
@@ -86,8 +96,13 @@ class DataPlane:
     points at, else the latest -- resolved by the routing table under the same lock that pins it.
     """
 
-    def __init__(self, routing: RoutingTable, control: ControlPlane, num_threads: int,
-                 batcher: Batcher | None = None) -> None:
+    def __init__(
+        self,
+        routing: RoutingTable,
+        control: ControlPlane,
+        num_threads: int,
+        batcher: Batcher | None = None,
+    ) -> None:
         self.routing = routing
         self.control = control
         self.jobs = JobRunner(num_threads, "predict")
@@ -156,34 +171,62 @@ class DataPlane:
         feeds, fetches = predict_tensors(sig, inputs, outputs)
         version_served = handle.version
         return self._run_batched(
-            handle, feeds, fetches, sig.batchable,
-            lambda values: answer(PredictResult(version_served, sig.name,
-                                                predict_outputs(sig, outputs, values))))
+            handle,
+            feeds,
+            fetches,
+            sig.batchable,
+            lambda values: answer(
+                PredictResult(version_served, sig.name, predict_outputs(sig, outputs, values))
+            ),
+        )
 
-    async def example_inference_batched(self, method: str, model_name: str, version: int | None,
-                                        label: str | None, signature_name: str,
-                                        examples: Sequence[bytes],
-                                        answer: Callable[[InferenceResult], T]) -> T:
+    async def example_inference_batched(
+        self,
+        method: str,
+        model_name: str,
+        version: int | None,
+        label: str | None,
+        signature_name: str,
+        examples: Sequence[bytes],
+        answer: Callable[[InferenceResult], T],
+    ) -> T:
         """``classify`` or ``regress`` (``method``: CLASSIFY_METHOD, REGRESS_METHOD) for the event
         loop when batching is on."""
         return await self._infer_batched(
-            model_name, version, label, examples,
+            model_name,
+            version,
+            label,
+            examples,
             lambda servable: servable.example_tasks(signature_name, method),
-            lambda results: answer(results[0]))
+            lambda results: answer(results[0]),
+        )
 
-    async def multi_inference_batched(self, tasks: Sequence[InferenceTask],
-                                      examples: Sequence[bytes],
-                                      answer: Callable[[list[InferenceResult]], T]) -> T:
+    async def multi_inference_batched(
+        self,
+        tasks: Sequence[InferenceTask],
+        examples: Sequence[bytes],
+        answer: Callable[[list[InferenceResult]], T],
+    ) -> T:
         """``multi_inference`` for the event loop when batching is on."""
         first = _routing_task(tasks)
         return await self._infer_batched(
-            first.model_name, first.version, first.label, examples,
-            lambda servable: servable.multi_inference_tasks(_signature_methods(tasks)), answer)
+            first.model_name,
+            first.version,
+            first.label,
+            examples,
+            lambda servable: servable.multi_inference_tasks(_signature_methods(tasks)),
+            answer,
+        )
 
-    async def _infer_batched(self, model_name: str, version: int | None, label: str | None,
-                             examples: Sequence[bytes],
-                             tasks_of: Callable[[Servable], list[SignatureTask]],
-                             answer: Callable[[list[InferenceResult]], T]) -> T:
+    async def _infer_batched(
+        self,
+        model_name: str,
+        version: int | None,
+        label: str | None,
+        examples: Sequence[bytes],
+        tasks_of: Callable[[Servable], list[SignatureTask]],
+        answer: Callable[[list[InferenceResult]], T],
+    ) -> T:
         handle = self.routing.acquire(model_name, version, label=label)
         try:
             tasks = tasks_of(handle.servable)
@@ -193,14 +236,28 @@ class DataPlane:
             raise
         version_served = handle.version
         return await self._run_batched(
-            handle, feeds, fetches, all(sig.batchable for sig, _ in tasks),
-            lambda values: answer([
-                InferenceResult(version_served, sig.name, value) for (sig, _), value
-                in zip(tasks, inference_results(tasks, len(examples), values))]))
+            handle,
+            feeds,
+            fetches,
+            all(sig.batchable for sig, _ in tasks),
+            lambda values: answer(
+                [
+                    InferenceResult(version_served, sig.name, value)
+                    for (sig, _), value in zip(
+                        tasks, inference_results(tasks, len(examples), values)
+                    )
+                ]
+            ),
+        )
 
-    def _run_batched(self, handle: Handle, feeds: dict[str, np.ndarray],
-                     fetches: tuple[str, ...], batchable: bool,
-                     answer: Callable[[dict[str, np.ndarray]], T]) -> Awaitable[T]:
+    def _run_batched(
+        self,
+        handle: Handle,
+        feeds: dict[str, np.ndarray],
+        fetches: tuple[str, ...],
+        batchable: bool,
+        answer: Callable[[dict[str, np.ndarray]], T],
+    ) -> Awaitable[T]:
         """One session run in a batch (its future); one that cannot join a batch (a version
         without batching parameters, an input without a batch dim) runs alone through ``run``.
         The caller awaits it at once. Takes ``handle`` over: it is released once the model has
@@ -225,25 +282,37 @@ class DataPlane:
             return answer(values)
 
         size_class = sum(v.nbytes for v in feeds.values()).bit_length()
-        return self.run(("unbatched", handle.servable.model_name, fetches, size_class),
-                        run_alone)
+        return self.run(("unbatched", handle.servable.model_name, fetches, size_class), run_alone)
 
-    def classify(self, model_name: str, version: int | None, label: str | None,
-                 signature_name: str, examples: Sequence[bytes]) -> InferenceResult:
+    def classify(
+        self,
+        model_name: str,
+        version: int | None,
+        label: str | None,
+        signature_name: str,
+        examples: Sequence[bytes],
+    ) -> InferenceResult:
         """Classify serialized ``tf.Example``s with a ``tensorflow/serving/classify`` signature."""
         with self.routing.acquire(model_name, version, label=label) as handle:
             value = handle.servable.classify(signature_name, examples)
             return InferenceResult(handle.version, signature_name or DEFAULT_SIGNATURE, value)
 
-    def regress(self, model_name: str, version: int | None, label: str | None,
-                signature_name: str, examples: Sequence[bytes]) -> InferenceResult:
+    def regress(
+        self,
+        model_name: str,
+        version: int | None,
+        label: str | None,
+        signature_name: str,
+        examples: Sequence[bytes],
+    ) -> InferenceResult:
         """Regress serialized ``tf.Example``s with a ``tensorflow/serving/regress`` signature."""
         with self.routing.acquire(model_name, version, label=label) as handle:
             value = handle.servable.regress(signature_name, examples)
             return InferenceResult(handle.version, signature_name or DEFAULT_SIGNATURE, value)
 
-    def multi_inference(self, tasks: Sequence[InferenceTask],
-                        examples: Sequence[bytes]) -> list[InferenceResult]:
+    def multi_inference(
+        self, tasks: Sequence[InferenceTask], examples: Sequence[bytes]
+    ) -> list[InferenceResult]:
         """Several classify/regress tasks over the same examples, in one model call.
 
         As TF Serving: the first task's ModelSpec routes the request (the other tasks' versions
@@ -252,18 +321,22 @@ class DataPlane:
         first = _routing_task(tasks)
         with self.routing.acquire(first.model_name, first.version, label=first.label) as handle:
             values = handle.servable.multi_inference(_signature_methods(tasks), examples)
-            return [InferenceResult(handle.version, t.signature_name or DEFAULT_SIGNATURE, v)
-                    for t, v in zip(tasks, values)]
+            return [
+                InferenceResult(handle.version, t.signature_name or DEFAULT_SIGNATURE, v)
+                for t, v in zip(tasks, values)
+            ]
 
     # -- status / metadata ---------------------------------------------------------------------
 
-    async def model_status(self, model_name: str, version: int | None = None,
-                           label: str | None = None) -> list[VersionStatus]:
+    async def model_status(
+        self, model_name: str, version: int | None = None, label: str | None = None
+    ) -> list[VersionStatus]:
         """As the supervisor's manager knows it: AVAILABLE only once every worker serves it."""
         return await self.control.statuses(model_name, version, label)
 
-    def model_metadata(self, model_name: str, version: int | None = None,
-                       label: str | None = None) -> ModelMetadata:
+    def model_metadata(
+        self, model_name: str, version: int | None = None, label: str | None = None
+    ) -> ModelMetadata:
         with self.routing.acquire(model_name, version, label=label) as handle:
             return ModelMetadata(handle.version, dict(handle.servable.signature_defs))
 
@@ -281,8 +354,9 @@ def _signature_methods(tasks: Sequence[InferenceTask]) -> list[tuple[str, str]]:
         if not task.model_name:
             raise invalid("Found ModelSpec with an empty model name.")
         if task.model_name != tasks[0].model_name:
-            raise invalid("All ModelSpecs in a MultiInferenceRequest must access the same "
-                          "model name.")
+            raise invalid(
+                "All ModelSpecs in a MultiInferenceRequest must access the same model name."
+            )
     return [(t.signature_name, t.method_name) for t in tasks]
 
 
@@ -297,5 +371,12 @@ def parse_version(text: str) -> int:
     return value
 
 
-__all__ = ["DataPlane", "InferenceResult", "InferenceTask", "ModelMetadata", "PredictResult",
-           "ServingError", "parse_version"]
+__all__ = [
+    "DataPlane",
+    "InferenceResult",
+    "InferenceTask",
+    "ModelMetadata",
+    "PredictResult",
+    "ServingError",
+    "parse_version",
+]

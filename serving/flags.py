@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 DEFAULT_THREADS = 4 * (os.cpu_count() or 1)  # TF Serving's default for both thread flags
 # One worker process per core this process may run on: a Python process serves on one core at
 # most (the GIL), so fewer workers leave cores idle and more only add memory (a model per worker).
-DEFAULT_WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-    os.cpu_count() or 1)
+DEFAULT_WORKERS = (
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+)
 
 
 @dataclass(frozen=True)
@@ -106,46 +107,114 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--port", type=_port, default=8500, help="gRPC port (default 8500)")
     add("--rest_api_port", type=_port, default=0, help="REST port, 0 = off (default 0)")
-    add("--bind_address", default="127.0.0.1",
-        help="address both ports listen on (extension; default 127.0.0.1)")
+    add(
+        "--bind_address",
+        default="127.0.0.1",
+        help="address both ports listen on (extension; default 127.0.0.1)",
+    )
     add("--model_name", default="default", help="name of the served model (default 'default')")
-    add("--model_base_path", default=None,
-        help="directory holding numbered version subdirectories of the model")
-    add("--model_config_file", default=None,
+    add(
+        "--model_base_path",
+        default=None,
+        help="directory holding numbered version subdirectories of the model",
+    )
+    add(
+        "--model_config_file",
+        default=None,
         help="text-format ModelServerConfig listing the served models; when set, "
-             "--model_name and --model_base_path are ignored")
-    add("--model_config_file_poll_wait_seconds", type=_seconds, default=0.0,
-        help="seconds between re-reads of --model_config_file; 0 = read once (default 0)")
-    add("--allow_version_labels_for_unavailable_models", type=_bool, nargs="?", const=True,
-        default=False, help="let a new version label point at a version not loaded yet")
-    add("--file_system_poll_wait_seconds", type=_seconds, default=1.0,
+        "--model_name and --model_base_path are ignored",
+    )
+    add(
+        "--model_config_file_poll_wait_seconds",
+        type=_seconds,
+        default=0.0,
+        help="seconds between re-reads of --model_config_file; 0 = read once (default 0)",
+    )
+    add(
+        "--allow_version_labels_for_unavailable_models",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="let a new version label point at a version not loaded yet",
+    )
+    add(
+        "--file_system_poll_wait_seconds",
+        type=_seconds,
+        default=1.0,
         help="seconds between polls of model_base_path; 0 = poll once, negative = never "
-             "(fractions allowed, an extension)")
-    add("--enable_model_warmup", type=_bool, nargs="?", const=True, default=True,
-        help="replay assets.extra/tf_serving_warmup_requests before serving a version")
-    add("--rest_api_timeout_in_ms", type=_int_at_least(0), default=30000,
-        help="timeout of a REST request in ms (default 30000)")
-    add("--grpc_max_threads", type=_int_at_least(1), default=DEFAULT_THREADS,
-        help=f"max concurrent gRPC model calls (default 4 x CPUs = {DEFAULT_THREADS})")
-    add("--rest_api_num_threads", type=_int_at_least(1), default=DEFAULT_THREADS,
-        help=f"max concurrent REST model calls (default 4 x CPUs = {DEFAULT_THREADS})")
-    add("--enable_grpc_healthcheck_service", type=_bool, nargs="?", const=True, default=False,
-        help="serve grpc.health.v1.Health on the gRPC port (default false)")
-    add("--monitoring_config_file", default=None,
+        "(fractions allowed, an extension)",
+    )
+    add(
+        "--enable_model_warmup",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="replay assets.extra/tf_serving_warmup_requests before serving a version",
+    )
+    add(
+        "--rest_api_timeout_in_ms",
+        type=_int_at_least(0),
+        default=30000,
+        help="timeout of a REST request in ms (default 30000)",
+    )
+    add(
+        "--grpc_max_threads",
+        type=_int_at_least(1),
+        default=DEFAULT_THREADS,
+        help=f"max concurrent gRPC model calls (default 4 x CPUs = {DEFAULT_THREADS})",
+    )
+    add(
+        "--rest_api_num_threads",
+        type=_int_at_least(1),
+        default=DEFAULT_THREADS,
+        help=f"max concurrent REST model calls (default 4 x CPUs = {DEFAULT_THREADS})",
+    )
+    add(
+        "--enable_grpc_healthcheck_service",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="serve grpc.health.v1.Health on the gRPC port (default false)",
+    )
+    add(
+        "--monitoring_config_file",
+        default=None,
         help="text-format MonitoringConfig; prometheus_config { enable: true path: ... } serves "
-             "Prometheus metrics on the REST port")
-    add("--enable_batching", type=_bool, nargs="?", const=True, default=False,
-        help="batch Predict requests on the server (default false)")
-    add("--batching_parameters_file", default="",
+        "Prometheus metrics on the REST port",
+    )
+    add(
+        "--enable_batching",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="batch Predict requests on the server (default false)",
+    )
+    add(
+        "--batching_parameters_file",
+        default="",
         help="text-format BatchingParameters used with --enable_batching (default: TF Serving's "
-             "defaults)")
-    add("--enable_per_model_batching_parameters", type=_bool, nargs="?", const=True,
+        "defaults)",
+    )
+    add(
+        "--enable_per_model_batching_parameters",
+        type=_bool,
+        nargs="?",
+        const=True,
         default=False,
         help="with --enable_batching, batch a version only when its directory holds "
-             "batching_params.pbtxt, with those parameters (default false)")
-    add("--num_workers", type=_int_at_least(1), default=DEFAULT_WORKERS,
+        "batching_params.pbtxt, with those parameters (default false)",
+    )
+    add(
+        "--num_workers",
+        type=_int_at_least(1),
+        default=DEFAULT_WORKERS,
         help="serving processes sharing the gRPC and REST ports, each with every model loaded, "
-             f"all following one version manager (extension; default: cores = {DEFAULT_WORKERS})")
+        f"all following one version manager (extension; default: cores = {DEFAULT_WORKERS})",
+    )
     return parser
 
 

@@ -29,9 +29,9 @@ from tensorflow_serving.apis import (
 from serving import metrics
 from serving.core import DataPlane, InferenceResult, InferenceTask, PredictResult
 from serving.errors import ServingError, invalid
-from serving.model_config import RELOAD_TIMEOUT_S
 from serving.servable import CLASSIFY_METHOD, REGRESS_METHOD, Classification, Regression
 from serving.tensors import fill_tensor_proto, serialized_examples, to_ndarray
+from serving.types import RELOAD_TIMEOUT_S
 
 log = logging.getLogger("serving.grpc")
 
@@ -96,36 +96,61 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_errors
     async def Predict(self, request: predict_pb2.PredictRequest, context: Any) -> Any:
         if self.data_plane.batcher is None:
-            return await self.data_plane.run(_job_kind("Predict", request.model_spec.name, request),
-                                              lambda: self._predict(request))
+            return await self.data_plane.run(
+                _job_kind("Predict", request.model_spec.name, request),
+                lambda: self._predict(request),
+            )
         spec = request.model_spec
         return await self.data_plane.predict_batched(
-            spec.name, spec_version(spec), spec_label(spec), spec.signature_name,
-            _predict_inputs(request), list(request.output_filter),
-            lambda result: _predict_response(spec, result))
+            spec.name,
+            spec_version(spec),
+            spec_label(spec),
+            spec.signature_name,
+            _predict_inputs(request),
+            list(request.output_filter),
+            lambda result: _predict_response(spec, result),
+        )
 
     def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
         spec = request.model_spec
-        result = self.data_plane.predict(spec.name, spec_version(spec), spec_label(spec),
-                                         spec.signature_name, _predict_inputs(request),
-                                         list(request.output_filter))
+        result = self.data_plane.predict(
+            spec.name,
+            spec_version(spec),
+            spec_label(spec),
+            spec.signature_name,
+            _predict_inputs(request),
+            list(request.output_filter),
+        )
         return _predict_response(spec, result)
 
     @_errors
-    async def Classify(self, request: classification_pb2.ClassificationRequest,
-                       context: Any) -> Any:
+    async def Classify(
+        self, request: classification_pb2.ClassificationRequest, context: Any
+    ) -> Any:
         spec = request.model_spec
         if self.data_plane.batcher is not None:
             return await self.data_plane.example_inference_batched(
-                CLASSIFY_METHOD, spec.name, spec_version(spec), spec_label(spec), spec.signature_name,
-                serialized_examples(request.input), lambda result: _classification_response(spec, result))
-        return await self.data_plane.run(_job_kind("Classify", spec.name, request),
-                                         lambda: self._classify(request))
+                CLASSIFY_METHOD,
+                spec.name,
+                spec_version(spec),
+                spec_label(spec),
+                spec.signature_name,
+                serialized_examples(request.input),
+                lambda result: _classification_response(spec, result),
+            )
+        return await self.data_plane.run(
+            _job_kind("Classify", spec.name, request), lambda: self._classify(request)
+        )
 
     def _classify(self, request: classification_pb2.ClassificationRequest) -> Any:
         spec = request.model_spec
-        result = self.data_plane.classify(spec.name, spec_version(spec), spec_label(spec),
-                                          spec.signature_name, serialized_examples(request.input))
+        result = self.data_plane.classify(
+            spec.name,
+            spec_version(spec),
+            spec_label(spec),
+            spec.signature_name,
+            serialized_examples(request.input),
+        )
         return _classification_response(spec, result)
 
     @_errors
@@ -133,28 +158,44 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         spec = request.model_spec
         if self.data_plane.batcher is not None:
             return await self.data_plane.example_inference_batched(
-                REGRESS_METHOD, spec.name, spec_version(spec), spec_label(spec), spec.signature_name,
-                serialized_examples(request.input), lambda result: _regression_response(spec, result))
-        return await self.data_plane.run(_job_kind("Regress", spec.name, request),
-                                         lambda: self._regress(request))
+                REGRESS_METHOD,
+                spec.name,
+                spec_version(spec),
+                spec_label(spec),
+                spec.signature_name,
+                serialized_examples(request.input),
+                lambda result: _regression_response(spec, result),
+            )
+        return await self.data_plane.run(
+            _job_kind("Regress", spec.name, request), lambda: self._regress(request)
+        )
 
     def _regress(self, request: regression_pb2.RegressionRequest) -> Any:
         spec = request.model_spec
-        result = self.data_plane.regress(spec.name, spec_version(spec), spec_label(spec),
-                                         spec.signature_name, serialized_examples(request.input))
+        result = self.data_plane.regress(
+            spec.name,
+            spec_version(spec),
+            spec_label(spec),
+            spec.signature_name,
+            serialized_examples(request.input),
+        )
         return _regression_response(spec, result)
 
     @_errors
-    async def MultiInference(self, request: inference_pb2.MultiInferenceRequest,
-                             context: Any) -> Any:
+    async def MultiInference(
+        self, request: inference_pb2.MultiInferenceRequest, context: Any
+    ) -> Any:
         if self.data_plane.batcher is not None:
             tasks = _inference_tasks(request)
             return await self.data_plane.multi_inference_batched(
-                tasks, serialized_examples(request.input),
-                lambda results: _multi_inference_response(tasks, results))
+                tasks,
+                serialized_examples(request.input),
+                lambda results: _multi_inference_response(tasks, results),
+            )
         model_name = request.tasks[0].model_spec.name if request.tasks else ""
-        return await self.data_plane.run(_job_kind("MultiInference", model_name, request),
-                                         lambda: self._multi_inference(request))
+        return await self.data_plane.run(
+            _job_kind("MultiInference", model_name, request), lambda: self._multi_inference(request)
+        )
 
     def _multi_inference(self, request: inference_pb2.MultiInferenceRequest) -> Any:
         tasks = _inference_tasks(request)
@@ -210,13 +251,19 @@ def _regression_response(spec: Any, result: InferenceResult) -> Any:
 
 
 def _inference_tasks(request: inference_pb2.MultiInferenceRequest) -> list[InferenceTask]:
-    return [InferenceTask(t.model_spec.name, spec_version(t.model_spec), spec_label(t.model_spec),
-                          t.model_spec.signature_name, t.method_name)
-            for t in request.tasks]
+    return [
+        InferenceTask(
+            t.model_spec.name,
+            spec_version(t.model_spec),
+            spec_label(t.model_spec),
+            t.model_spec.signature_name,
+            t.method_name,
+        )
+        for t in request.tasks
+    ]
 
 
-def _multi_inference_response(tasks: list[InferenceTask],
-                              results: list[InferenceResult]) -> Any:
+def _multi_inference_response(tasks: list[InferenceTask], results: list[InferenceResult]) -> Any:
     response = inference_pb2.MultiInferenceResponse()
     for task, result in zip(tasks, results):
         entry = response.results.add()
@@ -258,8 +305,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     @_errors
     async def GetModelStatus(self, request: Any, context: Any) -> Any:
         spec = request.model_spec
-        statuses = await self.data_plane.model_status(spec.name, spec_version(spec),
-                                                      spec_label(spec))
+        statuses = await self.data_plane.model_status(
+            spec.name, spec_version(spec), spec_label(spec)
+        )
         response = get_model_status_pb2.GetModelStatusResponse()
         for s in statuses:
             entry = response.model_version_status.add()
@@ -278,8 +326,10 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         bounded: by ``RELOAD_TIMEOUT_S`` and by the client's deadline, whichever comes first.
         """
         if request.config.WhichOneof("config") != "model_config_list":
-            raise invalid("ServerModelConfig type not supported by HandleReloadConfigRequest. "
-                          "Only ModelConfigList is currently supported")
+            raise invalid(
+                "ServerModelConfig type not supported by HandleReloadConfigRequest. "
+                "Only ModelConfigList is currently supported"
+            )
         timeout_s = RELOAD_TIMEOUT_S
         remaining = context.time_remaining()
         if remaining is not None:  # leave time to send the answer before the client gives up
@@ -297,9 +347,13 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
-async def start_grpc_server(data_plane: DataPlane, address: str, port: int, *,
-                            health_servicer: health.aio.HealthServicer | None = None
-                            ) -> grpc.aio.Server:
+async def start_grpc_server(
+    data_plane: DataPlane,
+    address: str,
+    port: int,
+    *,
+    health_servicer: health.aio.HealthServicer | None = None,
+) -> grpc.aio.Server:
     """Create, bind and start the gRPC server; raises when the port cannot be bound.
 
     ``health_servicer`` (``--enable_grpc_healthcheck_service``) answers ``grpc.health.v1.Health``:
@@ -308,9 +362,9 @@ async def start_grpc_server(data_plane: DataPlane, address: str, port: int, *,
     """
     server = grpc.aio.server(options=GRPC_OPTIONS)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionServicer(data_plane), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-        ModelServicer(data_plane), server)
+        PredictionServicer(data_plane), server
+    )
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(data_plane), server)
     if health_servicer is not None:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

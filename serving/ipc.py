@@ -31,8 +31,13 @@ Handlers = dict[str, Callable[..., Any]]
 class Channel:
     """One end of the pipe: ``call`` the peer's handlers, serve ``handlers`` to the peer."""
 
-    def __init__(self, connection: Connection, handlers: Handlers, name: str,
-                 on_close: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        connection: Connection,
+        handlers: Handlers,
+        name: str,
+        on_close: Callable[[], None] = lambda: None,
+    ) -> None:
         self._connection = connection
         self._handlers = handlers
         self._name = name
@@ -59,8 +64,10 @@ class Channel:
         try:
             return future.result(timeout)
         except FutureTimeout:
-            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"{self._name}: no answer to {method} within {timeout:g} s") from None
+            raise ServingError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"{self._name}: no answer to {method} within {timeout:g} s",
+            ) from None
 
     async def call_async(self, method: str, *args: Any) -> Any:
         """``call`` for an event loop: awaits the reply without holding a thread."""

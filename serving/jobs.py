@@ -64,10 +64,12 @@ class JobCosts:
 class JobRunner:
     """A thread pool and the costs that decide, per kind of job, whether to use it."""
 
-    def __init__(self, num_threads: int, thread_name_prefix: str,
-                 inline_budget_s: float = INLINE_BUDGET_S) -> None:
-        self.executor = ThreadPoolExecutor(max_workers=num_threads,
-                                           thread_name_prefix=thread_name_prefix)
+    def __init__(
+        self, num_threads: int, thread_name_prefix: str, inline_budget_s: float = INLINE_BUDGET_S
+    ) -> None:
+        self.executor = ThreadPoolExecutor(
+            max_workers=num_threads, thread_name_prefix=thread_name_prefix
+        )
         self.costs = JobCosts(inline_budget_s)
 
     async def run(self, kind: Hashable, fn: Callable[[], T]) -> T:
@@ -80,7 +82,8 @@ class JobRunner:
         if self.costs.cheap(kind):
             return self.costs.measured(kind, fn)
         return await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.costs.measured, kind, fn)
+            self.executor, self.costs.measured, kind, fn
+        )
 
     def close(self) -> None:
         """Wait for the jobs running on the pool; drop those not started."""

@@ -22,7 +22,6 @@ load competes with serving rather than several at once.
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 import time
@@ -32,31 +31,10 @@ from typing import Callable, Protocol
 import grpc
 
 from serving.errors import ServingError
-from serving.routing import resolve_label
 from serving.source import VersionDir
+from serving.types import State, VersionStatus, resolve_label
 
 log = logging.getLogger("serving.manager")
-
-
-class State(enum.IntEnum):
-    """Same numbers as ``tensorflow.serving.ModelVersionStatus.State``."""
-
-    UNKNOWN = 0
-    START = 10
-    LOADING = 20
-    AVAILABLE = 30
-    UNLOADING = 40
-    END = 50
-
-
-@dataclass(frozen=True)
-class VersionStatus:
-    """A snapshot of one version's state for GetModelStatus / REST status."""
-
-    version: int
-    state: State
-    error_code: grpc.StatusCode = grpc.StatusCode.OK
-    error_message: str = ""
 
 
 class Loaded(Protocol):
@@ -89,16 +67,18 @@ class _Model:
     removed: bool = False  # dropped from the config: forget it once every version has ended
 
 
-
-
 class Manager:
     """Owns all models' versions. Thread-safe; ``start()`` launches the loader thread.
 
     ``publish_labels`` tells the workers a model's version labels whenever they change.
     """
 
-    def __init__(self, load_fn: LoadFn, enable_warmup: bool = True,
-                 publish_labels: LabelsFn = lambda name, labels: None) -> None:
+    def __init__(
+        self,
+        load_fn: LoadFn,
+        enable_warmup: bool = True,
+        publish_labels: LabelsFn = lambda name, labels: None,
+    ) -> None:
         self._enable_warmup = enable_warmup
         self._load_fn = load_fn
         self._publish_labels = publish_labels
@@ -137,8 +117,11 @@ class Manager:
             changed = model.labels != labels
             model.labels = dict(labels)
         if changed:
-            log.info("model %s: version labels %s", name,
-                     ", ".join(f"{k}->{v}" for k, v in sorted(labels.items())) or "none")
+            log.info(
+                "model %s: version labels %s",
+                name,
+                ", ".join(f"{k}->{v}" for k, v in sorted(labels.items())) or "none",
+            )
             self._publish_labels(name, dict(labels))
 
     def set_aspired_versions(self, name: str, aspired: dict[int, VersionDir]) -> None:
@@ -178,8 +161,12 @@ class Manager:
         if self._thread.is_alive():
             self._thread.join(timeout=60)
         with self._lock:
-            entries = [(m.name, e) for m in self._models.values() for e in m.versions.values()
-                       if e.state in (State.AVAILABLE, State.UNLOADING)]
+            entries = [
+                (m.name, e)
+                for m in self._models.values()
+                for e in m.versions.values()
+                if e.state in (State.AVAILABLE, State.UNLOADING)
+            ]
             for _, e in entries:
                 e.state = State.UNLOADING
         for name, e in entries:
@@ -194,25 +181,34 @@ class Manager:
         model = self._models.get(name)
         return resolve_label(model.labels if model else None, label)
 
-    def statuses(self, name: str, version: int | None = None,
-                 label: str | None = None) -> list[VersionStatus]:
+    def statuses(
+        self, name: str, version: int | None = None, label: str | None = None
+    ) -> list[VersionStatus]:
         """States of all known versions of ``name`` (or just the one ``version`` or ``label``
         names), ascending by version."""
         with self._lock:
             version = self._resolve(name, version, label)
             model = self._models.get(name)
             if model is None or not model.versions:
-                raise ServingError(grpc.StatusCode.NOT_FOUND,
-                                   f"Could not find any versions of model {name}")
+                raise ServingError(
+                    grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {name}"
+                )
             if version is not None and version not in model.versions:
-                raise ServingError(grpc.StatusCode.NOT_FOUND,
-                                   f"Could not find version {version} of model {name}")
-            entries = [model.versions[version]] if version is not None else [
-                model.versions[v] for v in sorted(model.versions)]
+                raise ServingError(
+                    grpc.StatusCode.NOT_FOUND, f"Could not find version {version} of model {name}"
+                )
+            entries = (
+                [model.versions[version]]
+                if version is not None
+                else [model.versions[v] for v in sorted(model.versions)]
+            )
             return [
-                VersionStatus(e.version, e.state,
-                              e.error.code if e.error else grpc.StatusCode.OK,
-                              e.error.message if e.error else "")
+                VersionStatus(
+                    e.version,
+                    e.state,
+                    e.error.code if e.error else grpc.StatusCode.OK,
+                    e.error.message if e.error else "",
+                )
                 for e in entries
             ]
 
@@ -263,8 +259,11 @@ class Manager:
             aspired_up = any(
                 model.versions[v].state == State.AVAILABLE for v in aspired if v in model.versions
             )
-            doomed = [e for v, e in model.versions.items()
-                      if v not in aspired and e.state == State.AVAILABLE]
+            doomed = [
+                e
+                for v, e in model.versions.items()
+                if v not in aspired and e.state == State.AVAILABLE
+            ]
             if doomed and (aspired_up or not aspired):
                 for e in doomed:
                     e.state = State.UNLOADING  # out of routing from here on
@@ -287,14 +286,22 @@ class Manager:
         try:
             loaded = self._load_fn(name, version, entry.directory.path, self._enable_warmup)
         except Exception as e:  # noqa: BLE001 -- any load failure is reported, never raised
-            error = e if isinstance(e, ServingError) else ServingError(
-                grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}".strip())
+            error = (
+                e
+                if isinstance(e, ServingError)
+                else ServingError(grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}".strip())
+            )
             with self._lock:
                 entry.state = State.END
                 entry.error = error
                 model.failed[version] = entry.directory.fingerprint
-            log.error("model %s version %d: load FAILED after %.2f s: %s", name, version,
-                      time.monotonic() - start, error.message)
+            log.error(
+                "model %s version %d: load FAILED after %.2f s: %s",
+                name,
+                version,
+                time.monotonic() - start,
+                error.message,
+            )
             return
         with self._lock:
             entry.loaded = loaded

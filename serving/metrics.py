@@ -41,7 +41,6 @@ DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"  # PrometheusExporter
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-
 def exponential_buckets(scale: float, growth: float, count: int) -> tuple[float, ...]:
     """TF's ``Buckets::Exponential``: upper bounds scale * growth^i, i < count (then +Inf)."""
     return tuple(scale * growth**i for i in range(count))
@@ -100,8 +99,9 @@ class _Metric:
         total: dict[tuple[str, ...], Any] = {}
         for snapshot in snapshots:
             for labels, value in snapshot.items():
-                total[labels] = self._add(total[labels], value) if labels in total else \
-                    self._copy(value)
+                total[labels] = (
+                    self._add(total[labels], value) if labels in total else self._copy(value)
+                )
         return total
 
     def lines(self, values: dict[tuple[str, ...], Any]) -> Iterator[str]:
@@ -130,8 +130,13 @@ class Histogram(_Metric):
 
     kind = "histogram"
 
-    def __init__(self, name: str, help_: str, labels: tuple[str, ...],
-                 bounds: tuple[float, ...] = LATENCY_BUCKETS_US) -> None:
+    def __init__(
+        self,
+        name: str,
+        help_: str,
+        labels: tuple[str, ...],
+        bounds: tuple[float, ...] = LATENCY_BUCKETS_US,
+    ) -> None:
         super().__init__(name, help_, labels)
         self.bounds = bounds
         # _values: per label combination [count in bucket 0, ..., count in +Inf, sum]
@@ -190,8 +195,13 @@ class Registry:
     def counter(self, name: str, help_: str, labels: tuple[str, ...]) -> Counter:
         return self._add(Counter(name, help_, labels))
 
-    def histogram(self, name: str, help_: str, labels: tuple[str, ...],
-                  bounds: tuple[float, ...] = LATENCY_BUCKETS_US) -> Histogram:
+    def histogram(
+        self,
+        name: str,
+        help_: str,
+        labels: tuple[str, ...],
+        bounds: tuple[float, ...] = LATENCY_BUCKETS_US,
+    ) -> Histogram:
         return self._add(Histogram(name, help_, labels, bounds))
 
     def snapshot(self) -> Snapshot:
@@ -213,48 +223,66 @@ REGISTRY = Registry()
 
 # -- requests (tensorflow_serving/servables/tensorflow/util.cc) ------------------------------------
 REQUEST_COUNT = REGISTRY.counter(
-    ":tensorflow:serving:request_count", "The total number of requests.",
-    ("model_name", "status"))
+    ":tensorflow:serving:request_count", "The total number of requests.", ("model_name", "status")
+)
 REQUEST_LATENCY = REGISTRY.histogram(
     ":tensorflow:serving:request_latency",
     "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
-    ("model_name", "API", "entrypoint", "status"))
+    ("model_name", "API", "entrypoint", "status"),
+)
 
 # -- model lifecycle -----------------------------------------------------------------------------
 # TensorFlow's SavedModel loader (tensorflow/cc/saved_model/loader.cc), exported by TF Serving.
 LOAD_ATTEMPT_COUNT = REGISTRY.counter(
     ":tensorflow:cc:saved_model:load_attempt_count",
-    "The number of times a SavedModel was successfully loaded.", ("model_path", "status"))
+    "The number of times a SavedModel was successfully loaded.",
+    ("model_path", "status"),
+)
 LOAD_LATENCY = REGISTRY.counter(
     ":tensorflow:cc:saved_model:load_latency",
-    "Latency in microseconds for SavedModels that were successfully loaded.", ("model_path",))
+    "Latency in microseconds for SavedModels that were successfully loaded.",
+    ("model_path",),
+)
 # tensorflow_serving/servables/tensorflow/saved_model_warmup_util.cc
 MODEL_WARMUP_LATENCY = REGISTRY.histogram(
     ":tensorflow:serving:model_warmup_latency",
     "Distribution of wall time (in microseconds) for warming up the model.",
-    ("model_path", "status"))
+    ("model_path", "status"),
+)
 
 # Ours: TF Serving counts no unloads; same label as the load counters so the two pair up.
 MODEL_UNLOAD_COUNT = REGISTRY.counter(
     ":tensorflow:serving:model_unload_count",
-    "The number of times a model version was unloaded.", ("model_path",))
+    "The number of times a model version was unloaded.",
+    ("model_path",),
+)
 
 # -- batching (tensorflow_serving/batching/batching_session.cc, batching_util.h) -----------------
 _BATCH_SIZE_BUCKETS = exponential_buckets(1, 2, 14)
 BATCHING_QUEUING_LATENCY = REGISTRY.histogram(
     ":tensorflow:serving:batching_session:queuing_latency",
-    "Distribution of wall time spent (in microseconds) in queuing", ("thread_pool_name",),
-    exponential_buckets(100, 1.2, 52))
+    "Distribution of wall time spent (in microseconds) in queuing",
+    ("thread_pool_name",),
+    exponential_buckets(100, 1.2, 52),
+)
 BATCHING_INPUT_BATCH_SIZE = REGISTRY.histogram(
     ":tensorflow:serving:batching_session:input_batch_size",
-    "Tracks the batch size distribution on the inputs.", (), _BATCH_SIZE_BUCKETS)
+    "Tracks the batch size distribution on the inputs.",
+    (),
+    _BATCH_SIZE_BUCKETS,
+)
 BATCHING_PROCESSED_BATCH_SIZE = REGISTRY.histogram(
     ":tensorflow:serving:batching_session:processed_batch_size",
-    "Tracks the batch size distribution on processing.", (), _BATCH_SIZE_BUCKETS)
+    "Tracks the batch size distribution on processing.",
+    (),
+    _BATCH_SIZE_BUCKETS,
+)
 BATCHING_PADDING_SIZE = REGISTRY.histogram(
     ":tensorflow:serving:batching_session:padding_size",
-    "Tracks the padding size distribution on batches.", ("execution_batch_size",),
-    _BATCH_SIZE_BUCKETS)
+    "Tracks the padding size distribution on batches.",
+    ("execution_batch_size",),
+    _BATCH_SIZE_BUCKETS,
+)
 
 
 # -- hooks ----------------------------------------------------------------------------------------
@@ -264,8 +292,9 @@ def _micros_since(start: float) -> float:
     return (time.perf_counter() - start) * 1e6
 
 
-def observe_request(model_name: str, api: str, entrypoint: str, code: grpc.StatusCode,
-                    start: float) -> None:
+def observe_request(
+    model_name: str, api: str, entrypoint: str, code: grpc.StatusCode, start: float
+) -> None:
     """Count one finished request and its latency since ``start`` (``time.perf_counter()``)."""
     REQUEST_COUNT.inc(model_name, code.name)
     REQUEST_LATENCY.observe(_micros_since(start), model_name, api, entrypoint, code.name)
@@ -347,8 +376,9 @@ def rest_observed(handler: RestHandler) -> RestHandler:
         if labels is not None:
             fallback = grpc.StatusCode.OK if response.status < 400 else grpc.StatusCode.INTERNAL
             model_name, api = labels
-            observe_request(model_name, api, "REST", response.get(REST_STATUS_CODE, fallback),
-                            start)
+            observe_request(
+                model_name, api, "REST", response.get(REST_STATUS_CODE, fallback), start
+            )
         return response
 
     return observed
@@ -428,17 +458,25 @@ def _monitoring_config_class() -> Any:
     F = descriptor_pb2.FieldDescriptorProto
     proto = descriptor_pb2.FileDescriptorProto(
         name="tensorflow_serving/config/monitoring_config.proto",
-        package="tensorflow.serving", syntax="proto3")
+        package="tensorflow.serving",
+        syntax="proto3",
+    )
     prometheus = proto.message_type.add(name="PrometheusConfig")
     prometheus.field.add(name="enable", number=1, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
     prometheus.field.add(name="path", number=2, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
     monitoring = proto.message_type.add(name="MonitoringConfig")
-    monitoring.field.add(name="prometheus_config", number=1, type=F.TYPE_MESSAGE,
-                         label=F.LABEL_OPTIONAL, type_name=".tensorflow.serving.PrometheusConfig")
+    monitoring.field.add(
+        name="prometheus_config",
+        number=1,
+        type=F.TYPE_MESSAGE,
+        label=F.LABEL_OPTIONAL,
+        type_name=".tensorflow.serving.PrometheusConfig",
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)
     return message_factory.GetMessageClass(
-        pool.FindMessageTypeByName("tensorflow.serving.MonitoringConfig"))
+        pool.FindMessageTypeByName("tensorflow.serving.MonitoringConfig")
+    )
 
 
 def read_monitoring_config(path: str) -> str | None:

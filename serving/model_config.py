@@ -30,15 +30,15 @@ from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.errors import ServingError, invalid
-from serving.manager import Manager, State
+from serving.manager import Manager
 from serving.source import FileSystemSource, VersionPolicy
+from serving.types import State
 
 log = logging.getLogger("serving.model_config")
 
 ModelServerConfig = model_server_config_pb2.ModelServerConfig
 
 SUPPORTED_PLATFORMS = ("", "tensorflow")  # empty: TF Serving's default platform
-RELOAD_TIMEOUT_S = 300.0  # longest a reload waits for its loads (a client deadline may cut it)
 
 
 @dataclass(frozen=True)
@@ -100,13 +100,16 @@ def model_configs(config: ModelServerConfig) -> list[ModelConfig] | None:
         if not entry.base_path:
             raise invalid(f"model {name}: base_path is empty")
         if entry.model_platform not in SUPPORTED_PLATFORMS:
-            raise invalid(f"model {name}: unsupported model_platform {entry.model_platform!r} "
-                          f"(only 'tensorflow')")
+            raise invalid(
+                f"model {name}: unsupported model_platform {entry.model_platform!r} "
+                f"(only 'tensorflow')"
+            )
         for label, version in entry.version_labels.items():
             if not label or version <= 0:
                 raise invalid(f"model {name}: invalid version label {label!r} -> {version}")
-        result.append(ModelConfig(name, entry.base_path, _policy(name, entry),
-                                  dict(entry.version_labels)))
+        result.append(
+            ModelConfig(name, entry.base_path, _policy(name, entry), dict(entry.version_labels))
+        )
     return result
 
 
@@ -130,8 +133,12 @@ class ModelConfigController:
     Thread-safe: reloads (RPC, file poll) and filesystem polls are serialised by one lock.
     """
 
-    def __init__(self, manager: Manager, allow_labels_for_unavailable: bool = False,
-                 poll_filesystem: bool = True) -> None:
+    def __init__(
+        self,
+        manager: Manager,
+        allow_labels_for_unavailable: bool = False,
+        poll_filesystem: bool = True,
+    ) -> None:
         self._manager = manager
         self._allow_unavailable = allow_labels_for_unavailable
         self._poll_filesystem = poll_filesystem  # False: --file_system_poll_wait_seconds < 0
@@ -169,9 +176,11 @@ class ModelConfigController:
             self._check_labels(configs)
             self._apply(configs, with_labels=True)
         if not self._manager.wait_until_idle(timeout_s):
-            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"models still loading after {timeout_s:.0f} s: "
-                               + ", ".join(c.name for c in configs))
+            raise ServingError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"models still loading after {timeout_s:.0f} s: "
+                + ", ".join(c.name for c in configs),
+            )
         self._raise_load_failures(configs)
 
     def poll_sources(self) -> None:
@@ -192,8 +201,13 @@ class ModelConfigController:
             if self._configs.get(config.name) == config:
                 continue
             verb = "updated" if config.name in self._sources else "added"
-            log.info("model %s: %s (base path %s, policy %s)", config.name, verb,
-                     config.base_path, config.policy)
+            log.info(
+                "model %s: %s (base path %s, policy %s)",
+                config.name,
+                verb,
+                config.base_path,
+                config.policy,
+            )
             source = FileSystemSource(config.name, config.base_path, config.policy)
             self._sources[config.name] = source
             self._manager.add_model(config.name)
@@ -222,12 +236,12 @@ class ModelConfigController:
                 raise ServingError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"Request to assign label {label} to version {version} of model "
-                    f"{config.name}, which is not currently available for inference")
+                    f"{config.name}, which is not currently available for inference",
+                )
 
     def _available(self, name: str) -> set[int]:
         try:
-            return {s.version for s in self._manager.statuses(name)
-                    if s.state == State.AVAILABLE}
+            return {s.version for s in self._manager.statuses(name) if s.state == State.AVAILABLE}
         except ServingError:  # model unknown or without versions yet
             return set()
 
@@ -245,9 +259,13 @@ class ModelConfigController:
                 continue
             for s in statuses:
                 if s.version in aspired and s.state == State.END and s.error_message:
-                    failures.append(ServingError(
-                        s.error_code, f"model {config.name} version {s.version} failed to load: "
-                                      f"{s.error_message}"))
+                    failures.append(
+                        ServingError(
+                            s.error_code,
+                            f"model {config.name} version {s.version} failed to load: "
+                            f"{s.error_message}",
+                        )
+                    )
         if failures:
             raise ServingError(failures[0].code, "; ".join(f.message for f in failures))
 
@@ -258,8 +276,13 @@ class ConfigFileWatcher:
     Each distinct content is tried once: a refused file is reported once, not on every poll.
     """
 
-    def __init__(self, path: str, controller: ModelConfigController, applied: ModelServerConfig,
-                 timeout_s: float) -> None:
+    def __init__(
+        self,
+        path: str,
+        controller: ModelConfigController,
+        applied: ModelServerConfig,
+        timeout_s: float,
+    ) -> None:
         self.path = path
         self._controller = controller
         self._last = applied
@@ -283,7 +306,8 @@ class ConfigFileWatcher:
         try:
             self._controller.reload(config, self._timeout_s)
         except ServingError as e:
-            log.error("model config file %s: reload failed: %s: %s", self.path, e.code.name,
-                      e.message)
+            log.error(
+                "model config file %s: reload failed: %s: %s", self.path, e.code.name, e.message
+            )
             return
         log.info("model config file %s applied (%.2f s)", self.path, time.monotonic() - start)

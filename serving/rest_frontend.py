@@ -37,8 +37,14 @@ from serving import metrics
 from serving.core import DataPlane, InferenceResult, PredictResult, parse_version
 from serving.deadlines import Deadlines
 from serving.errors import ServingError, invalid
-from serving.servable import (CLASSIFY_METHOD, REGRESS_METHOD, Classification, Regression,
-                              SignatureInfo, TensorInfo)
+from serving.servable import (
+    CLASSIFY_METHOD,
+    REGRESS_METHOD,
+    Classification,
+    Regression,
+    SignatureInfo,
+    TensorInfo,
+)
 from serving.tensors import serialized_examples
 
 log = logging.getLogger("serving.rest")
@@ -83,8 +89,11 @@ def _parse_tail(tail: str) -> tuple[Route, str | None, bool] | None:
     if match is None:
         return None
     version = parse_version(match["version"]) if match["version"] is not None else None
-    return (Route(match["name"], version, match["label"]), match["verb"],
-            match["metadata"] is not None)
+    return (
+        Route(match["name"], version, match["label"]),
+        match["verb"],
+        match["metadata"] is not None,
+    )
 
 
 def _dumps(body: Any) -> str:
@@ -168,8 +177,10 @@ def decode_instances(sig: SignatureInfo, instances: Any) -> dict[str, np.ndarray
     if len(names) == 1 and not objects:
         return {names[0]: to_array(sig.inputs[names[0]], instances)}
     if not objects:
-        raise invalid("instances must be JSON objects keyed by input name when the signature "
-                      f"has {len(names)} inputs")
+        raise invalid(
+            "instances must be JSON objects keyed by input name when the signature "
+            f"has {len(names)} inputs"
+        )
     keys = set(instances[0])
     for row in instances:
         if set(row) != keys:
@@ -178,8 +189,10 @@ def decode_instances(sig: SignatureInfo, instances: Any) -> dict[str, np.ndarray
     for key in keys:
         info = sig.inputs.get(key)
         if info is None:
-            raise invalid(f"input size does not match signature: unknown input \"{key}\" "
-                          f"(signature inputs: {', '.join(sorted(sig.inputs))})")
+            raise invalid(
+                f'input size does not match signature: unknown input "{key}" '
+                f"(signature inputs: {', '.join(sorted(sig.inputs))})"
+            )
         inputs[key] = to_array(info, [row[key] for row in instances])
     return inputs
 
@@ -192,13 +205,17 @@ def decode_columns(sig: SignatureInfo, columns: Any) -> dict[str, np.ndarray]:
         for key, value in columns.items():
             info = sig.inputs.get(key)
             if info is None:
-                raise invalid(f"input size does not match signature: unknown input \"{key}\" "
-                              f"(signature inputs: {', '.join(sorted(sig.inputs))})")
+                raise invalid(
+                    f'input size does not match signature: unknown input "{key}" '
+                    f"(signature inputs: {', '.join(sorted(sig.inputs))})"
+                )
             inputs[key] = to_array(info, value)
         return inputs
     if len(names) != 1:
-        raise invalid(f"'inputs' must be an object keyed by input name when the signature has "
-                      f"{len(names)} inputs")
+        raise invalid(
+            f"'inputs' must be an object keyed by input name when the signature has "
+            f"{len(names)} inputs"
+        )
     return {names[0]: to_array(sig.inputs[names[0]], columns)}
 
 
@@ -243,8 +260,11 @@ def encode_classification(value: Classification) -> list[Any]:
     reference = value.classes if value.classes is not None else value.scores
     assert reference is not None
     n, k = reference.shape
-    labels = ([[b.decode("utf-8", "replace") for b in row] for row in value.classes.tolist()]
-              if value.classes is not None else [[""] * k] * n)
+    labels = (
+        [[b.decode("utf-8", "replace") for b in row] for row in value.classes.tolist()]
+        if value.classes is not None
+        else [[""] * k] * n
+    )
     scores = _floats(value.scores) if value.scores is not None else [[0.0] * k] * n
     return [[[label, score] for label, score in zip(labels[i], scores[i])] for i in range(n)]
 
@@ -260,22 +280,24 @@ JsonValue = Callable[[str, np.ndarray], Any]  # (alias, output) -> what the answ
 def encode_rows(outputs: dict[str, np.ndarray], json_value: JsonValue = _json_value) -> Any:
     """``predictions``: one entry per example; the bare value when there is a single output."""
     if len(outputs) == 1:
-        (alias, value), = outputs.items()
+        ((alias, value),) = outputs.items()
         if value.ndim == 0:
             raise invalid(f"output {alias} is a scalar; use the columnar format")
         return json_value(alias, value)
     sizes = {alias: (v.shape[0] if v.ndim else None) for alias, v in outputs.items()}
     batch = set(sizes.values())
     if len(batch) != 1 or None in batch:
-        raise invalid("outputs have inconsistent batch sizes (use the columnar 'inputs' format): "
-                      + ", ".join(f"{a}={s}" for a, s in sorted(sizes.items())))
+        raise invalid(
+            "outputs have inconsistent batch sizes (use the columnar 'inputs' format): "
+            + ", ".join(f"{a}={s}" for a, s in sorted(sizes.items()))
+        )
     columns = {alias: json_value(alias, v) for alias, v in outputs.items()}
     return [{alias: columns[alias][i] for alias in columns} for i in range(batch.pop())]
 
 
 def encode_columns(outputs: dict[str, np.ndarray], json_value: JsonValue = _json_value) -> Any:
     if len(outputs) == 1:
-        (alias, value), = outputs.items()
+        ((alias, value),) = outputs.items()
         return json_value(alias, value)
     return {alias: json_value(alias, v) for alias, v in outputs.items()}
 
@@ -313,12 +335,15 @@ def _add_feature_value(name: str, value: Any, feature: Any) -> None:
         raise invalid(f"Feature: {name} has element with unexpected JSON type: {_json_type(value)}")
     current = feature.WhichOneof("kind")
     if current is not None and current != kind:
-        raise invalid(f"Unexpected element type in feature: {name} expecting type: "
-                      f"{_FEATURE_KIND_NAMES[current]}")
+        raise invalid(
+            f"Unexpected element type in feature: {name} expecting type: "
+            f"{_FEATURE_KIND_NAMES[current]}"
+        )
     if kind == "float_list":
         if math.isfinite(value) and abs(value) > _FLOAT32_MAX:
-            raise invalid(f"Cannot convert JSON value: {value!r} to float without loss of "
-                          "precision.")
+            raise invalid(
+                f"Cannot convert JSON value: {value!r} to float without loss of precision."
+            )
         feature.float_list.value.append(value)
     elif kind == "int64_list":
         if not -(2**63) <= value < 2**63:
@@ -349,14 +374,15 @@ def decode_examples(body: dict[str, Any]) -> list[bytes]:
         _example(body["context"], request_input.example_list_with_context.context)
     examples = body.get("examples")
     if examples is None:
-        raise invalid(f"JSON Value: {_dumps(body)} When method is classify, key 'examples' is "
-                      "expected and was not found")
+        raise invalid(
+            f"JSON Value: {_dumps(body)} When method is classify, key 'examples' is "
+            "expected and was not found"
+        )
     if not isinstance(examples, list):
         raise invalid(f"JSON Value: {_dumps(body)} Expecting 'examples' value to be an list/array")
     if not examples:
         raise invalid(f"JSON Value: {_dumps(body)} 'examples' value is an empty array")
-    listed = (request_input.example_list_with_context if has_context
-              else request_input.example_list)
+    listed = request_input.example_list_with_context if has_context else request_input.example_list
     for value in examples:
         _example(value, listed.examples.add())
     return serialized_examples(request_input)
@@ -375,17 +401,20 @@ class RestApi:
     def __init__(self, data_plane: DataPlane, timeout_ms: int) -> None:
         self.data_plane = data_plane
         self.deadlines = Deadlines(timeout_ms / 1000.0 if timeout_ms > 0 else None)
-        self.verbs: dict[str, VerbHandlers] = {"predict": (self._predict, self._predict_batched),
-                      "classify": self._example_verb(CLASSIFY_METHOD, data_plane.classify,
-                                                     _classification_answer),
-                      "regress": self._example_verb(REGRESS_METHOD, data_plane.regress,
-                                                    _regression_answer)}
+        self.verbs: dict[str, VerbHandlers] = {
+            "predict": (self._predict, self._predict_batched),
+            "classify": self._example_verb(
+                CLASSIFY_METHOD, data_plane.classify, _classification_answer
+            ),
+            "regress": self._example_verb(REGRESS_METHOD, data_plane.regress, _regression_answer),
+        }
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 31)
         app.router.add_route("GET", "/v1/models/{tail:.+}", metrics.rest_observed(self.handle_get))
-        app.router.add_route("POST", "/v1/models/{tail:.+}",
-                             metrics.rest_observed(self.handle_post))
+        app.router.add_route(
+            "POST", "/v1/models/{tail:.+}", metrics.rest_observed(self.handle_post)
+        )
         return app
 
     @staticmethod
@@ -393,25 +422,38 @@ class RestApi:
         """``(route, verb, metadata?)`` of ``/v1/models/<tail>``."""
         parsed = _parse_tail(request.match_info["tail"])
         if parsed is None:
-            raise ServingError(grpc.StatusCode.NOT_FOUND,
-                               f"Malformed request: {request.method} {request.path}")
+            raise ServingError(
+                grpc.StatusCode.NOT_FOUND, f"Malformed request: {request.method} {request.path}"
+            )
         return parsed
 
     async def handle_get(self, request: web.Request) -> web.Response:
         try:
             route, verb, metadata = self._route(request)
             if verb is not None:
-                raise ServingError(grpc.StatusCode.NOT_FOUND,
-                                   f"Malformed request: GET {request.path}")
+                raise ServingError(
+                    grpc.StatusCode.NOT_FOUND, f"Malformed request: GET {request.path}"
+                )
             if metadata:
                 return _json_response(_json_bytes(self._metadata(route)))
-            statuses = await self.data_plane.model_status(route.name, route.version,
-                                                          route.label)
-            return _json_response(_json_bytes({"model_version_status": [
-                {"version": str(s.version), "state": s.state.name,
-                 "status": {"error_code": s.error_code.name, "error_message": s.error_message}}
-                for s in statuses
-            ]}))
+            statuses = await self.data_plane.model_status(route.name, route.version, route.label)
+            return _json_response(
+                _json_bytes(
+                    {
+                        "model_version_status": [
+                            {
+                                "version": str(s.version),
+                                "state": s.state.name,
+                                "status": {
+                                    "error_code": s.error_code.name,
+                                    "error_message": s.error_message,
+                                },
+                            }
+                            for s in statuses
+                        ]
+                    }
+                )
+            )
         except ServingError as e:
             return error_response(e)
 
@@ -423,10 +465,16 @@ class RestApi:
         for key, sig in metadata.signature_defs.items():
             sig_map.signature_def[key].CopyFrom(sig)
         return {
-            "model_spec": {"name": route.name, "signature_name": "",
-                           "version": str(metadata.version)},
-            "metadata": {"signature_def": json_format.MessageToDict(
-                sig_map, preserving_proto_field_name=True)},
+            "model_spec": {
+                "name": route.name,
+                "signature_name": "",
+                "version": str(metadata.version),
+            },
+            "metadata": {
+                "signature_def": json_format.MessageToDict(
+                    sig_map, preserving_proto_field_name=True
+                )
+            },
         }
 
     async def handle_post(self, request: web.Request) -> web.Response:
@@ -434,8 +482,9 @@ class RestApi:
             route, verb, metadata = self._route(request)
             handlers = self.verbs.get(verb or "")
             if metadata or handlers is None:
-                raise ServingError(grpc.StatusCode.NOT_FOUND,
-                                   f"Malformed request: POST {request.path}")
+                raise ServingError(
+                    grpc.StatusCode.NOT_FOUND, f"Malformed request: POST {request.path}"
+                )
             data = await request.read()
             blocking, batched = handlers
             if self.data_plane.batcher is not None:
@@ -463,31 +512,55 @@ class RestApi:
 
     def _predict(self, route: Route, data: bytes) -> bytes:
         body = PredictBody(data)
-        result = self.data_plane.predict(route.name, route.version, route.label,
-                                         body.signature_name, body.decode)
+        result = self.data_plane.predict(
+            route.name, route.version, route.label, body.signature_name, body.decode
+        )
         return body.answer(result)
 
     def _predict_batched(self, route: Route, data: bytes) -> Awaitable[bytes]:
         body = PredictBody(data)
-        return self.data_plane.predict_batched(route.name, route.version, route.label,
-                                               body.signature_name, body.decode, (), body.answer)
+        return self.data_plane.predict_batched(
+            route.name,
+            route.version,
+            route.label,
+            body.signature_name,
+            body.decode,
+            (),
+            body.answer,
+        )
 
-    def _example_verb(self, method: str,
-                      run: Callable[[str, int | None, str | None, str, list[bytes]], InferenceResult],
-                      answer: Callable[[InferenceResult], bytes]) -> VerbHandlers:
+    def _example_verb(
+        self,
+        method: str,
+        run: Callable[[str, int | None, str | None, str, list[bytes]], InferenceResult],
+        answer: Callable[[InferenceResult], bytes],
+    ) -> VerbHandlers:
         """The (blocking, batched) handlers of :classify or :regress (``method``); ``run`` is the
         data plane's blocking call for it."""
 
         def blocking(route: Route, data: bytes) -> bytes:
             body = parse_body(data)
-            return answer(run(route.name, route.version, route.label, _signature_name(body),
-                              decode_examples(body)))
+            return answer(
+                run(
+                    route.name,
+                    route.version,
+                    route.label,
+                    _signature_name(body),
+                    decode_examples(body),
+                )
+            )
 
         async def batched(route: Route, data: bytes) -> bytes:
             body = parse_body(data)
             return await self.data_plane.example_inference_batched(
-                method, route.name, route.version, route.label, _signature_name(body),
-                decode_examples(body), answer)
+                method,
+                route.name,
+                route.version,
+                route.label,
+                _signature_name(body),
+                decode_examples(body),
+                answer,
+            )
 
         return blocking, batched
 
@@ -517,14 +590,17 @@ class PredictBody:
             self.body = parse_body(data)
             self.rows, has_cols = "instances" in self.body, "inputs" in self.body
             if self.rows == has_cols:
-                raise invalid("Missing 'inputs' or 'instances' key" if not self.rows else
-                              "Not both 'inputs' and 'instances' may be specified")
+                raise invalid(
+                    "Missing 'inputs' or 'instances' key"
+                    if not self.rows
+                    else "Not both 'inputs' and 'instances' may be specified"
+                )
             self.signature_name = _signature_name(self.body)
 
     def decode(self, sig: SignatureInfo) -> dict[str, np.ndarray]:
         if self.tensor is not None:
             if len(sig.inputs) == 1:
-                (name, info), = sig.inputs.items()
+                ((name, info),) = sig.inputs.items()
                 if info.dtype.kind == "f":
                     return {name: self.tensor.astype(info.dtype)}
             self.body = parse_body(self.data)
@@ -535,8 +611,9 @@ class PredictBody:
     def answer(self, result: PredictResult) -> bytes:
         key, encode = ("predictions", encode_rows) if self.rows else ("outputs", encode_columns)
         if all(map(_orjson_writes_dtype, result.outputs.values())):
-            text = orjson.dumps({key: encode(result.outputs, _array_itself)},
-                                option=orjson.OPT_SERIALIZE_NUMPY)
+            text = orjson.dumps(
+                {key: encode(result.outputs, _array_itself)}, option=orjson.OPT_SERIALIZE_NUMPY
+            )
             # orjson writes NaN and Infinity as null, which no other number becomes (an output
             # alias with "null" in it takes the general way too): one search instead of an
             # isfinite pass over every output (~2 us a request)
@@ -577,17 +654,22 @@ def _numeric_tensor(body: bytes) -> tuple[np.ndarray | None, bool, str]:
                 break
         else:
             return None, False, ""
-        if (len(document) == 2 and "signature_name" not in document
-                or not isinstance(signature_name, str) or "[" in signature_name
-                or not isinstance(value, simdjson.Array) or not len(value)):
+        if (
+            len(document) == 2
+            and "signature_name" not in document
+            or not isinstance(signature_name, str)
+            or "[" in signature_name
+            or not isinstance(value, simdjson.Array)
+            or not len(value)
+        ):
             return None, False, ""
         flat = np.frombuffer(value.as_buffer(of_type="d"), np.float64)
         first = value[0]
         if isinstance(first, simdjson.Array):
             width = len(first)
-            if (body.count(b"[") != len(value) + 1
-                    or not all(isinstance(row, simdjson.Array) and len(row) == width
-                               for row in value)):
+            if body.count(b"[") != len(value) + 1 or not all(
+                isinstance(row, simdjson.Array) and len(row) == width for row in value
+            ):
                 return None, False, ""
             shape: tuple[int, ...] = (len(value), width)
         else:
@@ -634,13 +716,21 @@ def parse_body(data: bytes) -> dict[str, Any]:
 def _signature_name(body: dict[str, Any]) -> str:
     name = body.get("signature_name", "")
     if not isinstance(name, str):
-        raise invalid(f"JSON Value: {_dumps(body)} not formatted correctly. 'signature_name' key "
-                      "must be a string value.")
+        raise invalid(
+            f"JSON Value: {_dumps(body)} not formatted correctly. 'signature_name' key "
+            "must be a string value."
+        )
     return name
 
 
-async def start_rest_server(data_plane: DataPlane, address: str, port: int, timeout_ms: int, *,
-                            prometheus_path: str | None = None) -> web.AppRunner:
+async def start_rest_server(
+    data_plane: DataPlane,
+    address: str,
+    port: int,
+    timeout_ms: int,
+    *,
+    prometheus_path: str | None = None,
+) -> web.AppRunner:
     """Start the REST server; returns the runner (``await runner.cleanup()`` to stop).
 
     ``prometheus_path`` (from ``--monitoring_config_file``) adds the metrics page, as TF Serving
@@ -648,8 +738,9 @@ async def start_rest_server(data_plane: DataPlane, address: str, port: int, time
     """
     app = RestApi(data_plane, timeout_ms).app()
     if prometheus_path:
-        app.router.add_routes([metrics.prometheus_route(prometheus_path,
-                                                        data_plane.control.metrics_page)])
+        app.router.add_routes(
+            [metrics.prometheus_route(prometheus_path, data_plane.control.metrics_page)]
+        )
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, address, port, reuse_port=True)  # shared by the worker processes

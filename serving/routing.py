@@ -27,19 +27,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from serving import metrics
-from serving.errors import invalid, not_found
+from serving.errors import not_found
 from serving.servable import Servable
+from serving.types import resolve_label
 
 log = logging.getLogger("serving.routing")
-
-
-def resolve_label(labels: dict[str, int] | None, label: str) -> int:
-    """The version ``label`` points at; INVALID_ARGUMENT when the model defines no such label.
-
-    TF Serving answers INVALID_ARGUMENT (not NOT_FOUND) even for an unknown model."""
-    if labels is None or label not in labels:
-        raise invalid(f"Unrecognized servable version label: {label}")
-    return labels[label]
 
 
 @dataclass
@@ -94,8 +86,11 @@ class RoutingTable:
                 version = resolve_label(model.labels if model else None, label)
             entry = None
             if model is not None and model.versions:
-                entry = model.versions.get(version) if version is not None else \
-                    model.versions[max(model.versions)]
+                entry = (
+                    model.versions.get(version)
+                    if version is not None
+                    else model.versions[max(model.versions)]
+                )
             if entry is None:
                 raise not_found(name, version)
             entry.refcount += 1
@@ -131,8 +126,12 @@ class RoutingTable:
             while entry.refcount > 0:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    log.warning("model %s version %d: closing with %d request(s) in flight",
-                                name, version, entry.refcount)
+                    log.warning(
+                        "model %s version %d: closing with %d request(s) in flight",
+                        name,
+                        version,
+                        entry.refcount,
+                    )
                     break
                 self._released.wait(remaining)
         close_servable(entry.servable)

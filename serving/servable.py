@@ -108,7 +108,7 @@ def check_input(info: TensorInfo, value: np.ndarray) -> None:
     strings = dtype.kind in "OSU"  # bytes objects, or numpy's fixed-width bytes / str
     if dtype != info.dtype and not (info.is_string() and strings):
         got = "string" if strings else dtype.name
-        raise invalid(f"Input \"{info.alias}\" expects dtype {info.dtype_name} but got {got}")
+        raise invalid(f'Input "{info.alias}" expects dtype {info.dtype_name} but got {got}')
     if info.shape is None:
         return
     shape = value.shape
@@ -118,8 +118,10 @@ def check_input(info: TensorInfo, value: np.ndarray) -> None:
                 break
         else:
             return
-    raise invalid(f"Input \"{info.alias}\" expects shape {_shape_str(info.shape)} "
-                  f"but got {_shape_str(tuple(shape))}")
+    raise invalid(
+        f'Input "{info.alias}" expects shape {_shape_str(info.shape)} '
+        f"but got {_shape_str(tuple(shape))}"
+    )
 
 
 class Servable:
@@ -153,7 +155,8 @@ class Servable:
         # 46 -> 18 us, batch 64 200 -> 140 us. Intra-op parallelism (one op on several cores)
         # stays TensorFlow's choice.
         session = tf.compat.v1.Session(
-            graph=graph, config=tf.compat.v1.ConfigProto(inter_op_parallelism_threads=-1))
+            graph=graph, config=tf.compat.v1.ConfigProto(inter_op_parallelism_threads=-1)
+        )
         try:
             with graph.as_default():
                 meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], self.path)
@@ -168,13 +171,19 @@ class Servable:
             inputs = {a: _tensor_info(a, t) for a, t in sig.inputs.items()}
             outputs = {a: _tensor_info(a, t) for a, t in sig.outputs.items()}
             self.signatures[name] = SignatureInfo(
-                name=name, method_name=sig.method_name, inputs=inputs, outputs=outputs,
-                batchable=bool(inputs) and all(map(_batch_dim, [*inputs.values(),
-                                                                 *outputs.values()])))
+                name=name,
+                method_name=sig.method_name,
+                inputs=inputs,
+                outputs=outputs,
+                batchable=bool(inputs)
+                and all(map(_batch_dim, [*inputs.values(), *outputs.values()])),
+            )
         # Build the full-output callables now so the first request does not pay for it.
         for sig in self.signatures.values():
-            self._callable(tuple(sorted(i.tensor_name for i in sig.inputs.values())),
-                           tuple(sorted({i.tensor_name for i in sig.outputs.values()})))
+            self._callable(
+                tuple(sorted(i.tensor_name for i in sig.inputs.values())),
+                tuple(sorted({i.tensor_name for i in sig.outputs.values()})),
+            )
 
     def close(self) -> None:
         """Close the session and drop the graph so TensorFlow can return the memory."""
@@ -191,12 +200,17 @@ class Servable:
         key = name or DEFAULT_SIGNATURE
         sig = self.signatures.get(key)
         if sig is None:
-            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f'Serving signature key "{key}" not found.')
+            raise ServingError(
+                grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{key}" not found.'
+            )
         return sig
 
-    def validate(self, sig: SignatureInfo, inputs: dict[str, np.ndarray],
-                 output_filter: list[str] | tuple[str, ...] = ()) -> tuple[str, ...]:
+    def validate(
+        self,
+        sig: SignatureInfo,
+        inputs: dict[str, np.ndarray],
+        output_filter: list[str] | tuple[str, ...] = (),
+    ) -> tuple[str, ...]:
         """Check inputs/outputs against ``sig``; return the output aliases to fetch (sorted)."""
         if inputs.keys() != sig.inputs.keys():
             extra = sorted(set(inputs) - set(sig.inputs))
@@ -215,8 +229,9 @@ class Servable:
                 raise invalid(f"output tensor alias not found in signature: {alias}")
         return tuple(sorted(set(output_filter)))
 
-    def run(self, sig: SignatureInfo, inputs: dict[str, np.ndarray],
-            outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    def run(
+        self, sig: SignatureInfo, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
         """Run validated ``inputs`` through ``sig``; errors from TF become INVALID_ARGUMENT."""
         feeds, fetches = predict_tensors(sig, inputs, outputs)
         return predict_outputs(sig, outputs, self.run_tensors(feeds, fetches))
@@ -238,8 +253,9 @@ class Servable:
         assert isinstance(result, Regression)
         return result
 
-    def multi_inference(self, tasks: Sequence[tuple[str, str]],
-                        examples: Sequence[bytes]) -> list[Classification | Regression]:
+    def multi_inference(
+        self, tasks: Sequence[tuple[str, str]], examples: Sequence[bytes]
+    ) -> list[Classification | Regression]:
         """Several (signature name, method name) tasks over the same examples in one session run."""
         return self.infer(self.multi_inference_tasks(tasks), examples)
 
@@ -266,13 +282,16 @@ class Servable:
             if sig is None:
                 raise invalid(f"Requested signature not found in model graph: {key}")
             if method_name not in (CLASSIFY_METHOD, REGRESS_METHOD):
-                raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
-                                   f"Unsupported signature method_name: {method_name}")
+                raise ServingError(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f"Unsupported signature method_name: {method_name}",
+                )
             resolved.append((sig, method_name))
         return resolved
 
-    def infer(self, tasks: list[SignatureTask],
-              examples: Sequence[bytes]) -> list[Classification | Regression]:
+    def infer(
+        self, tasks: list[SignatureTask], examples: Sequence[bytes]
+    ) -> list[Classification | Regression]:
         feeds, fetches = inference_tensors(tasks, examples)
         return inference_results(tasks, len(examples), self.run_tensors(feeds, fetches))
 
@@ -295,19 +314,23 @@ class Servable:
             return fn
         with self._lock:
             if self._session is None:
-                raise ServingError(grpc.StatusCode.UNAVAILABLE,
-                                   f"Servable {self.model_name} version {self.version} is unloaded")
+                raise ServingError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"Servable {self.model_name} version {self.version} is unloaded",
+                )
             fn = self._callables.get(key)
             if fn is None:
                 from tensorflow.core.protobuf import config_pb2
 
                 fn = self._session._make_callable_from_options(
-                    config_pb2.CallableOptions(feed=feeds, fetch=fetches))
+                    config_pb2.CallableOptions(feed=feeds, fetch=fetches)
+                )
                 self._callables[key] = fn
         return fn
 
-    def run_tensors(self, feeds: dict[str, np.ndarray],
-                    fetches: Sequence[str]) -> dict[str, np.ndarray]:
+    def run_tensors(
+        self, feeds: dict[str, np.ndarray], fetches: Sequence[str]
+    ) -> dict[str, np.ndarray]:
         """Feed graph tensors by name, fetch graph tensors by name: the one session call every
         API makes (what the batcher merges)."""
         import tensorflow as tf
@@ -359,10 +382,12 @@ class Servable:
                 request = entry.multi_inference_log.request
                 self.multi_inference(
                     [(t.model_spec.signature_name, t.method_name) for t in request.tasks],
-                    serialized_examples(request.input))
+                    serialized_examples(request.input),
+                )
             else:
-                raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
-                                   f"Unsupported log_type for warmup: {kind}")
+                raise ServingError(
+                    grpc.StatusCode.UNIMPLEMENTED, f"Unsupported log_type for warmup: {kind}"
+                )
             count += 1
         return count
 
@@ -372,8 +397,9 @@ def _preprocess(sig: SignatureInfo, method: str) -> tuple[str, tuple[str, ...]]:
     output aliases to fetch, or its error for a signature of the wrong shape."""
     kind = "classification" if method == CLASSIFY_METHOD else "regression"
     if sig.method_name != method:
-        raise invalid(f"Expected {kind} signature method_name to be {method}. "
-                      f"Was: {sig.method_name}")
+        raise invalid(
+            f"Expected {kind} signature method_name to be {method}. Was: {sig.method_name}"
+        )
     if len(sig.inputs) != 1:
         raise invalid("Expected one input Tensor.")
     if method == CLASSIFY_METHOD and len(sig.outputs) not in (1, 2):
@@ -382,19 +408,24 @@ def _preprocess(sig: SignatureInfo, method: str) -> tuple[str, tuple[str, ...]]:
         raise invalid("Expected one output Tensor.")
     info = sig.inputs.get("inputs")
     if info is None:
-        raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"No {kind} inputs found in SignatureDef: {sig.name}")
+        raise ServingError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"No {kind} inputs found in SignatureDef: {sig.name}",
+        )
     if method == CLASSIFY_METHOD:
         outputs = tuple(a for a in ("classes", "scores") if a in sig.outputs)
         if not outputs:
             raise ServingError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 'Expected classification signature outputs to contain at least one of "classes" '
-                f'or "scores". Signature was: {sig.name}')
+                f'or "scores". Signature was: {sig.name}',
+            )
     else:
         if "outputs" not in sig.outputs:
-            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"No regression outputs found in SignatureDef: {sig.name}")
+            raise ServingError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"No regression outputs found in SignatureDef: {sig.name}",
+            )
         outputs = ("outputs",)
     return info.tensor_name, outputs
 
@@ -402,21 +433,26 @@ def _preprocess(sig: SignatureInfo, method: str) -> tuple[str, tuple[str, ...]]:
 SignatureTask = tuple[SignatureInfo, str]  # a signature and the method it runs as
 
 
-def predict_tensors(sig: SignatureInfo, inputs: dict[str, np.ndarray],
-                    outputs: tuple[str, ...]) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+def predict_tensors(
+    sig: SignatureInfo, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
+) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
     """A Predict's session feeds and fetches: the signature's aliases as graph tensor names."""
-    return ({sig.inputs[a].tensor_name: v for a, v in inputs.items()},
-            tuple([sig.outputs[a].tensor_name for a in outputs]))
+    return (
+        {sig.inputs[a].tensor_name: v for a, v in inputs.items()},
+        tuple([sig.outputs[a].tensor_name for a in outputs]),
+    )
 
 
-def predict_outputs(sig: SignatureInfo, outputs: tuple[str, ...],
-                    values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def predict_outputs(
+    sig: SignatureInfo, outputs: tuple[str, ...], values: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """The fetched graph tensors back under the signature's output aliases."""
     return {a: values[sig.outputs[a].tensor_name] for a in outputs}
 
 
-def inference_tensors(tasks: list[SignatureTask], examples: Sequence[bytes]
-                      ) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+def inference_tensors(
+    tasks: list[SignatureTask], examples: Sequence[bytes]
+) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
     """Check each task's signature shape; the examples feed and all the tasks' fetches."""
     input_name = ""
     fetches: list[str] = []  # graph tensor names
@@ -431,8 +467,9 @@ def inference_tensors(tasks: list[SignatureTask], examples: Sequence[bytes]
     return {input_name: _string_tensor(examples)}, tuple(fetches)
 
 
-def inference_results(tasks: list[SignatureTask], n: int,
-                      values: dict[str, np.ndarray]) -> list[Classification | Regression]:
+def inference_results(
+    tasks: list[SignatureTask], n: int, values: dict[str, np.ndarray]
+) -> list[Classification | Regression]:
     """Each task's Classification or Regression from the fetched tensors (TF Serving's checks)."""
     results: list[Classification | Regression] = []
     for sig, method in tasks:
@@ -455,8 +492,12 @@ def _tf_shape(array: np.ndarray) -> str:
     return "[" + ",".join(str(d) for d in array.shape) + "]"
 
 
-_DT_NAMES = {"object": "DT_STRING", "float32": "DT_FLOAT", "float64": "DT_DOUBLE",
-             "float16": "DT_HALF"}
+_DT_NAMES = {
+    "object": "DT_STRING",
+    "float32": "DT_FLOAT",
+    "float64": "DT_DOUBLE",
+    "float16": "DT_HALF",
+}
 
 
 def _dt_name(array: np.ndarray) -> str:
@@ -464,33 +505,40 @@ def _dt_name(array: np.ndarray) -> str:
     return _DT_NAMES.get(array.dtype.name, f"DT_{array.dtype.name.upper()}")
 
 
-def _classification(n: int, classes: np.ndarray | None,
-                    scores: np.ndarray | None) -> Classification:
+def _classification(
+    n: int, classes: np.ndarray | None, scores: np.ndarray | None
+) -> Classification:
     """TF Serving's PostProcessClassificationResult checks on the fetched tensors."""
     for name, value, dt in (("classes", classes, "DT_STRING"), ("scores", scores, "DT_FLOAT")):
         if value is None:
             continue
         if value.ndim != 2:
-            raise invalid(f"Expected Tensor shape: [batch_size num_classes] but got "
-                          f"{_tf_shape(value)}")
+            raise invalid(
+                f"Expected Tensor shape: [batch_size num_classes] but got {_tf_shape(value)}"
+            )
         if _dt_name(value) != dt:
             raise invalid(f"Expected {name} Tensor of {dt}. Got: {_dt_name(value)}")
         if value.shape[0] != n:
             raise invalid(f"Expected {name} output batch size of {n}. Got: {value.shape[0]}")
     if classes is not None and scores is not None and classes.shape[1] != scores.shape[1]:
-        raise invalid(f"Tensors class and score should match in dim_size(1). "
-                      f"Got {classes.shape[1]} vs. {scores.shape[1]}")
+        raise invalid(
+            f"Tensors class and score should match in dim_size(1). "
+            f"Got {classes.shape[1]} vs. {scores.shape[1]}"
+        )
     return Classification(classes, scores)
 
 
 def _regression(n: int, outputs: np.ndarray) -> Regression:
     """TF Serving's PostProcessRegressionResult checks: float32 [batch] or [batch, 1]."""
     if not (outputs.ndim == 1 or (outputs.ndim == 2 and outputs.shape[1] == 1)):
-        raise invalid("Expected output Tensor shape to be either [batch_size] or [batch_size, 1] "
-                      f"but got {_tf_shape(outputs)}")
+        raise invalid(
+            "Expected output Tensor shape to be either [batch_size] or [batch_size, 1] "
+            f"but got {_tf_shape(outputs)}"
+        )
     if outputs.shape[0] != n:
-        raise invalid(f"Input batch size did not match output batch size: {n} vs. "
-                      f"{outputs.shape[0]}")
+        raise invalid(
+            f"Input batch size did not match output batch size: {n} vs. {outputs.shape[0]}"
+        )
     if outputs.dtype != np.float32:
         raise invalid(f"Expected output Tensor of DT_FLOAT.  Got: {_dt_name(outputs)}")
     return Regression(outputs.reshape(n))
@@ -514,8 +562,10 @@ def read_tfrecords(path: str | Path, limit: int) -> list[bytes]:
                 raise ValueError(f"{path}: truncated TFRecord header")
             (length,) = struct.unpack("<Q", header[:8])
             if length > size - f.tell():
-                raise ValueError(f"{path}: not a TFRecord file (a record of {length} bytes, "
-                                 f"{size - f.tell()} bytes left)")
+                raise ValueError(
+                    f"{path}: not a TFRecord file (a record of {length} bytes, "
+                    f"{size - f.tell()} bytes left)"
+                )
             data = f.read(length)
             if len(data) != length or len(f.read(4)) != 4:
                 raise ValueError(f"{path}: truncated TFRecord")
@@ -572,8 +622,14 @@ def load_servable(model_name: str, version: int, path: str, warmup: bool) -> Ser
     start = time.monotonic()
     servable.load()
     loaded = time.monotonic()
-    log.info("model %s version %d: loaded from %s in %.2f s (signatures: %s)", model_name, version,
-             path, loaded - start, ", ".join(sorted(servable.signatures)))
+    log.info(
+        "model %s version %d: loaded from %s in %.2f s (signatures: %s)",
+        model_name,
+        version,
+        path,
+        loaded - start,
+        ", ".join(sorted(servable.signatures)),
+    )
     if warmup:
         try:
             n = servable.warmup()
@@ -581,6 +637,11 @@ def load_servable(model_name: str, version: int, path: str, warmup: bool) -> Ser
             servable.close()
             raise
         if n:
-            log.info("model %s version %d: warmup replayed %d request(s) in %.2f s", model_name,
-                     version, n, time.monotonic() - loaded)
+            log.info(
+                "model %s version %d: warmup replayed %d request(s) in %.2f s",
+                model_name,
+                version,
+                n,
+                time.monotonic() - loaded,
+            )
     return servable

@@ -19,27 +19,17 @@ import logging
 import os
 import signal
 import socket
-import sys
 from typing import TYPE_CHECKING, Callable
 
 from serving.errors import ServingError
 from serving.flags import Options
+from serving.logs import setup_logging
 
 if TYPE_CHECKING:
-    from serving.manager import VersionStatus
     from serving.model_config import ModelConfig
+    from serving.types import VersionStatus
 
 log = logging.getLogger("serving.server")
-
-
-def setup_logging() -> None:
-    """Readable, timestamped logs on stderr (loads, warmups, unloads, failures)."""
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s.%(msecs)03d %(levelname)s %(processName)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-    )
 
 
 async def _every(interval: float, action: Callable[[], None], stop: asyncio.Event) -> None:
@@ -70,16 +60,23 @@ class Supervisor:
         self.loop = asyncio.get_running_loop()
         self.stop = asyncio.Event()
         self.lost_worker = False
-        self.workers = Workers(options, {
-            "status": self.status,
-            "reload": self.reload,
-            "metrics_page": lambda: self.workers.metrics_page(),
-        }, on_lost=self._worker_lost)
-        self.manager = Manager(self.workers.load, options.enable_model_warmup,
-                               publish_labels=self.workers.set_labels)
+        self.workers = Workers(
+            options,
+            {
+                "status": self.status,
+                "reload": self.reload,
+                "metrics_page": lambda: self.workers.metrics_page(),
+            },
+            on_lost=self._worker_lost,
+        )
+        self.manager = Manager(
+            self.workers.load, options.enable_model_warmup, publish_labels=self.workers.set_labels
+        )
         self.controller = ModelConfigController(
-            self.manager, options.allow_version_labels_for_unavailable_models,
-            poll_filesystem=options.file_system_poll_wait_seconds >= 0)
+            self.manager,
+            options.allow_version_labels_for_unavailable_models,
+            poll_filesystem=options.file_system_poll_wait_seconds >= 0,
+        )
 
     def status(self, name: str, version: int | None, label: str | None) -> list[VersionStatus]:
         return self.manager.statuses(name, version, label)
@@ -98,19 +95,23 @@ async def serve(options: Options) -> int:
     """Run the server until SIGTERM/SIGINT (0) or until a worker process dies (1)."""
     # The model list first: a bad config file is reported before any worker starts.
     from serving.model_config import (
-        RELOAD_TIMEOUT_S,
         ConfigFileWatcher,
         model_configs,
         read_file,
         single_model,
     )
+    from serving.types import RELOAD_TIMEOUT_S
 
     watcher = None
     if options.model_config_file:
         file_config = read_file(options.model_config_file)
         configs = model_configs(file_config) or []
-        log.info("model config file %s: %d model(s): %s", options.model_config_file, len(configs),
-                 ", ".join(c.name for c in configs) or "none")
+        log.info(
+            "model config file %s: %d model(s): %s",
+            options.model_config_file,
+            len(configs),
+            ", ".join(c.name for c in configs) or "none",
+        )
     else:
         configs = single_model(options.model_name, str(options.model_base_path))
     check_ports_free(options)
@@ -134,21 +135,31 @@ async def serve(options: Options) -> int:
             return 1 if supervisor.lost_worker else 0
         startup.result()  # a refused config or a worker that failed to start: raised here
         if options.model_config_file and options.model_config_file_poll_wait_seconds > 0:
-            watcher = ConfigFileWatcher(options.model_config_file, supervisor.controller,
-                                        file_config, RELOAD_TIMEOUT_S)
-        log.info("gRPC on %s:%d, REST on %s, %d worker process(es)", options.bind_address,
-                 options.port, options.rest_api_port or "none", options.num_workers)
+            watcher = ConfigFileWatcher(
+                options.model_config_file, supervisor.controller, file_config, RELOAD_TIMEOUT_S
+            )
+        log.info(
+            "gRPC on %s:%d, REST on %s, %d worker process(es)",
+            options.bind_address,
+            options.port,
+            options.rest_api_port or "none",
+            options.num_workers,
+        )
         if not options.rest_api_port and options.prometheus_path:
             log.warning("--monitoring_config_file: no metrics page without --rest_api_port")
         log.info("server ready (models: %s)", ", ".join(c.name for c in configs) or "none")
 
         pollers = []
         if interval > 0:
-            pollers.append(asyncio.create_task(
-                _every(interval, supervisor.controller.poll_sources, stop)))
+            pollers.append(
+                asyncio.create_task(_every(interval, supervisor.controller.poll_sources, stop))
+            )
         if watcher is not None:
-            pollers.append(asyncio.create_task(
-                _every(options.model_config_file_poll_wait_seconds, watcher.poll, stop)))
+            pollers.append(
+                asyncio.create_task(
+                    _every(options.model_config_file_poll_wait_seconds, watcher.poll, stop)
+                )
+            )
         await stop.wait()
         log.info("shutting down")
         for poller in pollers:
@@ -176,8 +187,9 @@ def check_ports_free(options: Options) -> None:
     The workers bind with ``SO_REUSEPORT``, which would silently share a port with another
     server that set it too; this probe binds without it (``SO_REUSEADDR`` only, so connections
     of a previous run in TIME_WAIT do not count)."""
-    ports = [("gRPC", options.port)] + ([("REST", options.rest_api_port)]
-                                        if options.rest_api_port else [])
+    ports = [("gRPC", options.port)] + (
+        [("REST", options.rest_api_port)] if options.rest_api_port else []
+    )
     family = socket.AF_INET6 if ":" in options.bind_address else socket.AF_INET
     for what, port in ports:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -185,8 +197,9 @@ def check_ports_free(options: Options) -> None:
             try:
                 probe.bind((options.bind_address, port))
             except OSError as e:
-                raise OSError(f"cannot bind {what} server to {options.bind_address}:{port}: "
-                              f"{e.strerror}") from None
+                raise OSError(
+                    f"cannot bind {what} server to {options.bind_address}:{port}: {e.strerror}"
+                ) from None
 
 
 def run(options: Options) -> int:

@@ -100,8 +100,9 @@ class VersionPolicy:
 class FileSystemSource:
     """Polls one model's base path and reports the aspired versions (logging what changed)."""
 
-    def __init__(self, model_name: str, base_path: str,
-                 policy: VersionPolicy = VersionPolicy()) -> None:
+    def __init__(
+        self, model_name: str, base_path: str, policy: VersionPolicy = VersionPolicy()
+    ) -> None:
         self.model_name = model_name
         self.base_path = base_path
         self.policy = policy
@@ -114,15 +115,28 @@ class FileSystemSource:
         key = tuple(sorted(aspired))
         if key != self.last_aspired or not self._polled:
             if aspired:
-                log.info("model %s: aspired versions %s under %s (policy %s)", self.model_name,
-                         list(key), self.base_path, self.policy)
+                log.info(
+                    "model %s: aspired versions %s under %s (policy %s)",
+                    self.model_name,
+                    list(key),
+                    self.base_path,
+                    self.policy,
+                )
             else:
-                log.warning("model %s: no versions for policy %s under base path %s",
-                            self.model_name, self.policy, self.base_path)
+                log.warning(
+                    "model %s: no versions for policy %s under base path %s",
+                    self.model_name,
+                    self.policy,
+                    self.base_path,
+                )
             if self.policy.kind == "specific" and len(aspired) < len(self.policy.versions):
                 # A pinned version that is not on disk is most likely a typo in the config.
-                log.warning("model %s: version(s) %s of policy %s not found under %s",
-                            self.model_name, sorted(self.policy.versions - set(aspired)),
-                            self.policy, self.base_path)
+                log.warning(
+                    "model %s: version(s) %s of policy %s not found under %s",
+                    self.model_name,
+                    sorted(self.policy.versions - set(aspired)),
+                    self.policy,
+                    self.base_path,
+                )
             self.last_aspired, self._polled = key, True
         return aspired

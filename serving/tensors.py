@@ -80,7 +80,7 @@ def _fill(values: np.ndarray, size: int, zero: Any) -> np.ndarray:
         return np.full(size, zero, dtype=values.dtype)
     out = np.empty(size, dtype=values.dtype)
     out[: len(values)] = values
-    out[len(values):] = values[-1]
+    out[len(values) :] = values[-1]
     return out
 
 

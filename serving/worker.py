@@ -34,9 +34,10 @@ import grpc
 from serving.errors import ServingError
 from serving.flags import Options
 from serving.ipc import Channel
-from serving.manager import VersionStatus
+from serving.logs import setup_logging
 from serving.routing import RoutingTable, close_servable
 from serving.servable import Servable
+from serving.types import VersionStatus
 
 # Loads and unloads run at this niceness (see ``_yield_cpu_to_serving``).
 LOAD_NICENESS = 10
@@ -52,8 +53,9 @@ class SupervisorLink:
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
 
-    async def statuses(self, model_name: str, version: int | None,
-                       label: str | None) -> list[VersionStatus]:
+    async def statuses(
+        self, model_name: str, version: int | None, label: str | None
+    ) -> list[VersionStatus]:
         return await self._channel.call_async("status", model_name, version, label)
 
     async def reload(self, config: Any, timeout_s: float) -> None:
@@ -69,16 +71,21 @@ class Worker:
         self.index = index
         self.routing = RoutingTable()
         self.loaded: dict[tuple[str, int], Servable] = {}  # loaded, not routed yet
-        self.channel = Channel(connection, {
-            "ping": lambda: None,
-            "load": self.load,
-            "route": self.route,
-            "unload": self.unload,
-            "labels": self.routing.set_labels,
-            "open": self.open_ports,
-            "metrics": self.metric_values,
-            "stop": self.request_stop,
-        }, name=f"worker {index}", on_close=self.request_stop)
+        self.channel = Channel(
+            connection,
+            {
+                "ping": lambda: None,
+                "load": self.load,
+                "route": self.route,
+                "unload": self.unload,
+                "labels": self.routing.set_labels,
+                "open": self.open_ports,
+                "metrics": self.metric_values,
+                "stop": self.request_stop,
+            },
+            name=f"worker {index}",
+            on_close=self.request_stop,
+        )
 
     async def run(self) -> None:
         from serving import batching
@@ -93,8 +100,9 @@ class Worker:
         if self.options.batching is not None:
             batcher = batching.start(self.options.batching)
             self.load_fn = batching.batching_loader(self.options.batching, load_servable)
-        self.data_plane = DataPlane(self.routing, SupervisorLink(self.channel),
-                                    self.options.num_threads, batcher)
+        self.data_plane = DataPlane(
+            self.routing, SupervisorLink(self.channel), self.options.num_threads, batcher
+        )
         self.grpc_server: grpc.aio.Server | None = None
         self.rest_runner = None
         self.health = None
@@ -151,11 +159,16 @@ class Worker:
         if options.enable_grpc_healthcheck_service:
             self.health = health.aio.HealthServicer()  # SERVING for "" from the start
         self.grpc_server = await start_grpc_server(
-            self.data_plane, options.bind_address, options.port, health_servicer=self.health)
+            self.data_plane, options.bind_address, options.port, health_servicer=self.health
+        )
         if options.rest_api_port:
             self.rest_runner = await start_rest_server(
-                self.data_plane, options.bind_address, options.rest_api_port,
-                options.rest_api_timeout_in_ms, prometheus_path=options.prometheus_path)
+                self.data_plane,
+                options.bind_address,
+                options.rest_api_port,
+                options.rest_api_timeout_in_ms,
+                prometheus_path=options.prometheus_path,
+            )
 
     async def _shutdown(self) -> None:
         log.info("worker %d: shutting down", self.index)
@@ -180,8 +193,6 @@ def _yield_cpu_to_serving() -> None:
 
 def main(connection: Connection, options: Options, index: int) -> None:
     """The worker process's entry point (``multiprocessing`` target)."""
-    from serving.server import setup_logging
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     setup_logging()

@@ -48,22 +48,36 @@ class Workers:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked threads
         for index in range(self._options.num_workers):
             here, there = context.Pipe(duplex=True)
-            process = context.Process(target=worker.main, args=(there, self._options, index),
-                                      name=f"serving-worker-{index}", daemon=True)
+            process = context.Process(
+                target=worker.main,
+                args=(there, self._options, index),
+                name=f"serving-worker-{index}",
+                daemon=True,
+            )
             process.start()
             there.close()
             self._processes.append(process)
-            self._channels.append(Channel(here, self._handlers, name=f"supervisor<->worker {index}",
-                                          on_close=self._lost(index)).start())
+            self._channels.append(
+                Channel(
+                    here,
+                    self._handlers,
+                    name=f"supervisor<->worker {index}",
+                    on_close=self._lost(index),
+                ).start()
+            )
         self._all("ping", timeout=START_TIMEOUT_S)
-        log.info("%d worker process(es) ready (pids %s)", len(self._processes),
-                 ", ".join(str(p.pid) for p in self._processes))
+        log.info(
+            "%d worker process(es) ready (pids %s)",
+            len(self._processes),
+            ", ".join(str(p.pid) for p in self._processes),
+        )
 
     def _lost(self, index: int) -> Callable[[], None]:
         def lost() -> None:
             if not self._stopping.is_set():
                 log.error("worker %d exited unexpectedly: stopping the server", index)
                 self._on_lost()
+
         return lost
 
     def _answers(self, method: str, *args: Any, timeout: float | None = None) -> list[Future]:
@@ -71,8 +85,10 @@ class Workers:
         futures = [c.call_future(method, *args) for c in self._channels]
         _, pending = wait(futures, timeout)
         if pending:
-            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"workers did not answer {method} within {timeout:g} s")
+            raise ServingError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"workers did not answer {method} within {timeout:g} s",
+            )
         return futures
 
     def _all(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
@@ -120,8 +136,9 @@ class Workers:
         for process in self._processes:
             process.join(STOP_TIMEOUT_S)
             if process.is_alive():
-                log.warning("worker %s did not stop in %.0f s: killing it", process.pid,
-                            STOP_TIMEOUT_S)
+                log.warning(
+                    "worker %s did not stop in %.0f s: killing it", process.pid, STOP_TIMEOUT_S
+                )
                 process.kill()
                 process.join()
         for channel in self._channels:

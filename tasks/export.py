@@ -166,7 +166,9 @@ def image_example(image: np.ndarray) -> tf.train.Example:
     return tf.train.Example(features=tf.train.Features(feature={IMAGE_FEATURE: feature}))
 
 
-def warmup_records(model_name: str, images: np.ndarray, num_predict: int) -> list[prediction_log_pb2.PredictionLog]:
+def warmup_records(
+    model_name: str, images: np.ndarray, num_predict: int
+) -> list[prediction_log_pb2.PredictionLog]:
     """``num_predict`` Predict requests (cycling through ``images``) and one Classify request."""
     records = []
     for index in range(num_predict):
@@ -174,14 +176,22 @@ def warmup_records(model_name: str, images: np.ndarray, num_predict: int) -> lis
         request.model_spec.name = model_name
         request.model_spec.signature_name = SERVING_SIGNATURE
         image = images[index % len(images)].reshape(1, IMAGE_PIXELS)
-        request.inputs["images"].CopyFrom(tf.make_tensor_proto(image, dtype=tf.float32, shape=[1, IMAGE_PIXELS]))
-        records.append(prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request)))
+        request.inputs["images"].CopyFrom(
+            tf.make_tensor_proto(image, dtype=tf.float32, shape=[1, IMAGE_PIXELS])
+        )
+        records.append(
+            prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)
+            )
+        )
     classify = classification_pb2.ClassificationRequest()
     classify.model_spec.name = model_name
     classify.model_spec.signature_name = CLASSIFY_SIGNATURE
     classify.input.example_list.examples.add().CopyFrom(image_example(images[0]))
     records.append(
-        prediction_log_pb2.PredictionLog(classify_log=prediction_log_pb2.ClassifyLog(request=classify))
+        prediction_log_pb2.PredictionLog(
+            classify_log=prediction_log_pb2.ClassifyLog(request=classify)
+        )
     )
     return records
 
@@ -198,7 +208,9 @@ def _write_warmup(saved_model_dir: Path, records: list[prediction_log_pb2.Predic
 def _check_images(warmup_images: np.ndarray) -> np.ndarray:
     images = np.asarray(warmup_images, dtype=np.float32)
     if images.ndim != 2 or images.shape[1] != IMAGE_PIXELS or len(images) == 0:
-        raise ValueError(f"warmup_images: expected float32 [N>=1, {IMAGE_PIXELS}], got shape {images.shape}")
+        raise ValueError(
+            f"warmup_images: expected float32 [N>=1, {IMAGE_PIXELS}], got shape {images.shape}"
+        )
     return images
 
 
@@ -232,6 +244,9 @@ def export(
         shutil.rmtree(staging, ignore_errors=True)
     logger.info(
         "exported %s version %d to %s (warmup: %d predict + 1 classify requests)",
-        cfg.model_name, version, path, cfg.warmup_requests,
+        cfg.model_name,
+        version,
+        path,
+        cfg.warmup_requests,
     )
     return ExportResult(model_name=cfg.model_name, version=version, path=path)

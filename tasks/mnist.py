@@ -42,7 +42,9 @@ def _read_verified(path: Path) -> bytes:
     raw = path.read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
     if digest != SHA256[path.name]:
-        raise DatasetError(f"MNIST file {path} is corrupt: SHA-256 {digest}, expected {SHA256[path.name]}")
+        raise DatasetError(
+            f"MNIST file {path} is corrupt: SHA-256 {digest}, expected {SHA256[path.name]}"
+        )
     return gzip.decompress(raw)
 
 

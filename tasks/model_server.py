@@ -33,7 +33,9 @@ class VersionStatus:
     error_message: str
 
 
-def predict_request(model_name: str, images: np.ndarray, version: int | None = None) -> predict_pb2.PredictRequest:
+def predict_request(
+    model_name: str, images: np.ndarray, version: int | None = None
+) -> predict_pb2.PredictRequest:
     """A ``serving_default`` Predict of float32 ``images`` [N,784], asking only for ``scores``."""
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model_name
@@ -94,10 +96,14 @@ class ModelServer:
         available = [s.version for s in self.version_statuses() if s.state == "AVAILABLE"]
         return max(available) if available else None
 
-    def predict_scores(self, images: np.ndarray, version: int | None = None, batch_size: int = 1000) -> np.ndarray:
+    def predict_scores(
+        self, images: np.ndarray, version: int | None = None, batch_size: int = 1000
+    ) -> np.ndarray:
         """``serving_default`` scores for ``images`` [N,784], in requests of ``batch_size``."""
         chunks = []
         for start in range(0, len(images), batch_size):
             request = predict_request(self.model_name, images[start : start + batch_size], version)
-            chunks.append(response_scores(self._predictions.Predict(request, timeout=self._timeout)))
+            chunks.append(
+                response_scores(self._predictions.Predict(request, timeout=self._timeout))
+            )
         return np.concatenate(chunks) if chunks else np.zeros((0, 10), np.float32)

@@ -35,8 +35,15 @@ def confusion_matrix(confusion: np.ndarray, error_rate: float, path: Path) -> Pa
     image = axes.imshow(np.log1p(confusion), cmap="Blues")
     for (row, column), count in np.ndenumerate(confusion):
         if count:
-            axes.text(column, row, str(count), ha="center", va="center", fontsize=7,
-                      color="white" if row == column else "black")
+            axes.text(
+                column,
+                row,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if row == column else "black",
+            )
     axes.set_xticks(range(confusion.shape[1]))
     axes.set_yticks(range(confusion.shape[0]))
     axes.set_xlabel("predicted")

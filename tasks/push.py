@@ -78,7 +78,9 @@ def wait_until_available(server: ModelServer, version: int, timeout_s: float) ->
             if status.state == "AVAILABLE":
                 return
             if status.state == "END" and status.error_code != 0:
-                raise PushError(f"{server.address} failed to load version {version}: {status.error_message}")
+                raise PushError(
+                    f"{server.address} failed to load version {version}: {status.error_message}"
+                )
             last_state = status.state
         if time.monotonic() >= deadline:
             raise PushError(
@@ -107,7 +109,9 @@ def check_canary(server: ModelServer, version: int, verdict: Verdict) -> None:
 def push(export: ExportResult, verdict: Verdict, cfg: PushConfig) -> PushResult:
     log = logger()
     if not verdict.passed:
-        raise PushError(f"refusing to push {export.model_name} version {export.version}: the gate failed: {verdict.reason}")
+        raise PushError(
+            f"refusing to push {export.model_name} version {export.version}: the gate failed: {verdict.reason}"
+        )
     target = publish(export, cfg.model_base_path)
     published_at = time.monotonic()
     log.info("published %s version %d to %s", export.model_name, export.version, target)
@@ -118,13 +122,20 @@ def push(export: ExportResult, verdict: Verdict, cfg: PushConfig) -> PushResult:
                 wait_until_available(server, export.version, cfg.timeout_s)
                 seconds[address] = time.monotonic() - published_at
                 check_canary(server, export.version, verdict)
-            log.info("%s serves version %d (AVAILABLE after %.1f s, canary matches)", address, export.version, seconds[address])
+            log.info(
+                "%s serves version %d (AVAILABLE after %.1f s, canary matches)",
+                address,
+                export.version,
+                seconds[address],
+            )
     except Exception as error:
         withdraw(target)
         log.error("rolled back %s version %d: %s", export.model_name, export.version, error)
         if isinstance(error, PushError):
             raise
-        raise PushError(f"push of version {export.version} failed and was rolled back: {error}") from error
+        raise PushError(
+            f"push of version {export.version} failed and was rolled back: {error}"
+        ) from error
     return PushResult(
         model_name=export.model_name,
         version=export.version,

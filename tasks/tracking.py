@@ -36,8 +36,10 @@ class RunTracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """All of ``metrics`` in one call (one request to a tracking server, not one per metric)."""
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), now, step or 0)
-                                                    for key, value in metrics.items()])
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(key, float(value), now, step or 0) for key, value in metrics.items()],
+        )
 
     def set_tags(self, tags: dict[str, object]) -> None:
         for key, value in tags.items():
@@ -51,14 +53,18 @@ class RunTracker:
 
 
 @contextmanager
-def tracked_run(cfg: MlflowConfig, run_name: str, params: dict[str, str], tags: dict[str, str]) -> Iterator[RunTracker]:
+def tracked_run(
+    cfg: MlflowConfig, run_name: str, params: dict[str, str], tags: dict[str, str]
+) -> Iterator[RunTracker]:
     """An MLflow run that ends FINISHED, or FAILED when the body raises."""
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
     experiment = client.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
         experiment_id = experiment.experiment_id
     else:
-        experiment_id = client.create_experiment(cfg.experiment, artifact_location=cfg.artifact_location)
+        experiment_id = client.create_experiment(
+            cfg.experiment, artifact_location=cfg.artifact_location
+        )
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     tracker = RunTracker(cfg.tracking_uri, run.info.run_id)
     client.log_batch(run.info.run_id, params=[Param(key, value) for key, value in params.items()])
@@ -70,7 +76,9 @@ def tracked_run(cfg: MlflowConfig, run_name: str, params: dict[str, str], tags: 
     client.set_terminated(run.info.run_id, "FINISHED")
 
 
-def register_model(tracker: RunTracker, keras_model: object, model_name: str, export_version: int) -> str:
+def register_model(
+    tracker: RunTracker, keras_model: object, model_name: str, export_version: int
+) -> str:
     """Log the model in MLflow's Keras format (servable by ``mlflow models serve``) and register it.
 
     Returns the registry version. Requirements are given, not inferred: inference re-imports the
@@ -83,7 +91,9 @@ def register_model(tracker: RunTracker, keras_model: object, model_name: str, ex
     with tempfile.TemporaryDirectory() as scratch:
         local = Path(scratch) / "model"
         mlflow.keras.save_model(
-            keras_model, str(local), pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
+            keras_model,
+            str(local),
+            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
         )
         tracker.log_artifact(local, "model")
     client = tracker.client

@@ -67,7 +67,9 @@ def resolve_devices(requested: str, accelerators: Sequence[str], cpu: str = "/CP
     if requested == "auto":
         # The first GPU only: a multi-GPU run is something to ask for ("gpu"), not a surprise.
         return DevicePlan((accelerators[0],) if accelerators else (cpu,))
-    exists = f"this machine has {', '.join(accelerators)}" if accelerators else "this machine has no GPU"
+    exists = (
+        f"this machine has {', '.join(accelerators)}" if accelerators else "this machine has no GPU"
+    )
     if requested == "gpu":
         if not accelerators:
             raise DeviceError(f"train.device=gpu: {exists}; use train.device=cpu or auto")
@@ -187,8 +189,14 @@ def fit(
         logger.info(
             "training %s (%d parameters) on %s: epochs=%d batch_size=%d SGD learning_rate=%g, "
             "%d train / %d test images",
-            model.name, model.count_params(), plan.description, train_cfg.epochs, train_cfg.batch_size,
-            train_cfg.learning_rate, len(data.train.labels), len(data.test.labels),
+            model.name,
+            model.count_params(),
+            plan.description,
+            train_cfg.epochs,
+            train_cfg.batch_size,
+            train_cfg.learning_rate,
+            len(data.train.labels),
+            len(data.test.labels),
         )
         callbacks: list[keras.callbacks.Callback] = [_EpochLog(logger, train_cfg.epochs)]
         if tracker is not None:
@@ -209,7 +217,13 @@ def fit(
     seconds = time.perf_counter() - started
     metrics = {key: [float(value) for value in values] for key, values in history.history.items()}
     final = metrics.get("val_accuracy", [float("nan")])[-1]
-    logger.info("trained %s on %s in %.1f s: val_accuracy %.4f", model.name, plan.description, seconds, final)
+    logger.info(
+        "trained %s on %s in %.1f s: val_accuracy %.4f",
+        model.name,
+        plan.description,
+        seconds,
+        final,
+    )
     return TrainResult(model=model, history=metrics, device=plan.description, seconds=seconds)
 
 

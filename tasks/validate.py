@@ -61,14 +61,23 @@ def baseline(servers: list[str], model_name: str, test: Split) -> tuple[int | No
             version = server.serving_version()
             if version is None:
                 return None, None
-            return version, _error_rate(server.predict_scores(test.images, version=version), test.labels)
+            return version, _error_rate(
+                server.predict_scores(test.images, version=version), test.labels
+            )
     except Exception as error:  # grpc.RpcError and friends: say which server and why
-        raise ValidationError(f"cannot measure the serving baseline on {servers[0]}: {error}") from error
+        raise ValidationError(
+            f"cannot measure the serving baseline on {servers[0]}: {error}"
+        ) from error
 
 
-def judge(error_rate: float, baseline_error_rate: float | None, cfg: ValidateConfig) -> tuple[bool, str]:
+def judge(
+    error_rate: float, baseline_error_rate: float | None, cfg: ValidateConfig
+) -> tuple[bool, str]:
     if error_rate > cfg.max_error_rate:
-        return False, f"error rate {error_rate:.4f} exceeds validate.max_error_rate {cfg.max_error_rate:.4f}"
+        return (
+            False,
+            f"error rate {error_rate:.4f} exceeds validate.max_error_rate {cfg.max_error_rate:.4f}",
+        )
     if baseline_error_rate is not None and error_rate > baseline_error_rate + cfg.max_regression:
         return False, (
             f"error rate {error_rate:.4f} regresses on the serving model's {baseline_error_rate:.4f} "
@@ -87,7 +96,13 @@ def validate(export: ExportResult, test: Split, cfg: ValidateConfig, servers: li
     passed, reason = judge(error_rate, baseline_error_rate, cfg)
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
     np.add.at(confusion, (test.labels, np.argmax(scores, axis=1)), 1)
-    log.info("gate %s for %s version %d: %s", "passed" if passed else "FAILED", export.model_name, export.version, reason)
+    log.info(
+        "gate %s for %s version %d: %s",
+        "passed" if passed else "FAILED",
+        export.model_name,
+        export.version,
+        reason,
+    )
     canaries = slice(0, cfg.num_canary_images)
     return Verdict(
         passed=passed,

@@ -41,9 +41,13 @@ def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout_s: flo
         except OSError:
             pass
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args[:3]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"{process.args[:3]} exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+            )
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not answer within {timeout_s} s:\n{log.read_text()[-3000:]}")
+            raise TimeoutError(
+                f"{url} did not answer within {timeout_s} s:\n{log.read_text()[-3000:]}"
+            )
         time.sleep(0.3)
 
 
@@ -89,10 +93,17 @@ def rss_kib(pid: int) -> int:
 
 
 @contextmanager
-def running(command: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+def running(
+    command: list[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen]:
     with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
+        process = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
+        )
     try:
         yield process
     finally:
@@ -113,14 +124,27 @@ class ModelServerProcess:
 
 
 @contextmanager
-def model_server(model_base_path: Path, model_name: str, log: Path, poll_s: float = 0.2,
-                 extra_flags: tuple[str, ...] = ()) -> Iterator[ModelServerProcess]:
+def model_server(
+    model_base_path: Path,
+    model_name: str,
+    log: Path,
+    poll_s: float = 0.2,
+    extra_flags: tuple[str, ...] = (),
+) -> Iterator[ModelServerProcess]:
     """``python -m serving`` on free ports, once its REST port answers (tests and benchmarks)."""
     grpc_port, rest_port = free_port(), free_port()
-    command = [sys.executable, "-m", "serving", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
-               f"--model_name={model_name}", f"--model_base_path={model_base_path}",
-               f"--file_system_poll_wait_seconds={poll_s:g}", f"--num_workers={TEST_WORKERS}",
-               *extra_flags]
+    command = [
+        sys.executable,
+        "-m",
+        "serving",
+        f"--port={grpc_port}",
+        f"--rest_api_port={rest_port}",
+        f"--model_name={model_name}",
+        f"--model_base_path={model_base_path}",
+        f"--file_system_poll_wait_seconds={poll_s:g}",
+        f"--num_workers={TEST_WORKERS}",
+        *extra_flags,
+    ]
     with running(command, log) as process:
         rest_url = f"http://127.0.0.1:{rest_port}"
         wait_for_http(f"{rest_url}/v1/models/{model_name}", process, log)
@@ -131,9 +155,20 @@ def model_server(model_base_path: Path, model_name: str, log: Path, poll_s: floa
 def mlflow_server(directory: Path) -> Iterator[str]:
     """``mlflow server`` on a SQLite backend with a local artifact store; yields its tracking URI."""
     port = free_port()
-    command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
-               "--artifacts-destination", str(directory / "artifacts")]
+    command = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{directory / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(directory / "artifacts"),
+    ]
     log = directory / "mlflow-server.log"
     with running(command, log) as process:
         uri = f"http://127.0.0.1:{port}"

@@ -43,9 +43,12 @@ def _export(path: Path, bias_class: int, extra_mib: int = 0) -> None:
             if extra_mib:  # random: neither the checkpoint nor the loaded tensor can be sparse
                 self.ballast = tf.Variable(
                     np.random.default_rng(bias_class).random(extra_mib * 2**18, dtype=np.float32),
-                    name="ballast")
+                    name="ballast",
+                )
 
-        @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_PIXELS], tf.float32, name="images")])
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, IMAGE_PIXELS], tf.float32, name="images")]
+        )
         def serve(self, images):
             scores = tf.nn.softmax(tf.matmul(images, self.w) + self.b)
             return {"scores": scores, "classes": tf.argmax(scores, axis=1)}
@@ -111,8 +114,9 @@ def write_broken_version(base: str | Path, version: int | str) -> Path:
     return _publish(Path(base), version, fill)
 
 
-def make_template(directory: str | Path, bias_class: int, warmup_records: int = 0,
-                  extra_mib: int = 0) -> Path:
+def make_template(
+    directory: str | Path, bias_class: int, warmup_records: int = 0, extra_mib: int = 0
+) -> Path:
     """Export once into ``directory`` so tests can copy it (exporting costs ~1 s each time)."""
     directory = Path(directory)
     _export(directory, bias_class, extra_mib)
@@ -160,8 +164,12 @@ def _export_half_plus_two(path: Path) -> None:
             "s": v1.placeholder(tf.string, [None], name="s"),
             "bool": v1.placeholder(tf.bool, [None], name="bool"),
         }
-        total = (tf.cast(mixed["f"], tf.float64) + mixed["d"] + tf.cast(mixed["i32"], tf.float64)
-                 + tf.cast(mixed["i64"], tf.float64))
+        total = (
+            tf.cast(mixed["f"], tf.float64)
+            + mixed["d"]
+            + tf.cast(mixed["i32"], tf.float64)
+            + tf.cast(mixed["i64"], tf.float64)
+        )
         mixed_out = {
             "total": total,
             "s_upper": tf.strings.upper(mixed["s"]),
@@ -180,8 +188,9 @@ def _export_half_plus_two(path: Path) -> None:
         with v1.Session(graph=graph) as session:
             session.run(v1.global_variables_initializer())
             builder = v1.saved_model.Builder(str(path))
-            builder.add_meta_graph_and_variables(session, ["serve"],
-                                                 signature_def_map=signature_defs)
+            builder.add_meta_graph_and_variables(
+                session, ["serve"], signature_def_map=signature_defs
+            )
             builder.save()
 
 
@@ -189,15 +198,23 @@ def x_example(value: float):
     """A tf.Example with the float feature ``x`` the example signatures parse."""
     import tensorflow as tf
 
-    return tf.train.Example(features=tf.train.Features(feature={
-        "x": tf.train.Feature(float_list=tf.train.FloatList(value=[value]))}))
+    return tf.train.Example(
+        features=tf.train.Features(
+            feature={"x": tf.train.Feature(float_list=tf.train.FloatList(value=[value]))}
+        )
+    )
 
 
 def _write_half_plus_two_warmup(path: Path) -> None:
     """One record of each kind TF Serving replays: predict, classify, regress, multi-inference."""
     import tensorflow as tf
-    from tensorflow_serving.apis import (classification_pb2, inference_pb2, predict_pb2,
-                                         prediction_log_pb2, regression_pb2)
+    from tensorflow_serving.apis import (
+        classification_pb2,
+        inference_pb2,
+        predict_pb2,
+        prediction_log_pb2,
+        regression_pb2,
+    )
 
     predict = predict_pb2.PredictRequest()
     predict.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array([1.0], np.float32)))
@@ -208,21 +225,28 @@ def _write_half_plus_two_warmup(path: Path) -> None:
     regress.model_spec.signature_name = "regress_x_to_y"
     regress.input.example_list.examples.add().CopyFrom(x_example(1.0))
     multi = inference_pb2.MultiInferenceRequest()
-    for signature, method in (("classify_x_to_y", "tensorflow/serving/classify"),
-                              ("regress_x_to_y", "tensorflow/serving/regress")):
+    for signature, method in (
+        ("classify_x_to_y", "tensorflow/serving/classify"),
+        ("regress_x_to_y", "tensorflow/serving/regress"),
+    ):
         task = multi.tasks.add()
         task.model_spec.name = "half"
         task.model_spec.signature_name = signature
         task.method_name = method
     multi.input.example_list.examples.add().CopyFrom(x_example(1.0))
     logs = [
-        prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=predict)),
         prediction_log_pb2.PredictionLog(
-            classify_log=prediction_log_pb2.ClassifyLog(request=classify)),
+            predict_log=prediction_log_pb2.PredictLog(request=predict)
+        ),
         prediction_log_pb2.PredictionLog(
-            regress_log=prediction_log_pb2.RegressLog(request=regress)),
+            classify_log=prediction_log_pb2.ClassifyLog(request=classify)
+        ),
         prediction_log_pb2.PredictionLog(
-            multi_inference_log=prediction_log_pb2.MultiInferenceLog(request=multi)),
+            regress_log=prediction_log_pb2.RegressLog(request=regress)
+        ),
+        prediction_log_pb2.PredictionLog(
+            multi_inference_log=prediction_log_pb2.MultiInferenceLog(request=multi)
+        ),
     ]
     extra = path / "assets.extra"
     extra.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,21 @@ def test_default_config_matches_the_tutorial_setup():
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.learning_rate) == (5, 100, 0.5)
     assert cfg.export.model_name == "mnist"
     assert cfg.mlflow.experiment == "train-and-serve"
-    assert cfg.data.dir == REPO_ROOT / "data" / "mnist"  # relative paths are taken from the repo root
+    assert (
+        cfg.data.dir == REPO_ROOT / "data" / "mnist"
+    )  # relative paths are taken from the repo root
 
 
 def test_overrides_are_parsed_as_yaml_values():
-    cfg = load_config(overrides=["train.epochs=3", "train.device=gpu:1", "push.servers=[a:1, b:2]",
-                                 "validate.max_error_rate=0.2", "export.base_path=/tmp/x"])
+    cfg = load_config(
+        overrides=[
+            "train.epochs=3",
+            "train.device=gpu:1",
+            "push.servers=[a:1, b:2]",
+            "validate.max_error_rate=0.2",
+            "export.base_path=/tmp/x",
+        ]
+    )
     assert cfg.train.epochs == 3
     assert cfg.train.device == "gpu:1"
     assert cfg.push.servers == ["a:1", "b:2"]

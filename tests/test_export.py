@@ -67,7 +67,9 @@ def test_next_version_ignores_what_is_not_a_version(tmp_path: Path) -> None:
     assert next_version(exports, serving) == 3
 
 
-def test_publish_retries_when_the_version_was_taken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_publish_retries_when_the_version_was_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     exports, serving = tmp_path / "exports" / "mnist", tmp_path / "serving" / "mnist"
     _version_dirs(exports, ["1", "2", "3"])
     staging = exports / ".tmp-a"
@@ -121,7 +123,9 @@ def images() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def exported(model: keras.Model, images: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+def exported(
+    model: keras.Model, images: np.ndarray, tmp_path_factory: pytest.TempPathFactory
+) -> ExportResult:
     root = tmp_path_factory.mktemp("export")
     cfg = ExportConfig(base_path=root / "exports", model_name="digits", warmup_requests=3)
     return export.fn(model, cfg, root / "serving", images[:2])
@@ -135,7 +139,9 @@ def test_export_result(exported: ExportResult) -> None:
     assert _leftovers(exported.path.parent) == []
 
 
-def test_serving_default_matches_keras(exported: ExportResult, model: keras.Model, images: np.ndarray) -> None:
+def test_serving_default_matches_keras(
+    exported: ExportResult, model: keras.Model, images: np.ndarray
+) -> None:
     loaded = tf.saved_model.load(str(exported.path))
     outputs = loaded.signatures["serving_default"](images=tf.constant(images))
     expected = model.predict(images, verbose=0)
@@ -144,11 +150,15 @@ def test_serving_default_matches_keras(exported: ExportResult, model: keras.Mode
     np.testing.assert_array_equal(outputs["classes"].numpy(), expected.argmax(axis=1))
 
 
-def test_classify_matches_keras(exported: ExportResult, model: keras.Model, images: np.ndarray) -> None:
+def test_classify_matches_keras(
+    exported: ExportResult, model: keras.Model, images: np.ndarray
+) -> None:
     loaded = tf.saved_model.load(str(exported.path))
     serialized = tf.constant([image_example(image).SerializeToString() for image in images])
     outputs = loaded.signatures["classify"](inputs=serialized)
-    np.testing.assert_allclose(outputs["scores"].numpy(), model.predict(images, verbose=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        outputs["scores"].numpy(), model.predict(images, verbose=0), rtol=1e-5, atol=1e-6
+    )
     assert outputs["classes"].numpy().tolist() == [LABELS] * len(images)
 
 
@@ -156,7 +166,10 @@ def test_signatures_as_tf_serving_sees_them(exported: ExportResult) -> None:
     saved_model = saved_model_pb2.SavedModel()
     saved_model.ParseFromString((exported.path / "saved_model.pb").read_bytes())
     (meta_graph,) = saved_model.meta_graphs
-    serving, classify = meta_graph.signature_def["serving_default"], meta_graph.signature_def["classify"]
+    serving, classify = (
+        meta_graph.signature_def["serving_default"],
+        meta_graph.signature_def["classify"],
+    )
     assert serving.method_name == "tensorflow/serving/predict"
     assert classify.method_name == CLASSIFY_METHOD_NAME == "tensorflow/serving/classify"
     assert set(serving.inputs) == {"images"} and set(serving.outputs) == {"scores", "classes"}
@@ -167,7 +180,9 @@ def test_signatures_as_tf_serving_sees_them(exported: ExportResult) -> None:
     assert classify.outputs["classes"].dtype == tf.string.as_datatype_enum
 
 
-def test_tf1_loader_serves_both_signatures(exported: ExportResult, model: keras.Model, images: np.ndarray) -> None:
+def test_tf1_loader_serves_both_signatures(
+    exported: ExportResult, model: keras.Model, images: np.ndarray
+) -> None:
     expected = model.predict(images, verbose=0)
     serialized = [image_example(image).SerializeToString() for image in images]
     # A fresh graph and session, as TF Serving's SavedModel bundle loader does it.
@@ -206,10 +221,14 @@ def test_warmup_requests(exported: ExportResult, images: np.ndarray) -> None:
     assert classify.model_spec.name == "digits"
     assert classify.model_spec.signature_name == "classify"
     (example,) = classify.input.example_list.examples
-    np.testing.assert_array_equal(np.array(example.features.feature["image"].float_list.value, np.float32), images[0])
+    np.testing.assert_array_equal(
+        np.array(example.features.feature["image"].float_list.value, np.float32), images[0]
+    )
 
 
-def test_concurrent_exports_get_distinct_versions(model: keras.Model, images: np.ndarray, tmp_path: Path) -> None:
+def test_concurrent_exports_get_distinct_versions(
+    model: keras.Model, images: np.ndarray, tmp_path: Path
+) -> None:
     cfg = ExportConfig(base_path=tmp_path / "exports", model_name="mnist", warmup_requests=1)
     _version_dirs(tmp_path / "serving" / "mnist", ["2"])
     start = threading.Barrier(2)
@@ -234,7 +253,9 @@ def test_concurrent_exports_get_distinct_versions(model: keras.Model, images: np
     assert _leftovers(tmp_path / "exports" / "mnist") == []
 
 
-def test_export_rejects_bad_warmup_images_and_leaves_nothing(model: keras.Model, tmp_path: Path) -> None:
+def test_export_rejects_bad_warmup_images_and_leaves_nothing(
+    model: keras.Model, tmp_path: Path
+) -> None:
     cfg = ExportConfig(base_path=tmp_path / "exports")
     with pytest.raises(ValueError, match="warmup_images"):
         export.fn(model, cfg, tmp_path / "serving", np.zeros((0, 784), np.float32))

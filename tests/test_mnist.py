@@ -16,7 +16,18 @@ def test_shipped_copy_loads_with_the_known_shapes_and_label_counts():
     assert data.train.images.shape == (60000, 784) and data.train.images.dtype == np.float32
     assert data.test.images.shape == (10000, 784)
     assert 0.0 <= data.test.images.min() and data.test.images.max() <= 1.0
-    assert np.bincount(data.test.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert np.bincount(data.test.labels).tolist() == [
+        980,
+        1135,
+        1032,
+        1010,
+        982,
+        892,
+        958,
+        1028,
+        974,
+        1009,
+    ]
     assert data.test.labels[:5].tolist() == [7, 2, 1, 0, 4]
 
 

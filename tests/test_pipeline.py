@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
+from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from flows.train_and_serve import GateFailed, train_and_serve
 from tasks.config import REPO_ROOT
 from tasks.mnist import load_test
 from tasks.model_server import ModelServer, predict_request, response_scores
-from tensorflow_serving.apis import prediction_service_pb2_grpc
 from tests.processes import ModelServerProcess, mlflow_server, model_server
 
 MODEL = "mnist"
@@ -68,7 +68,9 @@ def test_images():
 def latest_run(stack: Stack):
     client = MlflowClient(stack.tracking_uri)
     experiment = client.get_experiment_by_name("train-and-serve")
-    return client.search_runs([experiment.experiment_id], order_by=["start_time DESC"], max_results=1)[0]
+    return client.search_runs(
+        [experiment.experiment_id], order_by=["start_time DESC"], max_results=1
+    )[0]
 
 
 def exported_scores(path: Path, images: np.ndarray) -> np.ndarray:
@@ -81,7 +83,9 @@ def exported_scores(path: Path, images: np.ndarray) -> np.ndarray:
 def rest_predict(stack: Stack, images: np.ndarray, version: int) -> np.ndarray:
     body = json.dumps({"instances": images.tolist()}).encode()
     url = f"{stack.server.rest_url}/v1/models/{MODEL}/versions/{version}:predict"
-    with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=30) as response:
+    with urllib.request.urlopen(
+        urllib.request.Request(url, data=body, method="POST"), timeout=30
+    ) as response:
         predictions = json.load(response)["predictions"]
     return np.array([prediction["scores"] for prediction in predictions], np.float32)
 
@@ -89,7 +93,9 @@ def rest_predict(stack: Stack, images: np.ndarray, version: int) -> np.ndarray:
 def test_first_run_pushes_a_version_that_serves_the_validated_scores(stack, test_images):
     outcome = stack.run()
     assert outcome.version == 1
-    assert outcome.baseline_error_rate is None  # nothing was serving: only the absolute bound applied
+    assert (
+        outcome.baseline_error_rate is None
+    )  # nothing was serving: only the absolute bound applied
     assert outcome.error_rate < 0.12
 
     images = test_images.images[:20]
@@ -114,7 +120,9 @@ def test_first_run_is_recorded_in_mlflow(stack):
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 2  # one value per epoch
     artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
     assert {"saved_model", "model", "plots"} <= artifacts
-    saved_model = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "saved_model")}
+    saved_model = {
+        artifact.path for artifact in client.list_artifacts(run.info.run_id, "saved_model")
+    }
     assert "saved_model/saved_model.pb" in saved_model
     champion = client.get_model_version_by_alias(MODEL, "champion")
     assert champion.run_id == run.info.run_id
@@ -153,16 +161,22 @@ def test_second_run_hot_swaps_with_zero_failed_requests(stack, test_images):
     assert results["versions"] == {1, 2}
     with ModelServer(stack.server.grpc_address, MODEL) as server:
         assert server.serving_version() == 2
-    assert latest_run(stack).data.metrics["baseline_error_rate"] == pytest.approx(outcome.baseline_error_rate)
+    assert latest_run(stack).data.metrics["baseline_error_rate"] == pytest.approx(
+        outcome.baseline_error_rate
+    )
 
 
 def test_failed_gate_pushes_nothing_and_the_old_version_keeps_serving(stack):
-    state = train_and_serve(overrides=stack.overrides("validate.max_error_rate=0.0"), return_state=True)
+    state = train_and_serve(
+        overrides=stack.overrides("validate.max_error_rate=0.0"), return_state=True
+    )
     assert state.is_failed()
     assert "validate.max_error_rate" in state.message
     with pytest.raises(GateFailed):
         state.result()
-    assert sorted(p.name for p in (stack.root / "models" / MODEL).iterdir() if not p.name.startswith(".")) == ["1", "2"]
+    assert sorted(
+        p.name for p in (stack.root / "models" / MODEL).iterdir() if not p.name.startswith(".")
+    ) == ["1", "2"]
     with ModelServer(stack.server.grpc_address, MODEL) as server:
         assert server.serving_version() == 2
     run = latest_run(stack)
@@ -173,7 +187,12 @@ def test_failed_gate_pushes_nothing_and_the_old_version_keeps_serving(stack):
 
 
 def test_bad_configuration_key_fails_at_once_naming_it():
-    result = subprocess.run([sys.executable, "-m", "flows.train_and_serve", "--set", "train.epoch=3"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.train_and_serve", "--set", "train.epoch=3"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "train.epoch: unknown key" in result.stderr

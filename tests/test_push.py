@@ -13,9 +13,16 @@ from tests.processes import free_port
 
 
 def verdict(passed: bool) -> Verdict:
-    return Verdict(passed=passed, reason="test", error_rate=0.08, baseline_error_rate=None, baseline_version=None,
-                   confusion=np.zeros((10, 10), np.int64), canary_images=np.zeros((2, 784), np.float32),
-                   canary_scores=np.full((2, 10), 0.1, np.float32))
+    return Verdict(
+        passed=passed,
+        reason="test",
+        error_rate=0.08,
+        baseline_error_rate=None,
+        baseline_version=None,
+        confusion=np.zeros((10, 10), np.int64),
+        canary_images=np.zeros((2, 784), np.float32),
+        canary_scores=np.full((2, 10), 0.1, np.float32),
+    )
 
 
 def fake_export(tmp_path: Path, version: int) -> ExportResult:
@@ -39,7 +46,9 @@ def test_a_failed_verdict_is_never_published(tmp_path):
 
 def test_without_servers_the_version_is_published_atomically(tmp_path):
     store = tmp_path / "models"
-    result = push.fn(fake_export(tmp_path, 4), verdict(True), PushConfig(model_base_path=store, servers=[]))
+    result = push.fn(
+        fake_export(tmp_path, 4), verdict(True), PushConfig(model_base_path=store, servers=[])
+    )
     assert result.path == store / "mnist" / "4"
     assert (result.path / "saved_model.pb").read_bytes() == b"not read by push"
     assert store_entries(store) == ["4"]  # no staging directory left behind
@@ -48,7 +57,9 @@ def test_without_servers_the_version_is_published_atomically(tmp_path):
 def test_an_unreachable_server_times_out_and_rolls_back(tmp_path):
     store = tmp_path / "models"
     cfg = PushConfig(model_base_path=store, servers=[f"127.0.0.1:{free_port()}"], timeout_s=1)
-    with pytest.raises(PushError, match=r"did not make version 3 AVAILABLE within push.timeout_s=1 s .*unreachable"):
+    with pytest.raises(
+        PushError, match=r"did not make version 3 AVAILABLE within push.timeout_s=1 s .*unreachable"
+    ):
         push.fn(fake_export(tmp_path, 3), verdict(True), cfg)
     assert store_entries(store) == []
 
@@ -57,4 +68,6 @@ def test_a_version_pushed_before_is_refused(tmp_path):
     store = tmp_path / "models"
     (store / "mnist" / "5").mkdir(parents=True)
     with pytest.raises(PushError, match="already exists"):
-        push.fn(fake_export(tmp_path, 5), verdict(True), PushConfig(model_base_path=store, servers=[]))
+        push.fn(
+            fake_export(tmp_path, 5), verdict(True), PushConfig(model_base_path=store, servers=[])
+        )

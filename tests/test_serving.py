@@ -26,6 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import saved_models  # noqa: E402
+
 from tests.processes import TEST_WORKERS  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -55,19 +56,38 @@ def free_port() -> int:
 class Server:
     """A ``python -m serving`` subprocess on free ports, with gRPC stubs and a REST helper."""
 
-    def __init__(self, base_path: Path, log_path: Path, model_name: str = "mnist",
-                 extra: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        base_path: Path,
+        log_path: Path,
+        model_name: str = "mnist",
+        extra: list[str] | None = None,
+    ) -> None:
         self.port, self.rest_port = free_port(), free_port()
         self.model_name = model_name
         self.log_path = log_path
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "serving", f"--port={self.port}", "--rest_api_port", str(self.rest_port),
-             "--model_name", model_name, "--model_base_path", str(base_path),
-             "--file_system_poll_wait_seconds=0.2", f"--num_workers={TEST_WORKERS}",
-             *(extra or [])],
-            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                PYTHON,
+                "-m",
+                "serving",
+                f"--port={self.port}",
+                "--rest_api_port",
+                str(self.rest_port),
+                "--model_name",
+                model_name,
+                "--model_base_path",
+                str(base_path),
+                "--file_system_poll_wait_seconds=0.2",
+                f"--num_workers={TEST_WORKERS}",
+                *(extra or []),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
@@ -103,8 +123,15 @@ class Server:
         return self.proc.returncode
 
     # -- gRPC --
-    def predict(self, images: np.ndarray, version: int | None = None, signature: str = "",
-                inputs: dict | None = None, model_name: str | None = None, timeout: float = 10):
+    def predict(
+        self,
+        images: np.ndarray,
+        version: int | None = None,
+        signature: str = "",
+        inputs: dict | None = None,
+        model_name: str | None = None,
+        timeout: float = 10,
+    ):
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model_name or self.model_name
         request.model_spec.signature_name = signature
@@ -126,8 +153,10 @@ class Server:
             response = self.status()
         except grpc.RpcError:
             return {}
-        return {s.version: (s.state, s.status.error_code, s.status.error_message)
-                for s in response.model_version_status}
+        return {
+            s.version: (s.state, s.status.error_code, s.status.error_message)
+            for s in response.model_version_status
+        }
 
     def wait_for(self, predicate, what: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -140,8 +169,9 @@ class Server:
     # -- REST --
     def http(self, method: str, path: str, body: object | None = None) -> tuple[int, dict]:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.rest_port}{path}", data=data,
-                                         method=method)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.rest_port}{path}", data=data, method=method
+        )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 return response.status, json.loads(response.read())
@@ -211,28 +241,34 @@ def test_warmup_was_replayed(served):
 
 
 def test_rest_predict_row_format(served):
-    status, body = served.http("POST", "/v1/models/mnist:predict",
-                               {"instances": images(2).tolist()})
+    status, body = served.http(
+        "POST", "/v1/models/mnist:predict", {"instances": images(2).tolist()}
+    )
     assert status == 200, body
     assert len(body["predictions"]) == 2
     assert body["predictions"][0]["classes"] == 3
-    np.testing.assert_allclose(body["predictions"][1]["scores"],
-                               saved_models.expected_scores(3)[0], rtol=1e-5)
+    np.testing.assert_allclose(
+        body["predictions"][1]["scores"], saved_models.expected_scores(3)[0], rtol=1e-5
+    )
 
 
 def test_rest_predict_columnar_and_version_path(served):
-    status, body = served.http("POST", "/v1/models/mnist/versions/4:predict",
-                               {"signature_name": "serving_default",
-                                "inputs": {"images": images(3).tolist()}})
+    status, body = served.http(
+        "POST",
+        "/v1/models/mnist/versions/4:predict",
+        {"signature_name": "serving_default", "inputs": {"images": images(3).tolist()}},
+    )
     assert status == 200, body
     assert body["outputs"]["classes"] == [3, 3, 3]
-    np.testing.assert_allclose(body["outputs"]["scores"], saved_models.expected_scores(3, 3),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        body["outputs"]["scores"], saved_models.expected_scores(3, 3), rtol=1e-5
+    )
 
 
 def test_rest_predict_named_instances(served):
-    status, body = served.http("POST", "/v1/models/mnist:predict",
-                               {"instances": [{"images": images(1)[0].tolist()}]})
+    status, body = served.http(
+        "POST", "/v1/models/mnist:predict", {"instances": [{"images": images(1)[0].tolist()}]}
+    )
     assert status == 200, body
     assert body["predictions"][0]["classes"] == 3
 
@@ -243,14 +279,24 @@ def test_rest_predict_named_instances(served):
 def test_grpc_model_status(served):
     response = served.status()
     assert [(s.version, s.state, s.status.error_code) for s in response.model_version_status] == [
-        (4, AVAILABLE, 0)]
+        (4, AVAILABLE, 0)
+    ]
     assert served.status(version=4).model_version_status[0].state == AVAILABLE
 
 
 def test_rest_model_status(served):
-    assert served.http("GET", "/v1/models/mnist") == (200, {"model_version_status": [
-        {"version": "4", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
-    ]})
+    assert served.http("GET", "/v1/models/mnist") == (
+        200,
+        {
+            "model_version_status": [
+                {
+                    "version": "4",
+                    "state": "AVAILABLE",
+                    "status": {"error_code": "OK", "error_message": ""},
+                }
+            ]
+        },
+    )
     status, body = served.http("GET", "/v1/models/mnist/versions/4")
     assert status == 200 and body["model_version_status"][0]["version"] == "4"
 
@@ -301,8 +347,9 @@ def test_unknown_version_not_found(served):
     assert e.code() == grpc.StatusCode.NOT_FOUND
     assert e.details() == "Servable not found for request: Specific(mnist, 3)"
     assert rpc_error(served.status, version=3).code() == grpc.StatusCode.NOT_FOUND
-    status, body = served.http("POST", "/v1/models/mnist/versions/3:predict",
-                               {"instances": [[0.0] * 784]})
+    status, body = served.http(
+        "POST", "/v1/models/mnist/versions/3:predict", {"instances": [[0.0] * 784]}
+    )
     assert status == 404 and "Specific(mnist, 3)" in body["error"]
 
 
@@ -310,30 +357,37 @@ def test_unknown_signature_failed_precondition(served):
     e = rpc_error(served.predict, images(1), signature="nope")
     assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert e.details() == 'Serving signature key "nope" not found.'
-    status, body = served.http("POST", "/v1/models/mnist:predict",
-                               {"signature_name": "nope", "instances": [[0.0] * 784]})
+    status, body = served.http(
+        "POST", "/v1/models/mnist:predict", {"signature_name": "nope", "instances": [[0.0] * 784]}
+    )
     assert status == 400 and body["error"] == 'Serving signature key "nope" not found.'
 
 
-@pytest.mark.parametrize("inputs, named", [
-    ({"pixels": np.zeros((1, 784), np.float32)}, "pixels"),  # wrong name
-    ({"images": np.zeros((1, 784), np.float32), "extra": np.zeros(1, np.float32)}, "extra"),
-    ({"images": np.zeros((1, 784), np.float64)}, "images"),  # wrong dtype
-    ({"images": np.zeros((1, 783), np.float32)}, "images"),  # wrong shape
-    ({"images": np.zeros((784,), np.float32)}, "images"),  # wrong rank
-])
+@pytest.mark.parametrize(
+    "inputs, named",
+    [
+        ({"pixels": np.zeros((1, 784), np.float32)}, "pixels"),  # wrong name
+        ({"images": np.zeros((1, 784), np.float32), "extra": np.zeros(1, np.float32)}, "extra"),
+        ({"images": np.zeros((1, 784), np.float64)}, "images"),  # wrong dtype
+        ({"images": np.zeros((1, 783), np.float32)}, "images"),  # wrong shape
+        ({"images": np.zeros((784,), np.float32)}, "images"),  # wrong rank
+    ],
+)
 def test_bad_input_invalid_argument_grpc(served, inputs, named):
     e = rpc_error(served.predict, None, inputs=inputs)
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert named in e.details()
 
 
-@pytest.mark.parametrize("body, named", [
-    ({"inputs": {"pixels": [[0.0] * 784]}}, "pixels"),
-    ({"instances": [{"pixels": [0.0] * 784}]}, "pixels"),
-    ({"instances": [["a"] * 784]}, "images"),  # not numbers
-    ({"instances": [[0.0] * 783]}, "images"),  # wrong shape
-])
+@pytest.mark.parametrize(
+    "body, named",
+    [
+        ({"inputs": {"pixels": [[0.0] * 784]}}, "pixels"),
+        ({"instances": [{"pixels": [0.0] * 784}]}, "pixels"),
+        ({"instances": [["a"] * 784]}, "images"),  # not numbers
+        ({"instances": [[0.0] * 783]}, "images"),  # wrong shape
+    ],
+)
 def test_bad_input_400_rest(served, body, named):
     status, response = served.http("POST", "/v1/models/mnist:predict", body)
     assert status == 400, response
@@ -351,9 +405,22 @@ def test_rest_malformed_body(served):
 def test_client_reports_error_rate(served):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
     done = subprocess.run(
-        [PYTHON, "-m", "serving.client", "--server", f"127.0.0.1:{served.port}",
-         "--num_tests", "200", "--concurrency", "4"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        [
+            PYTHON,
+            "-m",
+            "serving.client",
+            "--server",
+            f"127.0.0.1:{served.port}",
+            "--num_tests",
+            "200",
+            "--concurrency",
+            "4",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     # The test model answers 3 for everything: the error rate is 1 - share of 3s among the labels.
@@ -369,9 +436,22 @@ def test_client_reports_error_rate(served):
 def test_client_unreachable_server_exits_nonzero():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
     done = subprocess.run(
-        [PYTHON, "-m", "serving.client", "--server", f"127.0.0.1:{free_port()}",
-         "--num_tests", "5", "--timeout", "1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        [
+            PYTHON,
+            "-m",
+            "serving.client",
+            "--server",
+            f"127.0.0.1:{free_port()}",
+            "--num_tests",
+            "5",
+            "--timeout",
+            "1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode != 0
     assert "cannot reach model server" in done.stderr
@@ -380,27 +460,36 @@ def test_client_unreachable_server_exits_nonzero():
 # -- flags ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, named", [
-    (["--model_base_path=/tmp/x", "--no_such_flag=1"], "--no_such_flag"),
-    (["--model_base_path=/tmp/x", "--port", "notaport"], "--port"),
-    (["--model_base_path=/tmp/x", "--enable_model_warmup=maybe"], "--enable_model_warmup"),
-    (["--model_base_path=/tmp/x", "--file_system_poll_wait_seconds=soon"],
-     "--file_system_poll_wait_seconds"),
-    (["--model_base_path=/tmp/x", "--enable_batching=maybe"], "--enable_batching"),
-])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--model_base_path=/tmp/x", "--no_such_flag=1"], "--no_such_flag"),
+        (["--model_base_path=/tmp/x", "--port", "notaport"], "--port"),
+        (["--model_base_path=/tmp/x", "--enable_model_warmup=maybe"], "--enable_model_warmup"),
+        (
+            ["--model_base_path=/tmp/x", "--file_system_poll_wait_seconds=soon"],
+            "--file_system_poll_wait_seconds",
+        ),
+        (["--model_base_path=/tmp/x", "--enable_batching=maybe"], "--enable_batching"),
+    ],
+)
 def test_bad_flag_exits_nonzero_naming_it(args, named):
-    done = subprocess.run([PYTHON, "-m", "serving", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=30)
+    done = subprocess.run(
+        [PYTHON, "-m", "serving", *args], cwd=REPO, capture_output=True, text=True, timeout=30
+    )
     assert done.returncode != 0
     assert named in done.stderr
 
 
 def test_help_is_fast_and_does_not_import_tensorflow():
-    code = ("import sys\nfrom serving.__main__ import main\ntry:\n    main(['--help'])\n"
-            "except SystemExit as e:\n    assert e.code == 0\n"
-            "print('TF' if 'tensorflow' in sys.modules else 'noTF')")
-    done = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=30)
+    code = (
+        "import sys\nfrom serving.__main__ import main\ntry:\n    main(['--help'])\n"
+        "except SystemExit as e:\n    assert e.code == 0\n"
+        "print('TF' if 'tensorflow' in sys.modules else 'noTF')"
+    )
+    done = subprocess.run(
+        [PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 0, done.stderr
     assert "--file_system_poll_wait_seconds" in done.stdout
     assert done.stdout.strip().endswith("noTF")
@@ -491,8 +580,10 @@ def test_version_lifecycle(tmp_path, templates):
         # Remove the broken one; push 4; then roll back by deleting 4 under load: 2 comes back.
         shutil.rmtree(base / "3")
         saved_models.copy_version(templates[7], base, 4)
-        server.wait_for(lambda s: s.get(4, (0,))[0] == AVAILABLE and s[2][0] == END,
-                        "version 4 AVAILABLE, 2 unloaded")
+        server.wait_for(
+            lambda s: s.get(4, (0,))[0] == AVAILABLE and s[2][0] == END,
+            "version 4 AVAILABLE, 2 unloaded",
+        )
         with Load(server) as load:
             load.wait_for_answer((4, 7))
             shutil.rmtree(base / "4")

@@ -22,8 +22,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import saved_models  # noqa: E402
-from test_serving import Server, rpc_error  # noqa: E402
-
 import tensorflow as tf  # noqa: E402
 from tensorflow.core.framework import tensor_pb2  # noqa: E402
 from tensorflow_serving.apis import (  # noqa: E402
@@ -33,6 +31,7 @@ from tensorflow_serving.apis import (  # noqa: E402
     predict_pb2,
     regression_pb2,
 )
+from test_serving import Server, rpc_error  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -63,8 +62,7 @@ def mnist(tmp_path_factory):
     images = np.random.default_rng(0).random((2, 784), dtype=np.float32)
     cfg = ExportConfig(base_path=root / "exports", model_name="mnist", warmup_requests=2)
     result = export.fn(build_model(ModelConfig()), cfg, root / "serving", images)
-    server = Server(result.path.parent, root / "server.log",
-                    extra=["--rest_api_timeout_in_ms=1"])
+    server = Server(result.path.parent, root / "server.log", extra=["--rest_api_timeout_in_ms=1"])
     try:
         server.wait_ready()
         yield server
@@ -75,8 +73,9 @@ def mnist(tmp_path_factory):
 def raw_http(server: Server, path: str, text: str) -> tuple[int, str]:
     """POST ``text`` as is (for NaN / Infinity, which ``json.dumps`` would also write, but
     explicitly) and return the undecoded answer."""
-    request = urllib.request.Request(f"http://127.0.0.1:{server.rest_port}{path}",
-                                     data=text.encode(), method="POST")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.rest_port}{path}", data=text.encode(), method="POST"
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, response.read().decode()
@@ -120,36 +119,47 @@ def multi_request(*tasks: tuple[str, str, str], xs=(1.0, 2.0)):
 
 def test_rest_documented_predict_row_and_columnar(half):
     assert half.http("POST", "/v1/models/half:predict", {"instances": [1.0, 2.0, 5.0]}) == (
-        200, {"predictions": [2.5, 3.0, 4.5]})
-    assert half.http("POST", "/v1/models/half/versions/1:predict",
-                     {"signature_name": "serving_default", "inputs": [1.0, 2.0, 5.0]}) == (
-        200, {"outputs": [2.5, 3.0, 4.5]})
+        200,
+        {"predictions": [2.5, 3.0, 4.5]},
+    )
+    assert half.http(
+        "POST",
+        "/v1/models/half/versions/1:predict",
+        {"signature_name": "serving_default", "inputs": [1.0, 2.0, 5.0]},
+    ) == (200, {"outputs": [2.5, 3.0, 4.5]})
     assert half.http("POST", "/v1/models/half:predict", {"inputs": {"x": [1.0, 2.0]}}) == (
-        200, {"outputs": [2.5, 3.0]})
+        200,
+        {"outputs": [2.5, 3.0]},
+    )
 
 
 def test_rest_documented_classify_and_regress(half):
     body = {"examples": [{"x": 1.0}, {"x": 2.0}]}
-    assert half.http("POST", "/v1/models/half:classify",
-                     {"signature_name": "classify_x_to_y", **body}) == (
-        200, {"results": [[["", 2.5]], [["", 3.0]]]})
-    assert half.http("POST", "/v1/models/half:classify",
-                     {"signature_name": "classify_with_labels", **body}) == (
-        200, {"results": [[["half_plus_two", 2.5]], [["half_plus_two", 3.0]]]})
-    assert half.http("POST", "/v1/models/half/versions/1:regress",
-                     {"signature_name": "regress_x_to_y", **body}) == (200, {"results": [2.5, 3.0]})
+    assert half.http(
+        "POST", "/v1/models/half:classify", {"signature_name": "classify_x_to_y", **body}
+    ) == (200, {"results": [[["", 2.5]], [["", 3.0]]]})
+    assert half.http(
+        "POST", "/v1/models/half:classify", {"signature_name": "classify_with_labels", **body}
+    ) == (200, {"results": [[["half_plus_two", 2.5]], [["half_plus_two", 3.0]]]})
+    assert half.http(
+        "POST", "/v1/models/half/versions/1:regress", {"signature_name": "regress_x_to_y", **body}
+    ) == (200, {"results": [2.5, 3.0]})
 
 
 def test_rest_context_is_merged_into_every_example(half):
     # The example's own value wins over the context's, as protobuf merging does in TF Serving.
-    status, body = half.http("POST", "/v1/models/half:regress", {
-        "signature_name": "regress_x_to_y", "context": {"x": 1.0}, "examples": [{}, {"x": 4.0}]})
+    status, body = half.http(
+        "POST",
+        "/v1/models/half:regress",
+        {"signature_name": "regress_x_to_y", "context": {"x": 1.0}, "examples": [{}, {"x": 4.0}]},
+    )
     assert (status, body) == (200, {"results": [2.5, 4.0]})
 
 
 def test_rest_nan_infinity_and_compact_floats(half):
-    status, text = raw_http(half, "/v1/models/half:predict",
-                            '{"instances": [NaN, Infinity, -Infinity, 0.1]}')
+    status, text = raw_http(
+        half, "/v1/models/half:predict", '{"instances": [NaN, Infinity, -Infinity, 0.1]}'
+    )
     assert status == 200, text
     predictions = json.loads(text)["predictions"]
     assert math.isnan(predictions[0]) and predictions[1:3] == [math.inf, -math.inf]
@@ -159,17 +169,25 @@ def test_rest_nan_infinity_and_compact_floats(half):
 
 def test_rest_several_named_inputs_every_dtype_and_b64(half):
     row = {"f": 1.5, "d": 0.25, "i32": 2, "i64": 2**40, "s": {"b64": "aGk="}, "bool": True}
-    status, body = half.http("POST", "/v1/models/half:predict",
-                             {"signature_name": "mixed", "instances": [row, dict(row, s="x\u00e9")]})
+    status, body = half.http(
+        "POST",
+        "/v1/models/half:predict",
+        {"signature_name": "mixed", "instances": [row, dict(row, s="x\u00e9")]},
+    )
     assert status == 200, body
     first, second = body["predictions"]
     assert first["total"] == 1.5 + 0.25 + 2 + 2**40 and first["i64_twice"] == 2**41
     assert first["s_upper"] == "HI" and first["s_bytes"] == {"b64": "aGk="}
     assert first["not_bool"] is False
     assert second["s_bytes"] == {"b64": "eMOp"} and second["s_upper"] == "Xé"  # upper: ASCII only
-    status, body = half.http("POST", "/v1/models/half:predict", {
-        "signature_name": "mixed",
-        "inputs": {"f": [1.0], "d": [2.0], "i32": [3], "i64": [4], "s": ["a"], "bool": [False]}})
+    status, body = half.http(
+        "POST",
+        "/v1/models/half:predict",
+        {
+            "signature_name": "mixed",
+            "inputs": {"f": [1.0], "d": [2.0], "i32": [3], "i64": [4], "s": ["a"], "bool": [False]},
+        },
+    )
     assert status == 200, body
     assert body["outputs"]["total"] == [10.0] and body["outputs"]["not_bool"] == [True]
 
@@ -196,8 +214,7 @@ def predict_request(signature: str, tensors: dict, output_filter=()):
     return request
 
 
-def typed(dtype: int, field: str, values: list | bytes,
-          shape: list[int]) -> tensor_pb2.TensorProto:
+def typed(dtype: int, field: str, values: list | bytes, shape: list[int]) -> tensor_pb2.TensorProto:
     """A TensorProto with ``values`` in ``field``: a typed field (``float_val``, ...) or
     ``tensor_content`` (raw bytes)."""
     proto = tensor_pb2.TensorProto(dtype=dtype)
@@ -216,19 +233,33 @@ def test_grpc_predict_typed_field_content_and_broadcast(half):
     for proto in (content, typed(tf.float32.as_datatype_enum, "float_val", [1.0, 2.0, 5.0], [3])):
         response = half.predict_stub.Predict(predict_request("", {"x": proto}), timeout=10)
         assert tf.make_ndarray(response.outputs["y"]).tolist() == [2.5, 3.0, 4.5]
-        assert (response.model_spec.name, response.model_spec.version.value,
-                response.model_spec.signature_name) == ("half", 1, "serving_default")
+        assert (
+            response.model_spec.name,
+            response.model_spec.version.value,
+            response.model_spec.signature_name,
+        ) == ("half", 1, "serving_default")
     # One value in a typed field fills the whole shape, as TF's Tensor::FromProto does.
     broadcast = typed(tf.float32.as_datatype_enum, "float_val", [3.0], [4])
     response = half.predict_stub.Predict(predict_request("", {"x": broadcast}), timeout=10)
     assert tf.make_ndarray(response.outputs["y"]).tolist() == [3.5] * 4
 
 
-MIXED = {"f": np.array([1.5, -1], np.float32), "d": np.array([0.25, 0], np.float64),
-         "i32": np.array([2, 3], np.int32), "i64": np.array([2**40, -5], np.int64),
-         "s": np.array([b"ab", b"\xff"], object), "bool": np.array([True, False])}
-TYPED_FIELDS = {"f": "float_val", "d": "double_val", "i32": "int_val", "i64": "int64_val",
-                "s": "string_val", "bool": "bool_val"}
+MIXED = {
+    "f": np.array([1.5, -1], np.float32),
+    "d": np.array([0.25, 0], np.float64),
+    "i32": np.array([2, 3], np.int32),
+    "i64": np.array([2**40, -5], np.int64),
+    "s": np.array([b"ab", b"\xff"], object),
+    "bool": np.array([True, False]),
+}
+TYPED_FIELDS = {
+    "f": "float_val",
+    "d": "double_val",
+    "i32": "int_val",
+    "i64": "int64_val",
+    "s": "string_val",
+    "bool": "bool_val",
+}
 
 
 @pytest.mark.parametrize("encoding", ["tensor_content", "typed_fields"])
@@ -237,8 +268,7 @@ def test_grpc_predict_every_dtype(half, encoding):
     for alias, value in MIXED.items():
         dtype = tf.as_dtype(value.dtype if value.dtype != object else tf.string)
         if encoding == "typed_fields" or alias == "s":  # strings never use tensor_content
-            tensors[alias] = typed(dtype.as_datatype_enum, TYPED_FIELDS[alias], value.tolist(),
-                                   [2])
+            tensors[alias] = typed(dtype.as_datatype_enum, TYPED_FIELDS[alias], value.tolist(), [2])
         else:
             tensors[alias] = typed(dtype.as_datatype_enum, "tensor_content", value.tobytes(), [2])
     response = half.predict_stub.Predict(predict_request("mixed", tensors), timeout=10)
@@ -246,7 +276,10 @@ def test_grpc_predict_every_dtype(half, encoding):
     assert out["total"].dtype == np.float64
     assert out["total"].tolist() == [1.5 + 0.25 + 2 + 2**40, -1 + 0 + 3 - 5]
     assert out["i64_twice"].tolist() == [2**41, -10]
-    assert out["s_upper"].tolist() == [b"AB", b"\xff"] and out["s_bytes"].tolist() == [b"ab", b"\xff"]
+    assert out["s_upper"].tolist() == [b"AB", b"\xff"] and out["s_bytes"].tolist() == [
+        b"ab",
+        b"\xff",
+    ]
     assert out["not_bool"].tolist() == [False, True]
     assert response.model_spec.signature_name == "mixed"
 
@@ -254,20 +287,29 @@ def test_grpc_predict_every_dtype(half, encoding):
 def test_grpc_predict_output_filter(half):
     tensors = {alias: tf.make_tensor_proto(v) for alias, v in MIXED.items()}
     response = half.predict_stub.Predict(
-        predict_request("mixed", tensors, ["i64_twice", "not_bool"]), timeout=10)
+        predict_request("mixed", tensors, ["i64_twice", "not_bool"]), timeout=10
+    )
     assert sorted(response.outputs) == ["i64_twice", "not_bool"]
     e = rpc_error(half.predict_stub.Predict, predict_request("mixed", tensors, ["nope"]))
     assert e.code() == INVALID
     assert e.details() == "output tensor alias not found in signature: nope"
 
 
-@pytest.mark.parametrize("tensors, named", [
-    ({"x": tf.make_tensor_proto(np.zeros(2, np.float64))}, 'Input "x"'),  # wrong dtype
-    ({"x": tf.make_tensor_proto(np.zeros((2, 2), np.float32))}, 'Input "x"'),  # wrong shape
-    ({}, "Missing but required: {x}"),
-    ({"x": tf.make_tensor_proto(np.zeros(2, np.float32)),
-      "extra": tf.make_tensor_proto(np.zeros(2, np.float32))}, "Sent extra: {extra}"),
-])
+@pytest.mark.parametrize(
+    "tensors, named",
+    [
+        ({"x": tf.make_tensor_proto(np.zeros(2, np.float64))}, 'Input "x"'),  # wrong dtype
+        ({"x": tf.make_tensor_proto(np.zeros((2, 2), np.float32))}, 'Input "x"'),  # wrong shape
+        ({}, "Missing but required: {x}"),
+        (
+            {
+                "x": tf.make_tensor_proto(np.zeros(2, np.float32)),
+                "extra": tf.make_tensor_proto(np.zeros(2, np.float32)),
+            },
+            "Sent extra: {extra}",
+        ),
+    ],
+)
 def test_grpc_predict_bad_input_names_it(half, tensors, named):
     e = rpc_error(half.predict_stub.Predict, predict_request("", tensors))
     assert e.code() == INVALID
@@ -287,12 +329,19 @@ def test_grpc_predict_malformed_tensor_content(half):
 def test_grpc_classify_labels_and_scores(half):
     response = half.predict_stub.Classify(classify_request("classify_with_labels"), timeout=10)
     assert [[(c.label, c.score) for c in r.classes] for r in response.result.classifications] == [
-        [("half_plus_two", 2.5)], [("half_plus_two", 3.0)]]
-    assert (response.model_spec.name, response.model_spec.version.value,
-            response.model_spec.signature_name) == ("half", 1, "classify_with_labels")
+        [("half_plus_two", 2.5)],
+        [("half_plus_two", 3.0)],
+    ]
+    assert (
+        response.model_spec.name,
+        response.model_spec.version.value,
+        response.model_spec.signature_name,
+    ) == ("half", 1, "classify_with_labels")
     response = half.predict_stub.Classify(classify_request("classify_x_to_y"), timeout=10)
     assert [[(c.label, c.score) for c in r.classes] for r in response.result.classifications] == [
-        [("", 2.5)], [("", 3.0)]]
+        [("", 2.5)],
+        [("", 3.0)],
+    ]
 
 
 def test_grpc_regress_with_example_list_and_context(half):
@@ -310,48 +359,91 @@ def test_grpc_regress_with_example_list_and_context(half):
 
 
 def test_grpc_multi_inference(half):
-    response = half.predict_stub.MultiInference(multi_request(
-        ("half", "classify_with_labels", CLASSIFY), ("half", "regress_x_to_y", REGRESS)),
-        timeout=10)
+    response = half.predict_stub.MultiInference(
+        multi_request(
+            ("half", "classify_with_labels", CLASSIFY), ("half", "regress_x_to_y", REGRESS)
+        ),
+        timeout=10,
+    )
     first, second = response.results
-    assert [[(c.label, c.score) for c in r.classes]
-            for r in first.classification_result.classifications] == [
-        [("half_plus_two", 2.5)], [("half_plus_two", 3.0)]]
+    assert [
+        [(c.label, c.score) for c in r.classes] for r in first.classification_result.classifications
+    ] == [[("half_plus_two", 2.5)], [("half_plus_two", 3.0)]]
     assert [r.value for r in second.regression_result.regressions] == [2.5, 3.0]
-    assert (second.model_spec.name, second.model_spec.version.value,
-            second.model_spec.signature_name) == ("half", 1, "regress_x_to_y")
+    assert (
+        second.model_spec.name,
+        second.model_spec.version.value,
+        second.model_spec.signature_name,
+    ) == ("half", 1, "regress_x_to_y")
 
 
-@pytest.mark.parametrize("tasks, code, message", [
-    ((("half", "classify_x_to_y", CLASSIFY), ("other", "regress_x_to_y", REGRESS)), INVALID,
-     "All ModelSpecs in a MultiInferenceRequest must access the same model name."),
-    ((("half", "regress_x_to_y", REGRESS), ("half", "regress_x_to_y", REGRESS)), INVALID,
-     "Duplicate evaluation of signature: regress_x_to_y"),
-    ((("half", "nope", CLASSIFY),), INVALID, "Requested signature not found in model graph: nope"),
-    ((("half", "regress_x_to_y", "tensorflow/serving/predict"),), grpc.StatusCode.UNIMPLEMENTED,
-     "Unsupported signature method_name: tensorflow/serving/predict"),
-    ((("half", "regress_x_to_y", CLASSIFY),), INVALID,
-     f"Expected classification signature method_name to be {CLASSIFY}. Was: {REGRESS}"),
-    ((("nope", "regress_x_to_y", REGRESS),), grpc.StatusCode.NOT_FOUND,
-     "Servable not found for request: Latest(nope)"),
-])
+@pytest.mark.parametrize(
+    "tasks, code, message",
+    [
+        (
+            (("half", "classify_x_to_y", CLASSIFY), ("other", "regress_x_to_y", REGRESS)),
+            INVALID,
+            "All ModelSpecs in a MultiInferenceRequest must access the same model name.",
+        ),
+        (
+            (("half", "regress_x_to_y", REGRESS), ("half", "regress_x_to_y", REGRESS)),
+            INVALID,
+            "Duplicate evaluation of signature: regress_x_to_y",
+        ),
+        (
+            (("half", "nope", CLASSIFY),),
+            INVALID,
+            "Requested signature not found in model graph: nope",
+        ),
+        (
+            (("half", "regress_x_to_y", "tensorflow/serving/predict"),),
+            grpc.StatusCode.UNIMPLEMENTED,
+            "Unsupported signature method_name: tensorflow/serving/predict",
+        ),
+        (
+            (("half", "regress_x_to_y", CLASSIFY),),
+            INVALID,
+            f"Expected classification signature method_name to be {CLASSIFY}. Was: {REGRESS}",
+        ),
+        (
+            (("nope", "regress_x_to_y", REGRESS),),
+            grpc.StatusCode.NOT_FOUND,
+            "Servable not found for request: Latest(nope)",
+        ),
+    ],
+)
 def test_grpc_multi_inference_errors(half, tasks, code, message):
     e = rpc_error(half.predict_stub.MultiInference, multi_request(*tasks))
     assert (e.code(), e.details()) == (code, message)
 
 
-@pytest.mark.parametrize("call, code, message", [
-    (lambda s: s.Classify(classify_request("")), INVALID,
-     f"Expected classification signature method_name to be {CLASSIFY}. "
-     "Was: tensorflow/serving/predict"),
-    (lambda s: s.Regress(regress_request("classify_x_to_y")), INVALID,
-     f"Expected regression signature method_name to be {REGRESS}. Was: {CLASSIFY}"),
-    (lambda s: s.Classify(classify_request("nope")), INVALID,
-     "No signature was found with the name: nope"),
-    (lambda s: s.Regress(regress_request(xs=())), INVALID, "Input is empty."),
-    (lambda s: s.Classify(classify_request("classify_x_to_y", model="nope")),
-     grpc.StatusCode.NOT_FOUND, "Servable not found for request: Latest(nope)"),
-])
+@pytest.mark.parametrize(
+    "call, code, message",
+    [
+        (
+            lambda s: s.Classify(classify_request("")),
+            INVALID,
+            f"Expected classification signature method_name to be {CLASSIFY}. "
+            "Was: tensorflow/serving/predict",
+        ),
+        (
+            lambda s: s.Regress(regress_request("classify_x_to_y")),
+            INVALID,
+            f"Expected regression signature method_name to be {REGRESS}. Was: {CLASSIFY}",
+        ),
+        (
+            lambda s: s.Classify(classify_request("nope")),
+            INVALID,
+            "No signature was found with the name: nope",
+        ),
+        (lambda s: s.Regress(regress_request(xs=())), INVALID, "Input is empty."),
+        (
+            lambda s: s.Classify(classify_request("classify_x_to_y", model="nope")),
+            grpc.StatusCode.NOT_FOUND,
+            "Servable not found for request: Latest(nope)",
+        ),
+    ],
+)
 def test_grpc_classify_regress_errors(half, call, code, message):
     e = rpc_error(call, half.predict_stub)
     assert (e.code(), e.details()) == (code, message)
@@ -360,32 +452,66 @@ def test_grpc_classify_regress_errors(half, call, code, message):
 # -- errors over REST --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path, body, status, message", [
-    ("/v1/models/half:classify", {"examples": [{"x": 1.0}]}, 400,
-     f"Expected classification signature method_name to be {CLASSIFY}. "
-     "Was: tensorflow/serving/predict"),
-    ("/v1/models/half:regress", {"signature_name": "nope", "examples": [{"x": 1.0}]}, 400,
-     "No signature was found with the name: nope"),
-    ("/v1/models/half:regress", {"signature_name": "regress_x_to_y", "examples": [{"x": [1, 2.0]}]},
-     400, "Unexpected element type in feature: x expecting type: int64"),
-    ("/v1/models/half:predict", {"signature_name": "nope", "instances": [1.0]}, 400,
-     'Serving signature key "nope" not found.'),
-    ("/v1/models/nope:classify", {"examples": [{"x": 1.0}]}, 404,
-     "Servable not found for request: Latest(nope)"),
-    ("/v1/models/half/versions/7:regress", {"examples": [{"x": 1.0}]}, 404,
-     "Servable not found for request: Specific(half, 7)"),
-    ("/v1/models/half/labels/stable:predict", {"instances": [1.0]}, 400,
-     "Unrecognized servable version label: stable"),
-])
+@pytest.mark.parametrize(
+    "path, body, status, message",
+    [
+        (
+            "/v1/models/half:classify",
+            {"examples": [{"x": 1.0}]},
+            400,
+            f"Expected classification signature method_name to be {CLASSIFY}. "
+            "Was: tensorflow/serving/predict",
+        ),
+        (
+            "/v1/models/half:regress",
+            {"signature_name": "nope", "examples": [{"x": 1.0}]},
+            400,
+            "No signature was found with the name: nope",
+        ),
+        (
+            "/v1/models/half:regress",
+            {"signature_name": "regress_x_to_y", "examples": [{"x": [1, 2.0]}]},
+            400,
+            "Unexpected element type in feature: x expecting type: int64",
+        ),
+        (
+            "/v1/models/half:predict",
+            {"signature_name": "nope", "instances": [1.0]},
+            400,
+            'Serving signature key "nope" not found.',
+        ),
+        (
+            "/v1/models/nope:classify",
+            {"examples": [{"x": 1.0}]},
+            404,
+            "Servable not found for request: Latest(nope)",
+        ),
+        (
+            "/v1/models/half/versions/7:regress",
+            {"examples": [{"x": 1.0}]},
+            404,
+            "Servable not found for request: Specific(half, 7)",
+        ),
+        (
+            "/v1/models/half/labels/stable:predict",
+            {"instances": [1.0]},
+            400,
+            "Unrecognized servable version label: stable",
+        ),
+    ],
+)
 def test_rest_errors(half, path, body, status, message):
     assert half.http("POST", path, body) == (status, {"error": message})
 
 
 def test_rest_error_messages_name_the_problem(half):
-    status, body = half.http("POST", "/v1/models/half:regress", {"signature_name": "regress_x_to_y"})
+    status, body = half.http(
+        "POST", "/v1/models/half:regress", {"signature_name": "regress_x_to_y"}
+    )
     assert status == 400 and "'examples' is expected" in body["error"]
-    status, body = half.http("POST", "/v1/models/half:predict",
-                             {"signature_name": "mixed", "inputs": {"f": [1.0]}})
+    status, body = half.http(
+        "POST", "/v1/models/half:predict", {"signature_name": "mixed", "inputs": {"f": [1.0]}}
+    )
     assert status == 400 and "Missing but required" in body["error"] and "bool" in body["error"]
     assert raw_http(half, "/v1/models/half:predict", "{not json")[0] == 400
     status, text = raw_http(half, "/v1/models/half:predict", '{"instances": [{"b64": "!"}]}')
@@ -425,7 +551,8 @@ def test_warmup_replays_the_classify_record_of_our_export(mnist):
     request.model_spec.signature_name = "classify"
     image = np.zeros(784, np.float32)
     request.input.example_list.examples.add().features.feature["image"].float_list.value.extend(
-        image.tolist())
+        image.tolist()
+    )
     response = mnist.predict_stub.Classify(request, timeout=10)
     classes = response.result.classifications[0].classes
     assert [c.label for c in classes] == [str(d) for d in range(10)]
@@ -436,4 +563,6 @@ def test_rest_deadline_exceeded_is_504(mnist):
     # A big body cannot be parsed, run and encoded within the server's 1 ms REST deadline.
     body = {"instances": np.zeros((500, 784)).tolist()}
     assert mnist.http("POST", "/v1/models/mnist:predict", body) == (
-        504, {"error": "Deadline exceeded"})
+        504,
+        {"error": "Deadline exceeded"},
+    )

@@ -29,13 +29,24 @@ from tensorflow_serving.apis import predict_pb2
 sys.path.insert(0, str(Path(__file__).parent))
 import saved_models  # noqa: E402
 from test_serving import Server  # noqa: E402
-from test_serving_api import (CLASSIFY, REGRESS, classify_request,  # noqa: E402
-                              multi_request, regress_request)
+from test_serving_api import (
+    CLASSIFY,
+    REGRESS,
+    classify_request,  # noqa: E402
+    multi_request,
+    regress_request,
+)
 
 from serving import batching  # noqa: E402
+from serving.batching import (
+    BATCH_INLINE_BUDGET_S,
+    Batcher,
+    BatchingParameters,  # noqa: E402
+    _merge,
+    padded_size,
+    read_parameters,
+)
 from serving.errors import ServingError  # noqa: E402
-from serving.batching import (BATCH_INLINE_BUDGET_S, Batcher, BatchingParameters,  # noqa: E402
-                              _merge, padded_size, read_parameters)
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -50,18 +61,27 @@ pytestmark = pytest.mark.timeout(120)
 
 def test_parameters_file_defaults_and_errors(tmp_path):
     file = tmp_path / "batching.config"
-    file.write_text("max_batch_size { value: 8 }\nallowed_batch_sizes: 2\nallowed_batch_sizes: 8\n"
-                    "pad_variable_length_inputs: true\n")
+    file.write_text(
+        "max_batch_size { value: 8 }\nallowed_batch_sizes: 2\nallowed_batch_sizes: 8\n"
+        "pad_variable_length_inputs: true\n"
+    )
     params = read_parameters(str(file))
-    assert (params.max_batch_size, params.batch_timeout_micros, params.max_enqueued_batches,
-            params.allowed_batch_sizes, params.pad_variable_length_inputs,
-            params.thread_pool_name) == (8, 0, 10, (2, 8), True, "batch_threads")
-    for text, named in [("max_batch_size { value: 0 }", "max_batch_size"),
-                        ("batch_timeout_micros { value: -1 }", "batch_timeout_micros"),
-                        ("max_batch_size { value: 8 } allowed_batch_sizes: 4", "allowed_batch_sizes"),
-                        ("allowed_batch_sizes: 4 allowed_batch_sizes: 2", "allowed_batch_sizes"),
-                        ("max_batch_size: 8", "max_batch_size"),
-                        ("no_such_field { value: 1 }", "no_such_field")]:
+    assert (
+        params.max_batch_size,
+        params.batch_timeout_micros,
+        params.max_enqueued_batches,
+        params.allowed_batch_sizes,
+        params.pad_variable_length_inputs,
+        params.thread_pool_name,
+    ) == (8, 0, 10, (2, 8), True, "batch_threads")
+    for text, named in [
+        ("max_batch_size { value: 0 }", "max_batch_size"),
+        ("batch_timeout_micros { value: -1 }", "batch_timeout_micros"),
+        ("max_batch_size { value: 8 } allowed_batch_sizes: 4", "allowed_batch_sizes"),
+        ("allowed_batch_sizes: 4 allowed_batch_sizes: 2", "allowed_batch_sizes"),
+        ("max_batch_size: 8", "max_batch_size"),
+        ("no_such_field { value: 1 }", "no_such_field"),
+    ]:
         file.write_text(text)
         with pytest.raises(ValueError, match=named) as raised:
             read_parameters(str(file))
@@ -87,8 +107,12 @@ class _Model:
     model_name = "double"
 
     def __init__(self, timeout_micros: int, seconds_per_batch: float = 0.0) -> None:
-        self.batching = BatchingParameters(max_batch_size=64, batch_timeout_micros=timeout_micros,
-                                           max_enqueued_batches=100, num_batch_threads=1)
+        self.batching = BatchingParameters(
+            max_batch_size=64,
+            batch_timeout_micros=timeout_micros,
+            max_enqueued_batches=100,
+            num_batch_threads=1,
+        )
         self.seconds_per_batch = seconds_per_batch
         self.batches: list[tuple[int, int]] = []  # (rows, thread)
 
@@ -111,12 +135,14 @@ class _Handle:
 
 def _submit(batcher, model: _Model, value: float):
     handle = _Handle(model)
-    return handle, batcher.submit(handle, {"x:0": np.array([value], np.float32)}, ("y:0",), True,
-                                  lambda values: values)
+    return handle, batcher.submit(
+        handle, {"x:0": np.array([value], np.float32)}, ("y:0",), True, lambda values: values
+    )
 
 
 def _on_loop(scenario):
     """Run ``scenario(batcher)`` on a fresh event loop with a one-slot batcher."""
+
     async def main():
         batcher = Batcher(1, "batch_threads")
         try:
@@ -237,8 +263,9 @@ def test_a_batch_makes_every_answer_before_any_request_resumes():
         return value
 
     async def one(batcher, value: float):
-        future = batcher.submit(_Handle(model), {"x:0": np.array([value], np.float32)}, ("y:0",),
-                                True, answer)
+        future = batcher.submit(
+            _Handle(model), {"x:0": np.array([value], np.float32)}, ("y:0",), True, answer
+        )
         try:
             result = await future
         except ServingError as e:
@@ -281,8 +308,9 @@ def half_template(tmp_path_factory) -> Path:
     return base / "1"
 
 
-def _start(tmp_path_factory, template: Path, name: str, params: str | None,
-           extra: list[str]) -> Server:
+def _start(
+    tmp_path_factory, template: Path, name: str, params: str | None, extra: list[str]
+) -> Server:
     directory = tmp_path_factory.mktemp(name)
     saved_models.copy_version(template, directory / "models", 1)
     # Each worker process batches its own requests: one worker, so that every request of a test
@@ -290,10 +318,14 @@ def _start(tmp_path_factory, template: Path, name: str, params: str | None,
     flags = ["--num_workers=1", *extra]
     if params is not None:
         (directory / "monitoring.config").write_text(
-            f'prometheus_config {{ enable: true path: "{METRICS}" }}')
+            f'prometheus_config {{ enable: true path: "{METRICS}" }}'
+        )
         (directory / "batching.config").write_text(params)
-        flags += ["--enable_batching", f"--batching_parameters_file={directory / 'batching.config'}",
-                  f"--monitoring_config_file={directory / 'monitoring.config'}"]
+        flags += [
+            "--enable_batching",
+            f"--batching_parameters_file={directory / 'batching.config'}",
+            f"--monitoring_config_file={directory / 'monitoring.config'}",
+        ]
     server = Server(directory / "models", directory / "server.log", model_name=MODEL, extra=flags)
     server.base_path = directory / "models"
     return server
@@ -304,16 +336,30 @@ def servers(half_template, tmp_path_factory):
     """Start all four at once (each takes seconds to import TensorFlow and load)."""
     started = {
         "plain": _start(tmp_path_factory, half_template, "plain", None, []),
-        "batched": _start(tmp_path_factory, half_template, "batched",
-                          "max_batch_size { value: 8 } batch_timeout_micros { value: 100000 } "
-                          "max_enqueued_batches { value: 1000 } num_batch_threads { value: 2 } "
-                          "allowed_batch_sizes: 2 allowed_batch_sizes: 4 allowed_batch_sizes: 8",
-                          []),
-        "tight": _start(tmp_path_factory, half_template, "tight",
-                        "max_batch_size { value: 4 } batch_timeout_micros { value: 1000000 } "
-                        "max_enqueued_batches { value: 1 } num_batch_threads { value: 1 }", []),
-        "per_model": _start(tmp_path_factory, half_template, "per_model", "",
-                            ["--enable_per_model_batching_parameters"]),
+        "batched": _start(
+            tmp_path_factory,
+            half_template,
+            "batched",
+            "max_batch_size { value: 8 } batch_timeout_micros { value: 100000 } "
+            "max_enqueued_batches { value: 1000 } num_batch_threads { value: 2 } "
+            "allowed_batch_sizes: 2 allowed_batch_sizes: 4 allowed_batch_sizes: 8",
+            [],
+        ),
+        "tight": _start(
+            tmp_path_factory,
+            half_template,
+            "tight",
+            "max_batch_size { value: 4 } batch_timeout_micros { value: 1000000 } "
+            "max_enqueued_batches { value: 1 } num_batch_threads { value: 1 }",
+            [],
+        ),
+        "per_model": _start(
+            tmp_path_factory,
+            half_template,
+            "per_model",
+            "",
+            ["--enable_per_model_batching_parameters"],
+        ),
     }
     try:
         for server in started.values():
@@ -336,16 +382,16 @@ def y_of(response: predict_pb2.PredictResponse) -> np.ndarray:
 
 
 def rest_y(server: Server, x: np.ndarray) -> np.ndarray:
-    status, body = server.http("POST", f"/v1/models/{MODEL}:predict",
-                               {"instances": x.tolist()})
+    status, body = server.http("POST", f"/v1/models/{MODEL}:predict", {"instances": x.tolist()})
     assert status == 200, body
     return np.asarray(body["predictions"], dtype=np.float32)
 
 
 def histogram(server: Server, name: str) -> tuple[float, float]:
     """(sum, count) of an unlabelled histogram on the metrics page."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.rest_port}{METRICS}",
-                                timeout=10) as page:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{server.rest_port}{METRICS}", timeout=10
+    ) as page:
         text = page.read().decode()
     values = {}
     for suffix in ("sum", "count"):
@@ -357,8 +403,7 @@ def histogram(server: Server, name: str) -> tuple[float, float]:
 def inputs(count: int, seed: int = 0) -> list[np.ndarray]:
     """Requests of 1..8 rows of distinct values."""
     rng = np.random.default_rng(seed)
-    return [rng.normal(size=int(rng.integers(1, 9))).astype(np.float32) * 100
-            for _ in range(count)]
+    return [rng.normal(size=int(rng.integers(1, 9))).astype(np.float32) * 100 for _ in range(count)]
 
 
 # -- batched answers ------------------------------------------------------------------------------
@@ -371,7 +416,8 @@ def test_concurrent_mixed_sizes_answer_as_without_batching(servers):
     requests = inputs(96)
     expected = [y_of(predict(plain, x)) for x in requests]
     sum_before, count_before = histogram(
-        batched, ":tensorflow:serving:batching_session:processed_batch_size")
+        batched, ":tensorflow:serving:batching_session:processed_batch_size"
+    )
     with ThreadPoolExecutor(32) as pool:
         grpc_answers = list(pool.map(lambda x: y_of(predict(batched, x)), requests))
         rest_answers = list(pool.map(lambda x: rest_y(batched, x), requests))
@@ -412,18 +458,27 @@ def test_classify_regress_and_multi_inference_are_batched_too(servers):
     xs = [tuple(x.tolist()) for x in inputs(24, seed=1)]
     calls = {
         "classify": lambda server, x: server.predict_stub.Classify(
-            classify_request("classify_x_to_y", x), timeout=10).result,
+            classify_request("classify_x_to_y", x), timeout=10
+        ).result,
         "regress": lambda server, x: server.predict_stub.Regress(
-            regress_request(xs=x), timeout=10).result,
-        "multi": lambda server, x: server.predict_stub.MultiInference(multi_request(
-            (MODEL, "classify_x_to_y", CLASSIFY), (MODEL, "regress_x_to_y", REGRESS), xs=x),
-            timeout=10).results,
+            regress_request(xs=x), timeout=10
+        ).result,
+        "multi": lambda server, x: server.predict_stub.MultiInference(
+            multi_request(
+                (MODEL, "classify_x_to_y", CLASSIFY), (MODEL, "regress_x_to_y", REGRESS), xs=x
+            ),
+            timeout=10,
+        ).results,
         "rest classify": lambda server, x: server.http(
-            "POST", f"/v1/models/{MODEL}:classify",
-            {"signature_name": "classify_x_to_y", "examples": [{"x": v} for v in x]}),
+            "POST",
+            f"/v1/models/{MODEL}:classify",
+            {"signature_name": "classify_x_to_y", "examples": [{"x": v} for v in x]},
+        ),
         "rest regress": lambda server, x: server.http(
-            "POST", f"/v1/models/{MODEL}:regress",
-            {"signature_name": "regress_x_to_y", "examples": [{"x": v} for v in x]}),
+            "POST",
+            f"/v1/models/{MODEL}:regress",
+            {"signature_name": "regress_x_to_y", "examples": [{"x": v} for v in x]},
+        ),
     }
     name = ":tensorflow:serving:batching_session:processed_batch_size"
     for kind, call in calls.items():
@@ -441,8 +496,9 @@ def test_request_larger_than_a_batch_is_invalid_argument(servers):
         predict(servers["tight"], np.zeros(5, np.float32))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "Task size 5 is larger than maximum input batch size 4" in raised.value.details()
-    status, body = servers["tight"].http("POST", f"/v1/models/{MODEL}:predict",
-                                         {"instances": [0.0] * 5})
+    status, body = servers["tight"].http(
+        "POST", f"/v1/models/{MODEL}:predict", {"instances": [0.0] * 5}
+    )
     assert status == 400 and "larger than maximum input batch size" in body["error"]
 
 
@@ -514,10 +570,16 @@ def test_per_model_parameters_and_swap_under_load(servers, half_template):
         thread.start()
     try:
         time.sleep(0.5)
-        _publish(server, half_template, 2,
-                 "max_batch_size { value: 2 } batch_timeout_micros { value: 2000 }")
-        server.wait_for(lambda s: s.get(2, (0,))[0] == 30 and s.get(1, (0,))[0] == 50,
-                        "version 2 AVAILABLE and version 1 END")
+        _publish(
+            server,
+            half_template,
+            2,
+            "max_batch_size { value: 2 } batch_timeout_micros { value: 2000 }",
+        )
+        server.wait_for(
+            lambda s: s.get(2, (0,))[0] == 30 and s.get(1, (0,))[0] == 50,
+            "version 2 AVAILABLE and version 1 END",
+        )
         time.sleep(0.5)
     finally:
         stop.set()
@@ -543,8 +605,13 @@ def test_bad_per_model_file_fails_that_load_only(servers, half_template):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "serving", "--model_base_path=/tmp/x", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [PYTHON, "-m", "serving", "--model_base_path=/tmp/x", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_parameters_file_needs_enable_batching_and_must_parse(tmp_path):

@@ -18,9 +18,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import saved_models  # noqa: E402
-from tests.processes import rss_kib  # noqa: E402
-from test_serving import PYTHON, REPO, Server, images, rpc_error  # noqa: E402
-
 import tensorflow as tf  # noqa: E402
 from google.protobuf import text_format  # noqa: E402
 from tensorflow_serving.apis import (  # noqa: E402
@@ -29,6 +26,9 @@ from tensorflow_serving.apis import (  # noqa: E402
     model_management_pb2,
     predict_pb2,
 )
+from test_serving import PYTHON, REPO, Server, images, rpc_error  # noqa: E402
+
+from tests.processes import rss_kib  # noqa: E402
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 
@@ -39,8 +39,9 @@ SWAP_MIB = 32  # weights of each version the RSS test swaps: a leaked version ca
 RSS_SLACK_MIB = 4
 
 
-def model_entry(name: str, base: Path, policy: str = "", labels: dict[str, int] | None = None
-                ) -> str:
+def model_entry(
+    name: str, base: Path, policy: str = "", labels: dict[str, int] | None = None
+) -> str:
     """One ``config { ... }`` of a ModelServerConfig in text format."""
     text = f'config {{ name: "{name}" base_path: "{base}" model_platform: "tensorflow" '
     if policy:
@@ -57,15 +58,20 @@ def config_text(*entries: str) -> str:
 def config_server(tmp: Path, config: str, extra: list[str] | None = None) -> Server:
     path = tmp / "models.config"
     path.write_text(config)
-    server = Server(tmp / "ignored", tmp / "server.log", model_name="ignored",
-                    extra=[f"--model_config_file={path}", *(extra or [])])
+    server = Server(
+        tmp / "ignored",
+        tmp / "server.log",
+        model_name="ignored",
+        extra=[f"--model_config_file={path}", *(extra or [])],
+    )
     server.config_path = path
     server.wait_ready()
     return server
 
 
-def predict(server: Server, name: str, version: int | None = None, label: str = ""
-            ) -> tuple[int, int]:
+def predict(
+    server: Server, name: str, version: int | None = None, label: str = ""
+) -> tuple[int, int]:
     """(version answered, class answered) of one Predict."""
     request = predict_pb2.PredictRequest()
     request.model_spec.name = name
@@ -75,8 +81,7 @@ def predict(server: Server, name: str, version: int | None = None, label: str = 
         request.model_spec.version_label = label
     request.inputs["images"].CopyFrom(tf.make_tensor_proto(images(1)))
     response = server.predict_stub.Predict(request, timeout=10)
-    return (response.model_spec.version.value,
-            int(tf.make_ndarray(response.outputs["classes"])[0]))
+    return (response.model_spec.version.value, int(tf.make_ndarray(response.outputs["classes"])[0]))
 
 
 def states(server: Server, name: str, label: str = "") -> dict[int, int]:
@@ -121,8 +126,12 @@ def multi(tmp_path_factory, templates):
     base_config = [
         model_entry("newest2", bases["newest2"], "latest { num_versions: 2 }"),
         model_entry("every", bases["every"], "all {}"),
-        model_entry("pinned", bases["pinned"], "specific { versions: 1 versions: 2 }",
-                    {"stable": 1, "canary": 2}),
+        model_entry(
+            "pinned",
+            bases["pinned"],
+            "specific { versions: 1 versions: 2 }",
+            {"stable": 1, "canary": 2},
+        ),
     ]
     server = config_server(root, config_text(*base_config))
     server.bases, server.base_config = bases, base_config
@@ -172,12 +181,14 @@ def test_labels_over_rest(multi):
     status, body = multi.http("GET", "/v1/models/pinned/labels/stable")
     assert status == 200, body
     assert [s["version"] for s in body["model_version_status"]] == ["1"]
-    status, body = multi.http("POST", "/v1/models/pinned/labels/canary:predict",
-                              {"instances": images(1).tolist()})
+    status, body = multi.http(
+        "POST", "/v1/models/pinned/labels/canary:predict", {"instances": images(1).tolist()}
+    )
     assert status == 200, body
     assert body["predictions"][0]["classes"] == 5
-    status, body = multi.http("POST", "/v1/models/pinned/labels/nope:predict",
-                              {"instances": images(1).tolist()})
+    status, body = multi.http(
+        "POST", "/v1/models/pinned/labels/nope:predict", {"instances": images(1).tolist()}
+    )
     assert status == 400 and body["error"] == "Unrecognized servable version label: nope"
 
 
@@ -214,20 +225,39 @@ def test_reload_with_failing_load_returns_error_instead_of_hanging(multi):
     assert rpc_error(states, multi, "broken").code() == grpc.StatusCode.NOT_FOUND
 
 
-@pytest.mark.parametrize("bad, code, words", [
-    # The same name twice.
-    (lambda m: [*m.base_config, model_entry("every", m.bases["added"])],
-     grpc.StatusCode.INVALID_ARGUMENT, "model every is configured more than once"),
-    (lambda m: [*m.base_config, model_entry("", m.bases["added"])],
-     grpc.StatusCode.INVALID_ARGUMENT, "invalid model name ''"),
-    # A label on a version that is not loaded (3 is on disk but not in the policy).
-    (lambda m: [m.base_config[0], m.base_config[1], model_entry("added", m.bases["added"]),
-                model_entry("pinned", m.bases["pinned"], "specific { versions: 1 versions: 2 }",
-                            {"stable": 3})],
-     grpc.StatusCode.FAILED_PRECONDITION,
-     "Request to assign label stable to version 3 of model pinned, which is not currently "
-     "available for inference"),
-])
+@pytest.mark.parametrize(
+    "bad, code, words",
+    [
+        # The same name twice.
+        (
+            lambda m: [*m.base_config, model_entry("every", m.bases["added"])],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "model every is configured more than once",
+        ),
+        (
+            lambda m: [*m.base_config, model_entry("", m.bases["added"])],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid model name ''",
+        ),
+        # A label on a version that is not loaded (3 is on disk but not in the policy).
+        (
+            lambda m: [
+                m.base_config[0],
+                m.base_config[1],
+                model_entry("added", m.bases["added"]),
+                model_entry(
+                    "pinned",
+                    m.bases["pinned"],
+                    "specific { versions: 1 versions: 2 }",
+                    {"stable": 3},
+                ),
+            ],
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "Request to assign label stable to version 3 of model pinned, which is not currently "
+            "available for inference",
+        ),
+    ],
+)
 def test_bad_reload_changes_nothing(multi, bad, code, words):
     before = {name: states(multi, name) for name in ("newest2", "every", "pinned")}
     e = rpc_error(reload, multi, config_text(*bad(multi)))
@@ -239,33 +269,51 @@ def test_bad_reload_changes_nothing(multi, bad, code, words):
 
 
 def test_reload_without_model_list_is_invalid(multi):
-    e = rpc_error(multi.model_stub.HandleReloadConfigRequest,
-                  model_management_pb2.ReloadConfigRequest(), timeout=10)
+    e = rpc_error(
+        multi.model_stub.HandleReloadConfigRequest,
+        model_management_pb2.ReloadConfigRequest(),
+        timeout=10,
+    )
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 # -- bad config files at startup -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, words", [
-    ("model_config_list { config { name: 'a' base_path: '/x' } ", "not a text-format"),
-    ("model_config_list { config { name: 'a' base_path: '/x' } config { name: 'a' base_path: '/y' } }",
-     "model a is configured more than once"),
-    ("model_config_list { config { name: 'a' base_path: '' } }", "model a: base_path is empty"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("model_config_list { config { name: 'a' base_path: '/x' } ", "not a text-format"),
+        (
+            "model_config_list { config { name: 'a' base_path: '/x' } config { name: 'a' base_path: '/y' } }",
+            "model a is configured more than once",
+        ),
+        ("model_config_list { config { name: 'a' base_path: '' } }", "model a: base_path is empty"),
+    ],
+)
 def test_bad_config_file_at_startup_exits_nonzero(tmp_path, text, words):
     path = tmp_path / "bad.config"
     path.write_text(text)
-    done = subprocess.run([PYTHON, "-m", "serving", f"--model_config_file={path}", "--port=0"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [PYTHON, "-m", "serving", f"--model_config_file={path}", "--port=0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode != 0
     assert f"model config file {path}" in done.stderr and words in done.stderr, done.stderr
 
 
 def test_missing_config_file_exits_nonzero(tmp_path):
     path = tmp_path / "missing.config"
-    done = subprocess.run([PYTHON, "-m", "serving", f"--model_config_file={path}", "--port=0"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [PYTHON, "-m", "serving", f"--model_config_file={path}", "--port=0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode != 0
     assert f"model config file {path}: cannot read it" in done.stderr, done.stderr
 
@@ -274,8 +322,13 @@ def test_label_on_version_not_loaded_refused_at_startup(tmp_path, templates):
     base = publish(tmp_path / "m", templates, {1: 3})
     path = tmp_path / "labels.config"
     path.write_text(config_text(model_entry("m", base, "", {"stable": 1, "next": 2})))
-    done = subprocess.run([PYTHON, "-m", "serving", f"--model_config_file={path}", "--port=0"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [PYTHON, "-m", "serving", f"--model_config_file={path}", "--port=0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode != 0
     assert "Request to assign label next to version 2 of model m" in done.stderr, done.stderr
 
@@ -286,15 +339,22 @@ def test_label_on_version_not_loaded_refused_at_startup(tmp_path, templates):
 @pytest.fixture(scope="module")
 def polled(tmp_path_factory, templates):
     root = tmp_path_factory.mktemp("polled")
-    bases = {"a": publish(root / "a", templates, {1: 3}),
-             "b": publish(root / "b", templates, {1: 5})}
+    bases = {
+        "a": publish(root / "a", templates, {1: 3}),
+        "b": publish(root / "b", templates, {1: 5}),
+    }
     for version, cls in ((1, 3), (2, 7)):
         big = saved_models.make_template(root / f"big{cls}", cls, extra_mib=SWAP_MIB)
         saved_models.copy_version(big, root / "swap", version)
     bases["swap"] = root / "swap"
-    server = config_server(root, config_text(model_entry("a", bases["a"])),
-                           ["--model_config_file_poll_wait_seconds=0.3",
-                            "--allow_version_labels_for_unavailable_models=true"])
+    server = config_server(
+        root,
+        config_text(model_entry("a", bases["a"])),
+        [
+            "--model_config_file_poll_wait_seconds=0.3",
+            "--allow_version_labels_for_unavailable_models=true",
+        ],
+    )
     server.bases = bases
     try:
         yield server
@@ -332,8 +392,9 @@ def test_config_file_polling_applies_edits(polled):
 
     # A bad file at a re-read: logged, the current models keep serving.
     polled.config_path.write_text("model_config_list { config { name: ")
-    wait_until(lambda: "not a text-format ModelServerConfig" in polled.log(), "error logged",
-               polled)
+    wait_until(
+        lambda: "not a text-format ModelServerConfig" in polled.log(), "error logged", polled
+    )
     assert predict(polled, "a") == (1, 3) and predict(polled, "b") == (1, 5)
 
     polled.config_path.write_text(config_text(b))
@@ -358,7 +419,9 @@ def test_memory_is_given_back_across_swaps(polled):
     swap = polled.bases["swap"]
 
     def swap_to(version: int) -> None:
-        reload(polled, config_text(model_entry("swap", swap, f"specific {{ versions: {version} }}")))
+        reload(
+            polled, config_text(model_entry("swap", swap, f"specific {{ versions: {version} }}"))
+        )
         assert states(polled, "swap")[version] == AVAILABLE
         assert predict(polled, "swap")[0] == version
 

@@ -24,9 +24,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import saved_models  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from test_serving import Server, images  # noqa: E402
 
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from serving.flags import DEFAULT_THREADS, parse_args  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,10 +51,14 @@ FLAGS = [
     ("grpc_max_threads", "3", "grpc_max_threads", 3, DEFAULT_THREADS),
     ("rest_api_num_threads", "5", "rest_api_num_threads", 5, DEFAULT_THREADS),
     ("enable_grpc_healthcheck_service", "true", "enable_grpc_healthcheck_service", True, False),
-    ("model_config_file_poll_wait_seconds", "30", "model_config_file_poll_wait_seconds", 30.0,
-     0.0),
-    ("allow_version_labels_for_unavailable_models", "true",
-     "allow_version_labels_for_unavailable_models", True, False),
+    ("model_config_file_poll_wait_seconds", "30", "model_config_file_poll_wait_seconds", 30.0, 0.0),
+    (
+        "allow_version_labels_for_unavailable_models",
+        "true",
+        "allow_version_labels_for_unavailable_models",
+        True,
+        False,
+    ),
 ]
 
 
@@ -74,8 +78,12 @@ def test_thread_defaults_are_four_per_cpu_and_size_the_pool():
     options = parse_args(["--model_base_path=/m"])
     assert DEFAULT_THREADS == 4 * (os.cpu_count() or 1)
     assert options.num_threads == DEFAULT_THREADS
-    assert parse_args(["--model_base_path=/m", "--grpc_max_threads=2",
-                       "--rest_api_num_threads=6"]).num_threads == 6
+    assert (
+        parse_args(
+            ["--model_base_path=/m", "--grpc_max_threads=2", "--rest_api_num_threads=6"]
+        ).num_threads
+        == 6
+    )
 
 
 def test_monitoring_config_file(tmp_path):
@@ -87,28 +95,40 @@ def test_monitoring_config_file(tmp_path):
     disabled.write_text('prometheus_config { enable: false path: "/metrics/tf" }\n')
     assert parse_args(["--model_base_path=/m"]).prometheus_path is None
     for config, path in [(default, METRICS_PATH), (custom, "/metrics/tf"), (disabled, None)]:
-        assert parse_args(["--model_base_path=/m", "--monitoring_config_file", str(config)]
-                          ).prometheus_path == path
-        assert parse_args(["--model_base_path=/m", f"--monitoring_config_file={config}"]
-                          ).prometheus_path == path
+        assert (
+            parse_args(
+                ["--model_base_path=/m", "--monitoring_config_file", str(config)]
+            ).prometheus_path
+            == path
+        )
+        assert (
+            parse_args(
+                ["--model_base_path=/m", f"--monitoring_config_file={config}"]
+            ).prometheus_path
+            == path
+        )
 
 
 def _run_server_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "serving", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run(
+        [PYTHON, "-m", "serving", *args], cwd=REPO, capture_output=True, text=True, timeout=30
+    )
 
 
-@pytest.mark.parametrize("args, named", [
-    (["--no_such_flag=1"], "--no_such_flag"),
-    (["--grpc_max_threads=0"], "--grpc_max_threads"),
-    (["--rest_api_num_threads", "many"], "--rest_api_num_threads"),
-    (["--rest_api_timeout_in_ms=-1"], "--rest_api_timeout_in_ms"),
-    (["--enable_grpc_healthcheck_service=maybe"], "--enable_grpc_healthcheck_service"),
-    (["--monitoring_config_file=/does/not/exist"], "--monitoring_config_file"),
-    (["--batching_parameters_file=/tmp/batching.config"], "--enable_batching"),
-    (["--enable_batching=maybe"], "--enable_batching"),
-    (["--rest_api_port=65536"], "--rest_api_port"),
-])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--no_such_flag=1"], "--no_such_flag"),
+        (["--grpc_max_threads=0"], "--grpc_max_threads"),
+        (["--rest_api_num_threads", "many"], "--rest_api_num_threads"),
+        (["--rest_api_timeout_in_ms=-1"], "--rest_api_timeout_in_ms"),
+        (["--enable_grpc_healthcheck_service=maybe"], "--enable_grpc_healthcheck_service"),
+        (["--monitoring_config_file=/does/not/exist"], "--monitoring_config_file"),
+        (["--batching_parameters_file=/tmp/batching.config"], "--enable_batching"),
+        (["--enable_batching=maybe"], "--enable_batching"),
+        (["--rest_api_port=65536"], "--rest_api_port"),
+    ],
+)
 def test_bad_flag_exits_nonzero_naming_it(args, named):
     done = _run_server_cli("--model_base_path=/tmp/x", *args)
     assert done.returncode != 0
@@ -116,8 +136,11 @@ def test_bad_flag_exits_nonzero_naming_it(args, named):
 
 
 def test_bad_monitoring_config_exits_nonzero(tmp_path):
-    for text in ("prometheus_config { enable: yes please }", 'prometheus_config { nope: 1 }',
-                 'prometheus_config { enable: true path: "metrics" }'):
+    for text in (
+        "prometheus_config { enable: yes please }",
+        "prometheus_config { nope: 1 }",
+        'prometheus_config { enable: true path: "metrics" }',
+    ):
         config = tmp_path / "monitoring.config"
         config.write_text(text)
         done = _run_server_cli("--model_base_path=/tmp/x", f"--monitoring_config_file={config}")
@@ -126,24 +149,33 @@ def test_bad_monitoring_config_exits_nonzero(tmp_path):
 
 
 def test_help_lists_the_flags_without_tensorflow():
-    code = ("import sys\nfrom serving.__main__ import main\ntry:\n    main(['--help'])\n"
-            "except SystemExit as e:\n    assert e.code == 0\n"
-            "print('TF' if 'tensorflow' in sys.modules else 'noTF')")
+    code = (
+        "import sys\nfrom serving.__main__ import main\ntry:\n    main(['--help'])\n"
+        "except SystemExit as e:\n    assert e.code == 0\n"
+        "print('TF' if 'tensorflow' in sys.modules else 'noTF')"
+    )
     start = time.monotonic()
-    done = subprocess.run([PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=30)
+    done = subprocess.run(
+        [PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30
+    )
     assert time.monotonic() - start < 5
     assert done.returncode == 0, done.stderr
-    for flag in ("--enable_grpc_healthcheck_service", "--grpc_max_threads",
-                 "--rest_api_num_threads", "--monitoring_config_file", "--rest_api_timeout_in_ms",
-                 "--enable_batching", "--batching_parameters_file"):
+    for flag in (
+        "--enable_grpc_healthcheck_service",
+        "--grpc_max_threads",
+        "--rest_api_num_threads",
+        "--monitoring_config_file",
+        "--rest_api_timeout_in_ms",
+        "--enable_batching",
+        "--batching_parameters_file",
+    ):
         assert flag in done.stdout
     assert done.stdout.strip().endswith("noTF")
 
 
 # -- metrics -------------------------------------------------------------------------------------
 
-_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$')
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
@@ -171,8 +203,9 @@ def value(samples, name: str, **labels: str) -> float:
 
 def check_histogram(samples, name: str, **labels: str) -> float:
     """Buckets of one label set are cumulative up to +Inf == _count; returns the count."""
-    buckets = [(l["le"], v) for n, l, v in samples
-               if n == f"{name}_bucket" and labels.items() <= l.items()]
+    buckets = [
+        (l["le"], v) for n, l, v in samples if n == f"{name}_bucket" and labels.items() <= l.items()
+    ]
     assert len(buckets) == 34, (name, labels, buckets)  # TF Serving's 33 bounds + Inf
     assert buckets[-1][0] == "+Inf"
     counts = [v for _, v in buckets]
@@ -210,9 +243,15 @@ def monitored(tmp_path_factory):
     saved_models.write_version(base, 1, 3, warmup_records=3)
     config = root / "monitoring.config"
     config.write_text("prometheus_config { enable: true }\n")
-    server = MonitoredServer(base, root / "server.log", extra=[
-        f"--monitoring_config_file={config}", "--enable_grpc_healthcheck_service",
-        f"--num_workers={WORKERS}"])
+    server = MonitoredServer(
+        base,
+        root / "server.log",
+        extra=[
+            f"--monitoring_config_file={config}",
+            "--enable_grpc_healthcheck_service",
+            f"--num_workers={WORKERS}",
+        ],
+    )
     server.base = base
     try:
         server.wait_ready()
@@ -227,55 +266,124 @@ def test_requests_are_counted_by_status_and_timed_per_entrypoint(monitored):
     with pytest.raises(grpc.RpcError) as info:
         monitored.predict(images(1), version=99)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    status, _ = monitored.http("POST", "/v1/models/mnist:predict", {"instances": images(2).tolist()})
+    status, _ = monitored.http(
+        "POST", "/v1/models/mnist:predict", {"instances": images(2).tolist()}
+    )
     assert status == 200
-    status, _ = monitored.http("POST", "/v1/models/mnist:predict",
-                               {"signature_name": "nope", "instances": [[0.0] * 784]})
+    status, _ = monitored.http(
+        "POST", "/v1/models/mnist:predict", {"signature_name": "nope", "instances": [[0.0] * 784]}
+    )
     assert status == 400
     assert monitored.http("GET", "/v1/models/mnist")[0] == 200
 
     samples = monitored.metrics()
-    assert value(samples, ":tensorflow:serving:request_count", model_name="mnist",
-                 status="OK") == 5  # 3 gRPC + 1 REST predict + 1 REST status
-    assert value(samples, ":tensorflow:serving:request_count", model_name="mnist",
-                 status="NOT_FOUND") == 1
-    assert value(samples, ":tensorflow:serving:request_count", model_name="mnist",
-                 status="FAILED_PRECONDITION") == 1  # REST's 400, by its exact code
+    assert (
+        value(samples, ":tensorflow:serving:request_count", model_name="mnist", status="OK") == 5
+    )  # 3 gRPC + 1 REST predict + 1 REST status
+    assert (
+        value(samples, ":tensorflow:serving:request_count", model_name="mnist", status="NOT_FOUND")
+        == 1
+    )
+    assert (
+        value(
+            samples,
+            ":tensorflow:serving:request_count",
+            model_name="mnist",
+            status="FAILED_PRECONDITION",
+        )
+        == 1
+    )  # REST's 400, by its exact code
     latency = ":tensorflow:serving:request_latency"
-    assert check_histogram(samples, latency, model_name="mnist", API="Predict",
-                           entrypoint="GRPC", status="OK") == 3
-    assert check_histogram(samples, latency, model_name="mnist", API="Predict",
-                           entrypoint="GRPC", status="NOT_FOUND") == 1
-    assert check_histogram(samples, latency, model_name="mnist", API="Predict",
-                           entrypoint="REST", status="OK") == 1
-    assert check_histogram(samples, latency, model_name="mnist", API="Predict",
-                           entrypoint="REST", status="FAILED_PRECONDITION") == 1
-    assert check_histogram(samples, latency, model_name="mnist", API="GetModelStatus",
-                           entrypoint="REST", status="OK") == 1
+    assert (
+        check_histogram(
+            samples, latency, model_name="mnist", API="Predict", entrypoint="GRPC", status="OK"
+        )
+        == 3
+    )
+    assert (
+        check_histogram(
+            samples,
+            latency,
+            model_name="mnist",
+            API="Predict",
+            entrypoint="GRPC",
+            status="NOT_FOUND",
+        )
+        == 1
+    )
+    assert (
+        check_histogram(
+            samples, latency, model_name="mnist", API="Predict", entrypoint="REST", status="OK"
+        )
+        == 1
+    )
+    assert (
+        check_histogram(
+            samples,
+            latency,
+            model_name="mnist",
+            API="Predict",
+            entrypoint="REST",
+            status="FAILED_PRECONDITION",
+        )
+        == 1
+    )
+    assert (
+        check_histogram(
+            samples,
+            latency,
+            model_name="mnist",
+            API="GetModelStatus",
+            entrypoint="REST",
+            status="OK",
+        )
+        == 1
+    )
     # Microseconds: a local predict takes well over 10 us and well under 10 s.
-    total = value(samples, f"{latency}_sum", model_name="mnist", API="Predict", entrypoint="GRPC",
-                  status="OK")
+    total = value(
+        samples, f"{latency}_sum", model_name="mnist", API="Predict", entrypoint="GRPC", status="OK"
+    )
     assert 30 < total < 3 * 10_000_000
 
 
 def test_load_and_warmup_are_recorded(monitored):
     samples = monitored.metrics()
     path = str(monitored.base / "1")
-    assert check_histogram(samples, ":tensorflow:serving:model_warmup_latency", model_path=path,
-                           status="OK") == WORKERS
-    assert value(samples, ":tensorflow:cc:saved_model:load_attempt_count", model_path=path,
-                 status="success") == WORKERS
+    assert (
+        check_histogram(
+            samples, ":tensorflow:serving:model_warmup_latency", model_path=path, status="OK"
+        )
+        == WORKERS
+    )
+    assert (
+        value(
+            samples,
+            ":tensorflow:cc:saved_model:load_attempt_count",
+            model_path=path,
+            status="success",
+        )
+        == WORKERS
+    )
     assert value(samples, ":tensorflow:cc:saved_model:load_latency", model_path=path) > 0
 
 
 def test_swap_records_load_and_unload(monitored):
     saved_models.write_version(monitored.base, 2, 5)
-    monitored.wait_for(lambda s: s.get(1, (0,))[0] == 50 and s.get(2, (0,))[0] == 30,
-                       "version 2 AVAILABLE, version 1 END")
+    monitored.wait_for(
+        lambda s: s.get(1, (0,))[0] == 50 and s.get(2, (0,))[0] == 30,
+        "version 2 AVAILABLE, version 1 END",
+    )
     samples = monitored.metrics()
     old, new = str(monitored.base / "1"), str(monitored.base / "2")
-    assert value(samples, ":tensorflow:cc:saved_model:load_attempt_count", model_path=new,
-                 status="success") == WORKERS
+    assert (
+        value(
+            samples,
+            ":tensorflow:cc:saved_model:load_attempt_count",
+            model_path=new,
+            status="success",
+        )
+        == WORKERS
+    )
     assert value(samples, ":tensorflow:serving:model_unload_count", model_path=old) == WORKERS
     assert value(samples, ":tensorflow:serving:model_unload_count", model_path=new) == 0
     # Version 2 has no warmup file: like TF Serving, no warmup sample for it.
@@ -286,8 +394,15 @@ def test_failed_load_is_counted(monitored):
     saved_models.write_broken_version(monitored.base, 3)
     monitored.wait_for(lambda s: s.get(3, (0,))[0] == 50, "broken version 3 END")
     samples = monitored.metrics()
-    assert value(samples, ":tensorflow:cc:saved_model:load_attempt_count",
-                 model_path=str(monitored.base / "3"), status="fail") == WORKERS
+    assert (
+        value(
+            samples,
+            ":tensorflow:cc:saved_model:load_attempt_count",
+            model_path=str(monitored.base / "3"),
+            status="fail",
+        )
+        == WORKERS
+    )
     assert "load FAILED" in monitored.log()
 
 

@@ -27,23 +27,45 @@ pytestmark = pytest.mark.timeout(120)
 
 def test_flags_defaults_and_both_syntaxes():
     o = parse_args(["--model_base_path", "/m"])
-    assert (o.port, o.rest_api_port, o.model_name, o.bind_address) == (8500, 0, "default",
-                                                                        "127.0.0.1")
+    assert (o.port, o.rest_api_port, o.model_name, o.bind_address) == (
+        8500,
+        0,
+        "default",
+        "127.0.0.1",
+    )
     assert o.file_system_poll_wait_seconds == 1.0 and o.enable_model_warmup is True
-    o = parse_args(["--port=9000", "--rest_api_port", "9001", "--model_name=mnist",
-                    "--model_base_path=/m", "--file_system_poll_wait_seconds=0.25",
-                    "--enable_model_warmup=false", "--bind_address", "0.0.0.0"])
+    o = parse_args(
+        [
+            "--port=9000",
+            "--rest_api_port",
+            "9001",
+            "--model_name=mnist",
+            "--model_base_path=/m",
+            "--file_system_poll_wait_seconds=0.25",
+            "--enable_model_warmup=false",
+            "--bind_address",
+            "0.0.0.0",
+        ]
+    )
     assert (o.port, o.rest_api_port, o.model_name) == (9000, 9001, "mnist")
     assert o.file_system_poll_wait_seconds == 0.25 and o.enable_model_warmup is False
-    assert parse_args(["--model_base_path=/m", "--file_system_poll_wait_seconds=-1"]
-                      ).file_system_poll_wait_seconds == -1
+    assert (
+        parse_args(
+            ["--model_base_path=/m", "--file_system_poll_wait_seconds=-1"]
+        ).file_system_poll_wait_seconds
+        == -1
+    )
 
 
 def test_flags_errors_name_the_flag(capsys):
-    for argv, named in [(["--model_base_path=/m", "--port=70000"], "--port"),
-                        (["--model_config_file=/c", "--model_config_file_poll_wait_seconds=x"],
-                         "--model_config_file_poll_wait_seconds"),
-                        ([], "--model_base_path")]:
+    for argv, named in [
+        (["--model_base_path=/m", "--port=70000"], "--port"),
+        (
+            ["--model_config_file=/c", "--model_config_file_poll_wait_seconds=x"],
+            "--model_config_file_poll_wait_seconds",
+        ),
+        ([], "--model_base_path"),
+    ]:
         with pytest.raises(SystemExit) as info:
             parse_args(argv)
         assert info.value.code != 0
@@ -117,7 +139,8 @@ class Unload:
 
 
 def test_manager_failed_version_keeps_old_and_retries_only_on_change(tmp_path, template):
-    from serving.manager import Manager, State
+    from serving.manager import Manager
+    from serving.types import State
 
     base = tmp_path / "m"
     saved_models.copy_version(template, base, 1)
@@ -125,6 +148,7 @@ def test_manager_failed_version_keeps_old_and_retries_only_on_change(tmp_path, t
     manager = Manager(worker.load, enable_warmup=True)
     manager.start()
     try:
+
         def apply() -> dict[int, State]:
             manager.set_aspired_versions("m", VersionPolicy().select(list_versions(base)))
             assert manager.wait_until_idle(timeout=60)
@@ -161,7 +185,8 @@ def test_manager_failed_version_keeps_old_and_retries_only_on_change(tmp_path, t
 
 
 def test_unload_waits_for_in_flight_requests(tmp_path, template):
-    from serving.manager import Manager, State
+    from serving.manager import Manager
+    from serving.types import State
 
     base = tmp_path / "m"
     saved_models.copy_version(template, base, 1)
@@ -222,7 +247,7 @@ def test_rest_json_reads_every_document_as_json_loads():
         '{"instances": [NaN, Infinity, -Infinity]}',  # json.loads's extension, TF Serving's too
         '{"inputs": [18446744073709551616, -9223372036854775809, 9223372036854775808]}',
         '{"inputs": ["\\ud800", "\\u00e9"], "signature_name": "x", "signature_name": "y"}',
-        '[1e400, 12345678901234567890.5]',
+        "[1e400, 12345678901234567890.5]",
     ]
     for text in documents:
         assert repr(_loads(text.encode())) == repr(json.loads(text)), text
@@ -247,9 +272,14 @@ def test_rest_floats_print_as_the_shortest_float32_decimal():
     rng = np.random.default_rng(7)
     patterns = rng.integers(0, 2**32, 400_000, dtype=np.uint64).astype(np.uint32)
     finite = patterns.view(np.float32)[np.isfinite(patterns.view(np.float32))][:300_000]
-    cases = [finite.reshape(-1, 10), finite[:12].reshape(3, 4)[:, ::2], np.array(2.5, np.float32),
-             np.zeros((2, 0), np.float32), np.array([0.0, -0.0, 1e-45, 3.4028235e38], np.float32),
-             np.array([[1.5, np.nan, np.inf, -np.inf]], np.float32)]
+    cases = [
+        finite.reshape(-1, 10),
+        finite[:12].reshape(3, 4)[:, ::2],
+        np.array(2.5, np.float32),
+        np.zeros((2, 0), np.float32),
+        np.array([0.0, -0.0, 1e-45, 3.4028235e38], np.float32),
+        np.array([[1.5, np.nan, np.inf, -np.inf]], np.float32),
+    ]
     for case in cases:
         assert json.dumps(_floats(case)) == reference(case), case.shape
     assert json.dumps(_floats(cases[-1])) == "[[1.5, NaN, Infinity, -Infinity]]"
@@ -270,8 +300,11 @@ def _decoded(body: bytes, dtype_name: str) -> tuple[str, object]:
         inputs = predict.decode(_signature(dtype_name))
     except ServingError as e:
         return "error", (e.code, e.message)
-    return "ok", (predict.signature_name, predict.rows,
-                  {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in inputs.items()})
+    return "ok", (
+        predict.signature_name,
+        predict.rows,
+        {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in inputs.items()},
+    )
 
 
 def test_rest_numeric_bodies_read_straight_into_numpy_as_any_body_is_read(monkeypatch):
@@ -280,23 +313,43 @@ def test_rest_numeric_bodies_read_straight_into_numpy_as_any_body_is_read(monkey
     and leave every other body, ragged or deeper-nested ones included, to that path."""
     from serving import rest_frontend
 
-    straight = ['{"instances": [[0.0, 0.5, 1e-7, -0.0, 3]]}', '{"instances": [[1, 2], [3, 4]]}',
-                '{"inputs": [1.5, 2.5], "signature_name": "serving_default"}',
-                '{"signature_name": "", "instances": [[3.4e38, -2]]}', '{"instances": [[]]}',
-                '{"instances": [[12345678901234567890, 0.1]]}', '{"inputs": [[7]]}']
-    general = ['{"instances": [[1, 2], [3]]}', '{"instances": [[1, [2]], [3, 4]]}',
-               '{"instances": [[1, 2], 3]}', '{"instances": [[[1], [2]]]}',
-               '{"instances": [true, 1]}', '{"instances": [1, null]}', '{"instances": [1, "2"]}',
-               '{"instances": [NaN]}',
-               '{"instances": [1e400]}', '{"instances": []}', '{"instances": 5}',
-               '{"instances": [{"x": [1]}]}', '{"instances": [[1]], "instances": [[2]]}',
-               '{"instances": [[1]], "inputs": [[1]]}', '{"signature_name": "a[b", "inputs": [1]}',
-               '{"instances": [[1]], "extra": 1}', '{"instances": [[123456789012345678901234]]}',
-               '[[1, 2]]', '{"instances": [[1, 2]]', '{"signature_name": 3, "instances": [[1]]}',
-               '{"inputs": {"x": [1.0]}}', '{"instances": [[1], [2]], "signature_name": "\\u005b"}']
+    straight = [
+        '{"instances": [[0.0, 0.5, 1e-7, -0.0, 3]]}',
+        '{"instances": [[1, 2], [3, 4]]}',
+        '{"inputs": [1.5, 2.5], "signature_name": "serving_default"}',
+        '{"signature_name": "", "instances": [[3.4e38, -2]]}',
+        '{"instances": [[]]}',
+        '{"instances": [[12345678901234567890, 0.1]]}',
+        '{"inputs": [[7]]}',
+    ]
+    general = [
+        '{"instances": [[1, 2], [3]]}',
+        '{"instances": [[1, [2]], [3, 4]]}',
+        '{"instances": [[1, 2], 3]}',
+        '{"instances": [[[1], [2]]]}',
+        '{"instances": [true, 1]}',
+        '{"instances": [1, null]}',
+        '{"instances": [1, "2"]}',
+        '{"instances": [NaN]}',
+        '{"instances": [1e400]}',
+        '{"instances": []}',
+        '{"instances": 5}',
+        '{"instances": [{"x": [1]}]}',
+        '{"instances": [[1]], "instances": [[2]]}',
+        '{"instances": [[1]], "inputs": [[1]]}',
+        '{"signature_name": "a[b", "inputs": [1]}',
+        '{"instances": [[1]], "extra": 1}',
+        '{"instances": [[123456789012345678901234]]}',
+        "[[1, 2]]",
+        '{"instances": [[1, 2]]',
+        '{"signature_name": 3, "instances": [[1]]}',
+        '{"inputs": {"x": [1.0]}}',
+        '{"instances": [[1], [2]], "signature_name": "\\u005b"}',
+    ]
     for text in straight + general:
-        assert (rest_frontend._numeric_tensor(text.encode())[0] is not None) == (text in straight), \
-            text
+        assert (rest_frontend._numeric_tensor(text.encode())[0] is not None) == (
+            text in straight
+        ), text
     seen = {}
     for dtype_name in ("float32", "float64", "float16", "int32", "string"):
         for text in straight + general:
@@ -319,11 +372,17 @@ def test_rest_predict_answers_read_back_the_same_whichever_writer(monkeypatch):
     rng = np.random.default_rng(11)
     patterns = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
     finite = patterns.view(np.float32)[np.isfinite(patterns.view(np.float32))][:100_000]
-    cases = [{"scores": finite.reshape(-1, 10)},
-             {"scores": finite[:20].reshape(2, 10), "classes": np.array([3, 7], np.int64),
-              "best": np.array([0.5, 1e-7], np.float64), "ok": np.array([True, False])},
-             {"scores": np.array([[1.5, np.nan, np.inf]], np.float32)},
-             {"words": np.array([b"a", b"\xff"], object)}]
+    cases = [
+        {"scores": finite.reshape(-1, 10)},
+        {
+            "scores": finite[:20].reshape(2, 10),
+            "classes": np.array([3, 7], np.int64),
+            "best": np.array([0.5, 1e-7], np.float64),
+            "ok": np.array([True, False]),
+        },
+        {"scores": np.array([[1.5, np.nan, np.inf]], np.float32)},
+        {"words": np.array([b"a", b"\xff"], object)},
+    ]
     for outputs in cases:
         for text in (b'{"instances": [[1.0]]}', b'{"inputs": [[1.0]]}'):
             result = PredictResult(1, "serving_default", outputs)
@@ -334,11 +393,14 @@ def test_rest_predict_answers_read_back_the_same_whichever_writer(monkeypatch):
             fast, general = answers
             if fast != general:  # else the json module wrote both: NaN, Infinity, strings
                 assert json.loads(fast) == json.loads(general)
-        assert all(map(rest_frontend._orjson_writes_dtype, outputs.values())) == \
-            (outputs is not cases[3])
+        assert all(map(rest_frontend._orjson_writes_dtype, outputs.values())) == (
+            outputs is not cases[3]
+        )
     nan = PredictResult(1, "serving_default", cases[2])
-    assert rest_frontend.PredictBody(b'{"instances": [[1.0]]}').answer(nan) == \
-        b'{"predictions":[[1.5,NaN,Infinity]]}'
+    assert (
+        rest_frontend.PredictBody(b'{"instances": [[1.0]]}').answer(nan)
+        == b'{"predictions":[[1.5,NaN,Infinity]]}'
+    )
 
 
 def test_deadlines_fail_late_requests_only_and_pass_other_cancellations_through():

@@ -23,18 +23,18 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import saved_models  # noqa: E402
-from test_serving import END, PYTHON, REPO, Load, Server, images  # noqa: E402
-from test_serving_models import config_text, model_entry, reload  # noqa: E402
-from test_serving_monitoring import parse_exposition, value  # noqa: E402
-from serving.worker import LOAD_NICENESS  # noqa: E402
-from tests.processes import free_port, worker_pids  # noqa: E402
-
 import tensorflow as tf  # noqa: E402
 from tensorflow_serving.apis import (  # noqa: E402
     get_model_status_pb2,
     predict_pb2,
     prediction_service_pb2_grpc,
 )
+from test_serving import END, PYTHON, REPO, Load, Server, images  # noqa: E402
+from test_serving_models import config_text, model_entry, reload  # noqa: E402
+from test_serving_monitoring import parse_exposition, value  # noqa: E402
+
+from serving.worker import LOAD_NICENESS  # noqa: E402
+from tests.processes import free_port, worker_pids  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -51,8 +51,9 @@ def templates(tmp_path_factory) -> dict[int, Path]:
 
 def predict_on_fresh_connection(port: int, model: str = "mnist", version: int | None = None):
     """One Predict on a new TCP connection: (version, class) or the gRPC error code."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}",
-                               options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+    with grpc.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+    ) as channel:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model
         if version is not None:
@@ -60,11 +61,14 @@ def predict_on_fresh_connection(port: int, model: str = "mnist", version: int | 
         request.inputs["images"].CopyFrom(tf.make_tensor_proto(images(1)))
         try:
             response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
-                request, timeout=10)
+                request, timeout=10
+            )
         except grpc.RpcError as e:
             return e.code()
-        return (response.model_spec.version.value,
-                tf.make_ndarray(response.outputs["classes"]).tolist()[0])
+        return (
+            response.model_spec.version.value,
+            tf.make_ndarray(response.outputs["classes"]).tolist()[0],
+        )
 
 
 def established_connections(pid: int, port: int) -> int:
@@ -102,8 +106,11 @@ def server(tmp_path, templates):
     saved_models.copy_version(templates[3], base, 1)
     config = tmp_path / "monitoring.config"
     config.write_text('prometheus_config { enable: true path: "/metrics" }\n')
-    server = Server(base, tmp_path / "server.log",
-                    extra=[f"--num_workers={WORKERS}", f"--monitoring_config_file={config}"])
+    server = Server(
+        base,
+        tmp_path / "server.log",
+        extra=[f"--num_workers={WORKERS}", f"--monitoring_config_file={config}"],
+    )
     server.base = base
     try:
         server.wait_ready()
@@ -115,9 +122,12 @@ def server(tmp_path, templates):
 def test_every_worker_serves_the_shared_ports(server):
     workers = worker_pids(server.proc.pid)
     assert len(workers) == WORKERS, server.log()
-    channels = [grpc.insecure_channel(f"127.0.0.1:{server.port}",
-                                      options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(CONNECTIONS)]
+    channels = [
+        grpc.insecure_channel(
+            f"127.0.0.1:{server.port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        for _ in range(CONNECTIONS)
+    ]
     try:
         for channel in channels:
             grpc.channel_ready_future(channel).result(timeout=10)
@@ -171,15 +181,25 @@ def test_metrics_page_sums_all_workers(server):
     assert answers == [(1, 3)] * CONNECTIONS
     # Scraped several times, on fresh connections: any worker gives the whole server's page.
     for _ in range(4):
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.rest_port}/metrics",
-                                    timeout=10) as response:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{server.rest_port}/metrics", timeout=10
+        ) as response:
             page = response.read().decode()
         samples = parse_exposition(page)
-        assert value(samples, ":tensorflow:serving:request_count", model_name="mnist",
-                     status="OK") == CONNECTIONS
+        assert (
+            value(samples, ":tensorflow:serving:request_count", model_name="mnist", status="OK")
+            == CONNECTIONS
+        )
         path = str(server.base / "1")
-        assert value(samples, ":tensorflow:cc:saved_model:load_attempt_count", model_path=path,
-                     status="success") == WORKERS
+        assert (
+            value(
+                samples,
+                ":tensorflow:cc:saved_model:load_attempt_count",
+                model_path=path,
+                status="success",
+            )
+            == WORKERS
+        )
 
 
 def test_a_lost_worker_stops_the_server_with_an_error(server):
@@ -219,9 +239,20 @@ def test_port_taken_by_another_program_exits_nonzero(tmp_path, templates):
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [PYTHON, "-m", "serving", f"--port={port}", "--model_name=mnist",
-             f"--model_base_path={base}", f"--rest_api_port={free_port()}"],
-            cwd=REPO, capture_output=True, text=True, timeout=60)
+            [
+                PYTHON,
+                "-m",
+                "serving",
+                f"--port={port}",
+                "--model_name=mnist",
+                f"--model_base_path={base}",
+                f"--rest_api_port={free_port()}",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert result.returncode == 1
     assert f"cannot bind gRPC server to 127.0.0.1:{port}" in result.stderr
 

@@ -61,7 +61,9 @@ def small_mnist() -> Mnist:
         ("gpu:1", TWO_GPUS, ("/GPU:1",), "/GPU:1"),
     ],
 )
-def test_resolve_devices(requested: str, gpus: list[str], devices: tuple[str, ...], description: str) -> None:
+def test_resolve_devices(
+    requested: str, gpus: list[str], devices: tuple[str, ...], description: str
+) -> None:
     plan = resolve_devices(requested, gpus)
     assert plan.devices == devices
     assert plan.description == description
@@ -76,7 +78,9 @@ def test_resolve_devices(requested: str, gpus: list[str], devices: tuple[str, ..
         ("tpu", TWO_GPUS, r"train\.device='tpu'"),
     ],
 )
-def test_resolve_devices_rejects_missing_devices(requested: str, gpus: list[str], expected: str) -> None:
+def test_resolve_devices_rejects_missing_devices(
+    requested: str, gpus: list[str], expected: str
+) -> None:
     with pytest.raises(DeviceError, match=expected):
         resolve_devices(requested, gpus)
 
@@ -86,7 +90,9 @@ def test_strategy_matches_plan() -> None:
 
 
 def test_available_gpus_names_every_physical_gpu() -> None:
-    assert available_gpus() == [f"/GPU:{i}" for i in range(len(tf.config.list_physical_devices("GPU")))]
+    assert available_gpus() == [
+        f"/GPU:{i}" for i in range(len(tf.config.list_physical_devices("GPU")))
+    ]
 
 
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="this machine has a GPU")
@@ -133,10 +139,15 @@ def test_train_learns_and_is_reproducible(small_mnist: Mnist) -> None:
 def test_train_logs_one_value_per_epoch_to_mlflow(small_mnist: Mnist, tmp_path: Path) -> None:
     tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=tracking_uri)
-    experiment_id = client.create_experiment("train-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    experiment_id = client.create_experiment(
+        "train-test", artifact_location=(tmp_path / "artifacts").as_uri()
+    )
     run_id = client.create_run(experiment_id).info.run_id
     tracker = RunTracker(tracking_uri=tracking_uri, run_id=run_id)
-    data = Mnist(train=Split(small_mnist.train.images[:1000], small_mnist.train.labels[:1000]), test=small_mnist.test)
+    data = Mnist(
+        train=Split(small_mnist.train.images[:1000], small_mnist.train.labels[:1000]),
+        test=small_mnist.test,
+    )
 
     result = train.fn(data, ModelConfig(), TrainConfig(epochs=2, device="cpu"), tracker=tracker)
 
@@ -200,10 +211,16 @@ def test_mirrored_strategy_over_two_logical_cpus_then_export(tmp_path: Path) -> 
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run(
         [sys.executable, str(script), str(MNIST_DIR), str(tmp_path / "exports")],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result = json.loads(
+        next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:]
+    )
     assert result["device"] == "MirroredStrategy(/CPU:0,/CPU:1)"
     assert result["variable_types"] == ["MirroredVariable"]
     assert result["val_accuracy"] > 0.6
