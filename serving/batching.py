@@ -28,7 +28,6 @@ import asyncio
 import itertools
 import logging
 import math
-import os
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 from serving import metrics, textproto
 from serving.errors import ServingError, invalid
 from serving.jobs import JobRunner
+from serving.types import BatchingParameters
 
 if TYPE_CHECKING:
     from serving.routing import Handle
@@ -61,20 +61,6 @@ IDLE_WAIT_CAP_S = 5e-3
 # millisecond on the loop is within what waiting for a batch already adds.
 BATCH_INLINE_BUDGET_S = 1e-3
 PER_MODEL_FILE = "batching_params.pbtxt"  # TF Serving's kBatchingParamsFilename
-
-
-@dataclass(frozen=True)
-class BatchingParameters:
-    """``tensorflow.serving.BatchingParameters`` with TF Serving's defaults (SharedBatchScheduler's
-    QueueOptions and Options)."""
-
-    max_batch_size: int = 1000
-    batch_timeout_micros: int = 0
-    max_enqueued_batches: int = 10
-    num_batch_threads: int = os.cpu_count() or 1
-    thread_pool_name: str = "batch_threads"
-    allowed_batch_sizes: tuple[int, ...] = ()
-    pad_variable_length_inputs: bool = False
 
 
 @dataclass(frozen=True)

@@ -254,7 +254,8 @@ def _batching(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Batchi
     """Read --batching_parameters_file now, so that a bad one fails at startup naming it."""
     if not ns.enable_batching:
         return None
-    from serving.batching import BatchingConfig, BatchingParameters, read_parameters
+    from serving.batching import BatchingConfig, read_parameters
+    from serving.types import BatchingParameters
 
     parameters = BatchingParameters()
     if ns.batching_parameters_file:

@@ -25,7 +25,7 @@ from serving import metrics
 from serving.errors import ServingError, invalid
 
 if TYPE_CHECKING:
-    from serving.batching import BatchingParameters
+    from serving.types import BatchingParameters
 
 log = logging.getLogger("serving.servable")
 

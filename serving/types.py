@@ -1,5 +1,6 @@
 """The vocabulary every layer of the server shares: a version's state and status, version labels,
-and the time bounds that more than one layer must agree on.
+and the time bounds that more than one layer must agree on, and the parameters a version is batched
+with (the loader sets them on the servable, the batcher reads them).
 
 It imports nothing of the server, so the control plane (manager, config) and the data plane
 (routing, core, front ends) can both use it without importing each other.
@@ -8,6 +9,7 @@ It imports nothing of the server, so the control plane (manager, config) and the
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass
 
 import grpc
@@ -49,4 +51,18 @@ def resolve_label(labels: dict[str, int] | None, label: str) -> int:
     return labels[label]
 
 
-__all__ = ["RELOAD_TIMEOUT_S", "State", "VersionStatus", "resolve_label"]
+@dataclass(frozen=True)
+class BatchingParameters:
+    """``tensorflow.serving.BatchingParameters`` with TF Serving's defaults (SharedBatchScheduler's
+    QueueOptions and Options)."""
+
+    max_batch_size: int = 1000
+    batch_timeout_micros: int = 0
+    max_enqueued_batches: int = 10
+    num_batch_threads: int = os.cpu_count() or 1
+    thread_pool_name: str = "batch_threads"
+    allowed_batch_sizes: tuple[int, ...] = ()
+    pad_variable_length_inputs: bool = False
+
+
+__all__ = ["RELOAD_TIMEOUT_S", "BatchingParameters", "State", "VersionStatus", "resolve_label"]
