@@ -23,9 +23,9 @@ import numpy as np
 from serving.batching import Batcher
 from serving.errors import ServingError, invalid
 from serving.jobs import JobRunner
+from serving.model_format import DEFAULT_SIGNATURE
 from serving.routing import Handle, RoutingTable
 from serving.servable import (
-    DEFAULT_SIGNATURE,
     Classification,
     Regression,
     Servable,

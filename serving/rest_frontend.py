@@ -37,9 +37,8 @@ from serving import metrics
 from serving.core import DataPlane, InferenceResult, PredictResult, parse_version
 from serving.deadlines import Deadlines
 from serving.errors import ServingError, invalid
+from serving.model_format import CLASSIFY_METHOD, REGRESS_METHOD
 from serving.servable import (
-    CLASSIFY_METHOD,
-    REGRESS_METHOD,
     Classification,
     Regression,
     SignatureInfo,

@@ -23,18 +23,20 @@ import numpy as np
 
 from serving import metrics
 from serving.errors import ServingError, invalid
+from serving.model_format import (
+    CLASSIFY_METHOD,
+    DEFAULT_SIGNATURE,
+    MAX_WARMUP_RECORDS,
+    REGRESS_METHOD,
+    WARMUP_FILE,
+)
 
 if TYPE_CHECKING:
     from serving.types import BatchingParameters
 
 log = logging.getLogger("serving.servable")
 
-DEFAULT_SIGNATURE = "serving_default"
-WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
-MAX_WARMUP_RECORDS = 1000
 _INIT_OP_SIGNATURE = "__saved_model_init_op"
-CLASSIFY_METHOD = "tensorflow/serving/classify"
-REGRESS_METHOD = "tensorflow/serving/regress"
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-log = logging.getLogger("serving.source")
+from serving.model_format import SAVED_MODEL_FILE, version_of_dir
 
-_VERSION_RE = re.compile(r"^[0-9]+$")
-_INT64_MAX = 2**63 - 1
+log = logging.getLogger("serving.source")
 
 
 @dataclass(frozen=True)
@@ -31,16 +29,6 @@ class VersionDir:
     version: int
     path: str
     fingerprint: tuple[int, int]
-
-
-def parse_version(name: str) -> int | None:
-    """The version number a directory name stands for, or None if it is not a version dir."""
-    if not _VERSION_RE.match(name):
-        return None
-    value = int(name)
-    if value <= 0 or value > _INT64_MAX:
-        return None
-    return value
 
 
 def list_versions(base_path: str | os.PathLike[str]) -> dict[int, VersionDir]:
@@ -54,14 +42,14 @@ def list_versions(base_path: str | os.PathLike[str]) -> dict[int, VersionDir]:
         log.warning("cannot list model base path %s: %s", base_path, e)
         return found
     for entry in entries:
-        version = parse_version(entry.name)
+        version = version_of_dir(entry.name)
         if version is None:
             continue
         try:
             if not entry.is_dir():
                 continue
             st = entry.stat()
-            if not (Path(entry.path) / "saved_model.pb").is_file():
+            if not (Path(entry.path) / SAVED_MODEL_FILE).is_file():
                 continue
         except OSError:
             continue  # vanished while we looked

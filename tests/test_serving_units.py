@@ -16,8 +16,9 @@ import saved_models  # noqa: E402
 
 from serving.errors import ServingError  # noqa: E402
 from serving.flags import parse_args  # noqa: E402
+from serving.model_format import version_of_dir  # noqa: E402
 from serving.servable import SignatureInfo, TensorInfo  # noqa: E402
-from serving.source import VersionPolicy, list_versions, parse_version  # noqa: E402
+from serving.source import VersionPolicy, list_versions  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -75,12 +76,12 @@ def test_flags_errors_name_the_flag(capsys):
 # -- source --------------------------------------------------------------------------------------
 
 
-def test_parse_version():
-    assert parse_version("1") == 1
-    assert parse_version("00000001") == 1
-    assert parse_version("1732500000") == 1732500000
+def test_version_of_dir():
+    assert version_of_dir("1") == 1
+    assert version_of_dir("00000001") == 1
+    assert version_of_dir("1732500000") == 1732500000
     for bad in ("0", "-1", "+1", " 1", "1_000", "1.0", "abc", ".tmp1", str(2**63), ""):
-        assert parse_version(bad) is None, bad
+        assert version_of_dir(bad) is None, bad
 
 
 def test_list_versions_filters_entries(tmp_path):
