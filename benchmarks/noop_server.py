@@ -19,7 +19,7 @@ from aiohttp import web
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from serving.flags import DEFAULT_WORKERS
-from serving.rest_frontend import PredictBody
+from serving.json_tensor import PredictBody
 from serving.tensors import to_tensor_proto
 
 FIXED_SCORES = np.full((1, 10), 0.1, np.float32)
@@ -42,7 +42,7 @@ class NoopPrediction(prediction_service_pb2_grpc.PredictionServiceServicer):
 
 
 async def rest_predict(request: web.Request) -> web.Response:
-    PredictBody(await request.read())  # parse the body as ours does
+    PredictBody(await request.read()).read()  # parse the body as ours does
     return web.Response(
         body=b'{"predictions": [[0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]]}',
         content_type="application/json",

@@ -1,29 +1,45 @@
-"""The data plane: the one implementation of every API both front ends call.
+"""The data plane: one async method per API, the single implementation both front ends call.
 
-The front ends only translate wire formats (protobuf, JSON) to numpy / serialized examples and
-``ServingError`` back to status codes, so gRPC and REST cannot drift apart in behaviour. The
-methods here block; front ends call them through ``run``, together with their own decoding and
-encoding, as one job: on the event loop itself when that kind of job has been cheaper than
-handing it to a thread, else on a thread pool (``Session.run`` releases the GIL, so the asyncio
-loop keeps accepting requests meanwhile, and a large response is not built on the loop either).
+A front end only translates. For an inference request it hands over the ModelSpec, the request's
+size and a *call* of its own making: ``call.read()`` decodes the request (numpy arrays, serialized
+examples) and ``call.answer(result)`` writes the response in the front end's format, as TF
+Serving's handlers give its core a request to read and a response to fill. Everything else is
+decided here, the same way for gRPC and REST:
 
-With ``--enable_batching`` the inference APIs go through their ``*_batched`` methods instead,
-from the event loop: decoding and encoding stay on the loop and the session run joins a batch
-(``serving.batching``), which the batcher runs on the loop too when such batches are cheap, else
-on a batch thread.
+* without batching, reading, the model call and answering run as one job (``serving.jobs``): on
+  the event loop when jobs of that kind have been cheap, else on the thread pool (``Session.run``
+  releases the GIL), so that neither a big model nor the conversion of a big tensor holds up the
+  loop;
+* with ``--enable_batching``, the request is read on the loop and its session run joins a batch
+  (``serving.batching``); the batch answers each of its requests as it finishes, before any of
+  them resumes, so that a batch's responses are sent together.
+
+Status, config reloads and the metrics page are the supervisor's (``ControlPlane``).
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Hashable, Protocol, Sequence, TypeVar, Union
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    Generic,
+    Hashable,
+    NamedTuple,
+    Protocol,
+    Sequence,
+    TypeVar,
+    Union,
+)
 
 import numpy as np
 
 from serving.batching import Batcher
-from serving.errors import ServingError, invalid
+from serving.errors import invalid
 from serving.jobs import JobRunner
-from serving.model_format import DEFAULT_SIGNATURE
+from serving.model_format import CLASSIFY_METHOD, REGRESS_METHOD
 from serving.routing import Handle, RoutingTable
 from serving.servable import (
     Classification,
@@ -36,11 +52,58 @@ from serving.servable import (
     predict_outputs,
     predict_tensors,
 )
-from serving.types import VersionStatus
+from serving.types import RELOAD_TIMEOUT_S, VersionStatus
 
-T = TypeVar("T")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
+# A reload answers this long before the client's deadline, so that the answer still reaches it.
+RELOAD_ANSWER_MARGIN_S = 0.5
+
+
+class ModelSpec(NamedTuple):
+    """What a request routes by: a version, else the version a label points at, else the latest."""
+
+    name: str
+    version: int | None = None
+    label: str | None = None
+
+
+# -- what the front ends hand over ---------------------------------------------------------------
+
+# A Predict's arrays by input alias, or a function that makes them for the routed signature (REST
+# needs its dtypes to decode JSON; decoding under the same handle means a version swap between
+# "look up the signature" and "run" cannot fail the request).
 Inputs = Union[dict[str, np.ndarray], Callable[[SignatureInfo], dict[str, np.ndarray]]]
+
+
+class PredictInput(NamedTuple):
+    signature_name: str
+    inputs: Inputs
+    output_filter: Sequence[str] = ()
+
+
+class ExamplesInput(NamedTuple):
+    """A Classify or Regress: serialized ``tf.Example``s for one signature."""
+
+    signature_name: str
+    examples: Sequence[bytes]
+
+
+@dataclass(frozen=True)
+class InferenceTask:
+    """One task of a MultiInference request: a ModelSpec and the method to run its signature as."""
+
+    model_name: str
+    version: int | None
+    label: str | None
+    signature_name: str
+    method_name: str
+
+
+class MultiInferenceInput(NamedTuple):
+    tasks: Sequence[InferenceTask]
+    examples: Sequence[bytes]
 
 
 @dataclass(frozen=True)
@@ -59,15 +122,22 @@ class InferenceResult:
     value: Classification | Regression
 
 
-@dataclass(frozen=True)
-class InferenceTask:
-    """One task of a MultiInference request: a ModelSpec and the method to run its signature as."""
+class PredictCall(Protocol[R_co]):
+    def read(self) -> PredictInput: ...
 
-    model_name: str
-    version: int | None
-    label: str | None
-    signature_name: str
-    method_name: str
+    def answer(self, result: PredictResult) -> R_co: ...
+
+
+class ExamplesCall(Protocol[R_co]):
+    def read(self) -> ExamplesInput: ...
+
+    def answer(self, result: InferenceResult) -> R_co: ...
+
+
+class MultiInferenceCall(Protocol[R_co]):
+    def read(self) -> MultiInferenceInput: ...
+
+    def answer(self, results: list[InferenceResult]) -> R_co: ...
 
 
 @dataclass(frozen=True)
@@ -89,12 +159,19 @@ class ControlPlane(Protocol):
     async def metrics_page(self) -> str: ...
 
 
-class DataPlane:
-    """Predict, Classify, Regress, MultiInference, status and metadata over loaded versions.
+@dataclass(frozen=True)
+class _Inference(Generic[R]):
+    """A Classify, Regress or MultiInference once read: the examples, the model they route to,
+    its (signature, method) tasks, and how the results become the front end's answer."""
 
-    A ModelSpec is (``model_name``, ``version``, ``label``): a version, else the version a label
-    points at, else the latest -- resolved by the routing table under the same lock that pins it.
-    """
+    model: ModelSpec
+    examples: Sequence[bytes]
+    tasks_of: Callable[[Servable], list[SignatureTask]]
+    answer: Callable[[list[InferenceResult]], R]
+
+
+class DataPlane:
+    """Predict, Classify, Regress, MultiInference, metadata, status, reload and the metrics page."""
 
     def __init__(
         self,
@@ -105,147 +182,147 @@ class DataPlane:
     ) -> None:
         self.routing = routing
         self.control = control
-        self.jobs = JobRunner(num_threads, "predict")
-        self.batcher = batcher  # None: batching off, front ends use ``predict`` through ``run``
+        self.batcher = batcher  # None: batching off
+        self._jobs = JobRunner(num_threads, "predict")
 
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.stop()
-        self.jobs.close()
+        self._jobs.close()
 
-    def run(self, kind: Hashable, fn: Callable[[], T]) -> Awaitable[T]:
-        """``fn`` (a request's decode + model call + encode) as one job: on the event loop when
-        jobs of this ``kind`` have been cheap, else on the pool (``serving.jobs``)."""
-        return self.jobs.run(kind, fn)
+    # -- inference -------------------------------------------------------------------------------
+    # Not coroutines where batching is on: each level of coroutine costs every request of a batch
+    # its creation and a resumption. Errors found before the model runs are raised at once.
 
-    # -- inference (blocking: call through ``run``) --------------------------------------------
-
-    def predict(
-        self,
-        model_name: str,
-        version: int | None,
-        label: str | None,
-        signature_name: str,
-        inputs: Inputs,
-        output_filter: Sequence[str] = (),
-    ) -> PredictResult:
-        """Route, validate and run one Predict request.
-
-        ``inputs`` may be a callable that builds the arrays from the routed signature: REST
-        needs the signature's dtypes to decode JSON, and doing it under the same handle means a
-        version swap between "look up signature" and "run" cannot fail the request.
-        """
-        with self.routing.acquire(model_name, version, label=label) as handle:
-            servable = handle.servable
-            sig = servable.signature(signature_name)
-            if callable(inputs):
-                inputs = inputs(sig)
-            outputs = servable.validate(sig, inputs, tuple(output_filter))
-            values = servable.run(sig, inputs, outputs)
-            return PredictResult(handle.version, sig.name, values)
-
-    def predict_batched(
-        self,
-        model_name: str,
-        version: int | None,
-        label: str | None,
-        signature_name: str,
-        inputs: Inputs,
-        output_filter: Sequence[str],
-        answer: Callable[[PredictResult], T],
-    ) -> Awaitable[T]:
-        """``predict`` for the event loop when batching is on: route, decode and validate now
-        (raising at once), then the batch to await (``_run_batched``) for the front end's
-        ``answer``. Not a coroutine, like ``_run_batched``: each level of coroutine costs
-        every request of a batch its creation and a resumption."""
-        handle = self.routing.acquire(model_name, version, label=label)
-        try:
-            servable = handle.servable
-            sig = servable.signature(signature_name)
-            if callable(inputs):
-                inputs = inputs(sig)
-            outputs = servable.validate(sig, inputs, tuple(output_filter))
-        except BaseException:
-            handle.release()
-            raise
+    def predict(self, model: ModelSpec, size: int, call: PredictCall[R]) -> Awaitable[R]:
+        """Route, read, validate and run one Predict; ``size`` (the request's bytes) tells its
+        cost class."""
+        if self.batcher is None:
+            kind = ("Predict", model.name, size.bit_length(), type(call))
+            return self._job(kind, lambda: call.answer(self._predict_now(model, call.read())))
+        handle, sig, inputs, outputs = self._prepare_predict(model, call.read())
         feeds, fetches = predict_tensors(sig, inputs, outputs)
-        version_served = handle.version
+        version = handle.version
         return self._run_batched(
             handle,
             feeds,
             fetches,
             sig.batchable,
-            lambda values: answer(
-                PredictResult(version_served, sig.name, predict_outputs(sig, outputs, values))
+            lambda values: call.answer(
+                PredictResult(version, sig.name, predict_outputs(sig, outputs, values))
             ),
         )
 
-    async def example_inference_batched(
-        self,
-        method: str,
-        model_name: str,
-        version: int | None,
-        label: str | None,
-        signature_name: str,
-        examples: Sequence[bytes],
-        answer: Callable[[InferenceResult], T],
-    ) -> T:
-        """``classify`` or ``regress`` (``method``: CLASSIFY_METHOD, REGRESS_METHOD) for the event
-        loop when batching is on."""
-        return await self._infer_batched(
-            model_name,
-            version,
-            label,
-            examples,
-            lambda servable: servable.example_tasks(signature_name, method),
-            lambda results: answer(results[0]),
-        )
+    def classify(self, model: ModelSpec, size: int, call: ExamplesCall[R]) -> Awaitable[R]:
+        """Classify serialized ``tf.Example``s with a ``tensorflow/serving/classify`` signature."""
+        return self._examples(CLASSIFY_METHOD, "Classify", model, size, call)
 
-    async def multi_inference_batched(
-        self,
-        tasks: Sequence[InferenceTask],
-        examples: Sequence[bytes],
-        answer: Callable[[list[InferenceResult]], T],
-    ) -> T:
-        """``multi_inference`` for the event loop when batching is on."""
-        first = _routing_task(tasks)
-        return await self._infer_batched(
-            first.model_name,
-            first.version,
-            first.label,
-            examples,
-            lambda servable: servable.multi_inference_tasks(_signature_methods(tasks)),
-            answer,
-        )
+    def regress(self, model: ModelSpec, size: int, call: ExamplesCall[R]) -> Awaitable[R]:
+        """Regress serialized ``tf.Example``s with a ``tensorflow/serving/regress`` signature."""
+        return self._examples(REGRESS_METHOD, "Regress", model, size, call)
 
-    async def _infer_batched(
-        self,
-        model_name: str,
-        version: int | None,
-        label: str | None,
-        examples: Sequence[bytes],
-        tasks_of: Callable[[Servable], list[SignatureTask]],
-        answer: Callable[[list[InferenceResult]], T],
-    ) -> T:
-        handle = self.routing.acquire(model_name, version, label=label)
+    def multi_inference(
+        self, model_name: str, size: int, call: MultiInferenceCall[R]
+    ) -> Awaitable[R]:
+        """Several classify/regress tasks over the same examples, in one model call.
+
+        As TF Serving: the first task's ModelSpec routes the request (the other tasks' versions
+        are not looked at), every task must name that same model, signatures must be distinct.
+        ``model_name`` (the first task's) only tells the request's cost class.
+        """
+
+        def plan(request: MultiInferenceInput) -> _Inference[R]:
+            first = _routing_task(request.tasks)
+            return _Inference(
+                ModelSpec(first.model_name, first.version, first.label),
+                request.examples,
+                lambda servable: servable.multi_inference_tasks(_signature_methods(request.tasks)),
+                call.answer,
+            )
+
+        kind = ("MultiInference", model_name, size.bit_length(), type(call))
+        return self._inference(kind, lambda: plan(call.read()))
+
+    def _examples(
+        self, method: str, api: str, model: ModelSpec, size: int, call: ExamplesCall[R]
+    ) -> Awaitable[R]:
+        def plan(request: ExamplesInput) -> _Inference[R]:
+            return _Inference(
+                model,
+                request.examples,
+                lambda servable: servable.example_tasks(request.signature_name, method),
+                lambda results: call.answer(results[0]),
+            )
+
+        kind = (api, model.name, size.bit_length(), type(call))
+        return self._inference(kind, lambda: plan(call.read()))
+
+    # -- how the work runs -----------------------------------------------------------------------
+
+    async def _job(self, kind: Hashable, work: Callable[[], R]) -> R:
+        """``work`` (read + model call + answer) as one job: on the loop when jobs of ``kind``
+        have been cheap, else on the pool."""
+        answer = await self._jobs.run(kind, work)
+        # A cheap job answers within the loop step that read its request, and the front end would
+        # send the response before the loop reads the other requests that came in with it; one
+        # yield lets those run first, so that a step's responses go out together, as a batch's do.
+        await asyncio.sleep(0)
+        return answer
+
+    def _predict_now(self, model: ModelSpec, request: PredictInput) -> PredictResult:
+        handle, sig, inputs, outputs = self._prepare_predict(model, request)
+        with handle:
+            return PredictResult(
+                handle.version, sig.name, handle.servable.run(sig, inputs, outputs)
+            )
+
+    def _prepare_predict(
+        self, model: ModelSpec, request: PredictInput
+    ) -> tuple[Handle, SignatureInfo, dict[str, np.ndarray], tuple[str, ...]]:
+        """Route (the handle is the caller's to release), decode against the routed signature,
+        validate; the output aliases to fetch."""
+        handle = self.routing.acquire(*model)
         try:
-            tasks = tasks_of(handle.servable)
-            feeds, fetches = inference_tensors(tasks, examples)
+            sig = handle.servable.signature(request.signature_name)
+            inputs = request.inputs(sig) if callable(request.inputs) else request.inputs
+            outputs = handle.servable.validate(sig, inputs, tuple(request.output_filter))
         except BaseException:
             handle.release()
             raise
-        version_served = handle.version
-        return await self._run_batched(
+        return handle, sig, inputs, outputs
+
+    def _inference(self, kind: Hashable, read: Callable[[], _Inference[R]]) -> Awaitable[R]:
+        if self.batcher is None:
+            return self._job(kind, lambda: self._infer_now(read()))
+        return self._infer_batched(read())
+
+    def _infer_now(self, inference: _Inference[R]) -> R:
+        with self.routing.acquire(*inference.model) as handle:
+            tasks = inference.tasks_of(handle.servable)
+            values = handle.servable.infer(tasks, inference.examples)
+            version = handle.version
+        return inference.answer(
+            [InferenceResult(version, sig.name, value) for (sig, _), value in zip(tasks, values)]
+        )
+
+    def _infer_batched(self, inference: _Inference[R]) -> Awaitable[R]:
+        handle = self.routing.acquire(*inference.model)
+        try:
+            tasks = inference.tasks_of(handle.servable)
+            feeds, fetches = inference_tensors(tasks, inference.examples)
+        except BaseException:
+            handle.release()
+            raise
+        version, count = handle.version, len(inference.examples)
+        return self._run_batched(
             handle,
             feeds,
             fetches,
             all(sig.batchable for sig, _ in tasks),
-            lambda values: answer(
+            lambda values: inference.answer(
                 [
-                    InferenceResult(version_served, sig.name, value)
-                    for (sig, _), value in zip(
-                        tasks, inference_results(tasks, len(examples), values)
-                    )
+                    InferenceResult(version, sig.name, value)
+                    for (sig, _), value in zip(tasks, inference_results(tasks, count, values))
                 ]
             ),
         )
@@ -256,89 +333,60 @@ class DataPlane:
         feeds: dict[str, np.ndarray],
         fetches: tuple[str, ...],
         batchable: bool,
-        answer: Callable[[dict[str, np.ndarray]], T],
-    ) -> Awaitable[T]:
+        complete: Callable[[dict[str, np.ndarray]], R],
+    ) -> Awaitable[R]:
         """One session run in a batch (its future); one that cannot join a batch (a version
-        without batching parameters, an input without a batch dim) runs alone through ``run``.
-        The caller awaits it at once. Takes ``handle`` over: it is released once the model has
-        run, by whoever ran it, so a cancelled request cannot unpin its version under a running
-        batch.
+        without batching parameters, an input without a batch dim) runs alone as a job. Takes
+        ``handle`` over: it is released once the model has run, by whoever ran it, so a cancelled
+        request cannot unpin its version under a running batch.
 
-        ``answer`` turns the fetched arrays into the front end's response as the batch finishes
-        (``Batcher.submit``), so that a batch's responses are sent together.
+        ``complete`` makes the request's answer from the fetched arrays; the batcher calls it as
+        the batch finishes (``Batcher.submit``), so that a batch's responses are sent together.
         """
         assert self.batcher is not None
         try:
-            future = self.batcher.submit(handle, feeds, fetches, batchable, answer)
+            future = self.batcher.submit(handle, feeds, fetches, batchable, complete)
         except BaseException:
             handle.release()
             raise
         if future is not None:
             return future
 
-        def run_alone() -> T:
+        def run_alone() -> R:
             with handle:
                 values = handle.servable.run_tensors(feeds, fetches)
-            return answer(values)
+            return complete(values)
 
         size_class = sum(v.nbytes for v in feeds.values()).bit_length()
-        return self.run(("unbatched", handle.servable.model_name, fetches, size_class), run_alone)
+        return self._jobs.run(
+            ("unbatched", handle.servable.model_name, fetches, size_class), run_alone
+        )
 
-    def classify(
-        self,
-        model_name: str,
-        version: int | None,
-        label: str | None,
-        signature_name: str,
-        examples: Sequence[bytes],
-    ) -> InferenceResult:
-        """Classify serialized ``tf.Example``s with a ``tensorflow/serving/classify`` signature."""
-        with self.routing.acquire(model_name, version, label=label) as handle:
-            value = handle.servable.classify(signature_name, examples)
-            return InferenceResult(handle.version, signature_name or DEFAULT_SIGNATURE, value)
+    # -- metadata, status, reload, metrics -------------------------------------------------------
 
-    def regress(
-        self,
-        model_name: str,
-        version: int | None,
-        label: str | None,
-        signature_name: str,
-        examples: Sequence[bytes],
-    ) -> InferenceResult:
-        """Regress serialized ``tf.Example``s with a ``tensorflow/serving/regress`` signature."""
-        with self.routing.acquire(model_name, version, label=label) as handle:
-            value = handle.servable.regress(signature_name, examples)
-            return InferenceResult(handle.version, signature_name or DEFAULT_SIGNATURE, value)
-
-    def multi_inference(
-        self, tasks: Sequence[InferenceTask], examples: Sequence[bytes]
-    ) -> list[InferenceResult]:
-        """Several classify/regress tasks over the same examples, in one model call.
-
-        As TF Serving: the first task's ModelSpec routes the request (the other tasks' versions
-        are not looked at), every task must name that same model, signatures must be distinct.
-        """
-        first = _routing_task(tasks)
-        with self.routing.acquire(first.model_name, first.version, label=first.label) as handle:
-            values = handle.servable.multi_inference(_signature_methods(tasks), examples)
-            return [
-                InferenceResult(handle.version, t.signature_name or DEFAULT_SIGNATURE, v)
-                for t, v in zip(tasks, values)
-            ]
-
-    # -- status / metadata ---------------------------------------------------------------------
-
-    async def model_status(
-        self, model_name: str, version: int | None = None, label: str | None = None
-    ) -> list[VersionStatus]:
-        """As the supervisor's manager knows it: AVAILABLE only once every worker serves it."""
-        return await self.control.statuses(model_name, version, label)
-
-    def model_metadata(
-        self, model_name: str, version: int | None = None, label: str | None = None
-    ) -> ModelMetadata:
-        with self.routing.acquire(model_name, version, label=label) as handle:
+    async def model_metadata(self, model: ModelSpec) -> ModelMetadata:
+        with self.routing.acquire(*model) as handle:
             return ModelMetadata(handle.version, dict(handle.servable.signature_defs))
+
+    async def model_status(self, model: ModelSpec) -> list[VersionStatus]:
+        """As the supervisor's manager knows it: AVAILABLE only once every worker serves it."""
+        return await self.control.statuses(*model)
+
+    async def reload(self, config: Any, time_remaining_s: float | None) -> None:
+        """Apply a new model list (a ``ModelServerConfig``); return once its versions are
+        AVAILABLE, or raise the first failure (code and message naming the model and version).
+
+        Unlike TF Serving the wait is bounded: by ``RELOAD_TIMEOUT_S`` and by the client's
+        deadline (``time_remaining_s``), whichever comes first.
+        """
+        timeout_s = RELOAD_TIMEOUT_S
+        if time_remaining_s is not None:
+            timeout_s = max(0.0, min(timeout_s, time_remaining_s - RELOAD_ANSWER_MARGIN_S))
+        await self.control.reload(config, timeout_s)
+
+    async def metrics_page(self) -> str:
+        """The Prometheus page: every worker's metrics, summed."""
+        return await self.control.metrics_page()
 
 
 def _routing_task(tasks: Sequence[InferenceTask]) -> InferenceTask:
@@ -360,23 +408,14 @@ def _signature_methods(tasks: Sequence[InferenceTask]) -> list[tuple[str, str]]:
     return [(t.signature_name, t.method_name) for t in tasks]
 
 
-def parse_version(text: str) -> int:
-    """A version from a URL or label position; INVALID_ARGUMENT when it is not an int64."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise invalid(f"Invalid version: {text}") from None
-    if value < 0 or value > 2**63 - 1:
-        raise invalid(f"Invalid version: {text}")
-    return value
-
-
 __all__ = [
     "DataPlane",
+    "ExamplesInput",
     "InferenceResult",
     "InferenceTask",
     "ModelMetadata",
+    "ModelSpec",
+    "MultiInferenceInput",
+    "PredictInput",
     "PredictResult",
-    "ServingError",
-    "parse_version",
 ]

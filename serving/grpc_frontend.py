@@ -1,18 +1,21 @@
 """gRPC front end: TF Serving's ``PredictionService`` and ``ModelService`` on ``grpc.aio``.
 
 Only translation lives here: ``TensorProto`` <-> numpy and ``Input`` -> serialized examples
-(``serving.tensors``), ``ModelSpec`` -> (name, version, label), results -> response protos,
-``ServingError`` -> gRPC status. Behaviour is in ``serving.core``.
+(``serving.tensors``), ``ModelSpec`` -> ``core.ModelSpec``, results -> response protos,
+``ServingError`` -> gRPC status; and each call's request metrics. Behaviour is in ``serving.core``:
+each inference method hands the data plane a *call* (read the request, answer its result) and
+awaits the response.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import time
 from typing import Any, Awaitable, Callable
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2_grpc
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -27,12 +30,19 @@ from tensorflow_serving.apis import (
 )
 
 from serving import metrics
-from serving.core import DataPlane, InferenceResult, InferenceTask, PredictResult
+from serving.core import (
+    DataPlane,
+    ExamplesInput,
+    InferenceResult,
+    InferenceTask,
+    ModelSpec,
+    MultiInferenceInput,
+    PredictInput,
+    PredictResult,
+)
 from serving.errors import ServingError, invalid
-from serving.model_format import CLASSIFY_METHOD, REGRESS_METHOD
 from serving.servable import Classification, Regression
 from serving.tensors import fill_tensor_proto, serialized_examples, to_ndarray
-from serving.types import RELOAD_TIMEOUT_S
 
 log = logging.getLogger("serving.grpc")
 
@@ -44,14 +54,11 @@ GRPC_OPTIONS = [
 ]
 
 
-def spec_version(model_spec: Any) -> int | None:
-    """The version a ModelSpec names (None = latest, or whatever its label points at)."""
-    return int(model_spec.version.value) if model_spec.HasField("version") else None
-
-
-def spec_label(model_spec: Any) -> str | None:
-    """The version label a ModelSpec names, if any (resolved by the routing table)."""
-    return model_spec.version_label or None
+def model_spec(spec: Any) -> ModelSpec:
+    """A ``tensorflow.serving.ModelSpec`` as the data plane routes it (no version field: the
+    latest, or whatever its label points at)."""
+    version = int(spec.version.value) if spec.HasField("version") else None
+    return ModelSpec(spec.name, version, spec.version_label or None)
 
 
 def _set_spec(target: Any, name: str, version: int, signature_name: str) -> None:
@@ -60,161 +67,102 @@ def _set_spec(target: Any, name: str, version: int, signature_name: str) -> None
     target.signature_name = signature_name
 
 
-def _job_kind(api: str, model_name: str, request: Any) -> tuple[str, str, int]:
-    """What ``DataPlane.run`` judges a job's cost by: API, model and the request's size class."""
-    return api, model_name, request.ByteSize().bit_length()
+def _model_name(request: Any) -> str:
+    return request.model_spec.name
 
 
-def _errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Turn ServingError (and bugs) into gRPC status codes; count and time every call."""
-    observed = metrics.grpc_observed(method)
+def _no_model(request: Any) -> str:
+    return ""
 
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await observed(self, request, context)
-        except ServingError as e:
-            await context.abort(e.code, e.message)
-        except Exception as e:  # noqa: BLE001
-            log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
 
-    return wrapper
+def _first_task_model_name(request: inference_pb2.MultiInferenceRequest) -> str:
+    return request.tasks[0].model_spec.name if request.tasks else ""
+
+
+Method = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def _rpc(model_name: Callable[[Any], str] = _model_name) -> Callable[[Method], Method]:
+    """A servicer method's status and metrics: ``ServingError`` becomes its gRPC status, a bug
+    INTERNAL; each call is counted and timed (API = the method's name, entrypoint GRPC) under
+    the model ``model_name(request)`` names."""
+
+    def decorate(method: Method) -> Method:
+        api = method.__name__
+
+        @functools.wraps(method)
+        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                return await method(self, request, context)
+            except ServingError as e:
+                code = e.code
+                await context.abort(e.code, e.message)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as e:  # noqa: BLE001
+                code = grpc.StatusCode.INTERNAL
+                log.exception("%s failed", api)
+                await context.abort(code, f"{type(e).__name__}: {e}")
+            finally:
+                metrics.observe_request(model_name(request), api, "GRPC", code, start)
+
+        return wrapper
+
+    return decorate
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """Predict, Classify, Regress, MultiInference and GetModelMetadata.
-
-    Each call decodes, runs and builds its response proto in one job through ``DataPlane.run``:
-    on the event loop when such jobs are cheap, else on its thread pool, so neither a big model
-    nor the conversion of a large tensor holds up the loop; with batching on, an inference call
-    decodes and encodes on the loop and awaits its batch instead.
-    """
+    """Predict, Classify, Regress, MultiInference and GetModelMetadata."""
 
     def __init__(self, data_plane: DataPlane) -> None:
         self.data_plane = data_plane
 
-    @_errors
+    @_rpc()
     async def Predict(self, request: predict_pb2.PredictRequest, context: Any) -> Any:
-        if self.data_plane.batcher is None:
-            return await self.data_plane.run(
-                _job_kind("Predict", request.model_spec.name, request),
-                lambda: self._predict(request),
-            )
-        spec = request.model_spec
-        return await self.data_plane.predict_batched(
-            spec.name,
-            spec_version(spec),
-            spec_label(spec),
-            spec.signature_name,
-            _predict_inputs(request),
-            list(request.output_filter),
-            lambda result: _predict_response(spec, result),
+        call = _PredictCall(request)
+        return await self.data_plane.predict(
+            model_spec(request.model_spec), request.ByteSize(), call
         )
 
-    def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
-        spec = request.model_spec
-        result = self.data_plane.predict(
-            spec.name,
-            spec_version(spec),
-            spec_label(spec),
-            spec.signature_name,
-            _predict_inputs(request),
-            list(request.output_filter),
-        )
-        return _predict_response(spec, result)
-
-    @_errors
+    @_rpc()
     async def Classify(
         self, request: classification_pb2.ClassificationRequest, context: Any
     ) -> Any:
-        spec = request.model_spec
-        if self.data_plane.batcher is not None:
-            return await self.data_plane.example_inference_batched(
-                CLASSIFY_METHOD,
-                spec.name,
-                spec_version(spec),
-                spec_label(spec),
-                spec.signature_name,
-                serialized_examples(request.input),
-                lambda result: _classification_response(spec, result),
-            )
-        return await self.data_plane.run(
-            _job_kind("Classify", spec.name, request), lambda: self._classify(request)
+        call = _ExamplesCall(request, _classification_response)
+        return await self.data_plane.classify(
+            model_spec(request.model_spec), request.ByteSize(), call
         )
 
-    def _classify(self, request: classification_pb2.ClassificationRequest) -> Any:
-        spec = request.model_spec
-        result = self.data_plane.classify(
-            spec.name,
-            spec_version(spec),
-            spec_label(spec),
-            spec.signature_name,
-            serialized_examples(request.input),
-        )
-        return _classification_response(spec, result)
-
-    @_errors
+    @_rpc()
     async def Regress(self, request: regression_pb2.RegressionRequest, context: Any) -> Any:
-        spec = request.model_spec
-        if self.data_plane.batcher is not None:
-            return await self.data_plane.example_inference_batched(
-                REGRESS_METHOD,
-                spec.name,
-                spec_version(spec),
-                spec_label(spec),
-                spec.signature_name,
-                serialized_examples(request.input),
-                lambda result: _regression_response(spec, result),
-            )
-        return await self.data_plane.run(
-            _job_kind("Regress", spec.name, request), lambda: self._regress(request)
+        call = _ExamplesCall(request, _regression_response)
+        return await self.data_plane.regress(
+            model_spec(request.model_spec), request.ByteSize(), call
         )
 
-    def _regress(self, request: regression_pb2.RegressionRequest) -> Any:
-        spec = request.model_spec
-        result = self.data_plane.regress(
-            spec.name,
-            spec_version(spec),
-            spec_label(spec),
-            spec.signature_name,
-            serialized_examples(request.input),
-        )
-        return _regression_response(spec, result)
-
-    @_errors
+    @_rpc(_first_task_model_name)
     async def MultiInference(
         self, request: inference_pb2.MultiInferenceRequest, context: Any
     ) -> Any:
-        if self.data_plane.batcher is not None:
-            tasks = _inference_tasks(request)
-            return await self.data_plane.multi_inference_batched(
-                tasks,
-                serialized_examples(request.input),
-                lambda results: _multi_inference_response(tasks, results),
-            )
-        model_name = request.tasks[0].model_spec.name if request.tasks else ""
-        return await self.data_plane.run(
-            _job_kind("MultiInference", model_name, request), lambda: self._multi_inference(request)
+        call = _MultiInferenceCall(request)
+        return await self.data_plane.multi_inference(
+            _first_task_model_name(request), request.ByteSize(), call
         )
 
-    def _multi_inference(self, request: inference_pb2.MultiInferenceRequest) -> Any:
-        tasks = _inference_tasks(request)
-        results = self.data_plane.multi_inference(tasks, serialized_examples(request.input))
-        return _multi_inference_response(tasks, results)
-
-    @_errors
+    @_rpc()
     async def GetModelMetadata(self, request: Any, context: Any) -> Any:
-        spec = request.model_spec
         fields = list(request.metadata_field)
         if not fields:
             raise invalid("GetModelMetadataRequest must specify at least one metadata_field")
         for name in fields:
             if name != "signature_def":
                 raise invalid(f"Metadata field {name} is not supported")
-        metadata = self.data_plane.model_metadata(spec.name, spec_version(spec), spec_label(spec))
+        metadata = await self.data_plane.model_metadata(model_spec(request.model_spec))
         response = get_model_metadata_pb2.GetModelMetadataResponse()
-        response.model_spec.name = spec.name
+        response.model_spec.name = request.model_spec.name
         response.model_spec.version.value = metadata.version
         sig_map = get_model_metadata_pb2.SignatureDefMap()
         for name, sig in metadata.signature_defs.items():
@@ -223,16 +171,77 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
 
-def _predict_inputs(request: predict_pb2.PredictRequest) -> dict[str, np.ndarray]:
-    return {alias: to_ndarray(alias, t) for alias, t in request.inputs.items()}
+# -- the calls handed to the data plane: read a request, answer its result ------------------------
 
 
-def _predict_response(spec: Any, result: PredictResult) -> predict_pb2.PredictResponse:
-    response = predict_pb2.PredictResponse()
-    _set_spec(response.model_spec, spec.name, result.version, result.signature_name)
-    for alias, value in result.outputs.items():
-        fill_tensor_proto(response.outputs[alias], value)
-    return response
+class _PredictCall:
+    __slots__ = ("request",)
+
+    def __init__(self, request: predict_pb2.PredictRequest) -> None:
+        self.request = request
+
+    def read(self) -> PredictInput:
+        request = self.request
+        inputs = {alias: to_ndarray(alias, t) for alias, t in request.inputs.items()}
+        return PredictInput(request.model_spec.signature_name, inputs, request.output_filter)
+
+    def answer(self, result: PredictResult) -> predict_pb2.PredictResponse:
+        response = predict_pb2.PredictResponse()
+        _set_spec(
+            response.model_spec, self.request.model_spec.name, result.version, result.signature_name
+        )
+        for alias, value in result.outputs.items():
+            fill_tensor_proto(response.outputs[alias], value)
+        return response
+
+
+class _ExamplesCall:
+    """A Classify or Regress request; ``respond`` builds its response proto."""
+
+    __slots__ = ("request", "respond")
+
+    def __init__(self, request: Any, respond: Callable[[Any, InferenceResult], Any]) -> None:
+        self.request = request
+        self.respond = respond
+
+    def read(self) -> ExamplesInput:
+        return ExamplesInput(
+            self.request.model_spec.signature_name, serialized_examples(self.request.input)
+        )
+
+    def answer(self, result: InferenceResult) -> Any:
+        return self.respond(self.request.model_spec, result)
+
+
+class _MultiInferenceCall:
+    __slots__ = ("request", "tasks")
+
+    def __init__(self, request: inference_pb2.MultiInferenceRequest) -> None:
+        self.request = request
+        self.tasks: list[InferenceTask] = []
+
+    def read(self) -> MultiInferenceInput:
+        self.tasks = [
+            InferenceTask(
+                t.model_spec.name,
+                *model_spec(t.model_spec)[1:],
+                t.model_spec.signature_name,
+                t.method_name,
+            )
+            for t in self.request.tasks
+        ]
+        return MultiInferenceInput(self.tasks, serialized_examples(self.request.input))
+
+    def answer(self, results: list[InferenceResult]) -> Any:
+        response = inference_pb2.MultiInferenceResponse()
+        for task, result in zip(self.tasks, results):
+            entry = response.results.add()
+            _set_spec(entry.model_spec, task.model_name, result.version, result.signature_name)
+            if isinstance(result.value, Classification):
+                _fill_classifications(entry.classification_result, result.value)
+            else:
+                _fill_regressions(entry.regression_result, result.value)
+        return response
 
 
 def _classification_response(spec: Any, result: InferenceResult) -> Any:
@@ -248,31 +257,6 @@ def _regression_response(spec: Any, result: InferenceResult) -> Any:
     _set_spec(response.model_spec, spec.name, result.version, result.signature_name)
     assert isinstance(result.value, Regression)
     _fill_regressions(response.result, result.value)
-    return response
-
-
-def _inference_tasks(request: inference_pb2.MultiInferenceRequest) -> list[InferenceTask]:
-    return [
-        InferenceTask(
-            t.model_spec.name,
-            spec_version(t.model_spec),
-            spec_label(t.model_spec),
-            t.model_spec.signature_name,
-            t.method_name,
-        )
-        for t in request.tasks
-    ]
-
-
-def _multi_inference_response(tasks: list[InferenceTask], results: list[InferenceResult]) -> Any:
-    response = inference_pb2.MultiInferenceResponse()
-    for task, result in zip(tasks, results):
-        entry = response.results.add()
-        _set_spec(entry.model_spec, task.model_name, result.version, result.signature_name)
-        if isinstance(result.value, Classification):
-            _fill_classifications(entry.classification_result, result.value)
-        else:
-            _fill_regressions(entry.regression_result, result.value)
     return response
 
 
@@ -303,12 +287,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     def __init__(self, data_plane: DataPlane) -> None:
         self.data_plane = data_plane
 
-    @_errors
+    @_rpc()
     async def GetModelStatus(self, request: Any, context: Any) -> Any:
-        spec = request.model_spec
-        statuses = await self.data_plane.model_status(
-            spec.name, spec_version(spec), spec_label(spec)
-        )
+        statuses = await self.data_plane.model_status(model_spec(request.model_spec))
         response = get_model_status_pb2.GetModelStatusResponse()
         for s in statuses:
             entry = response.model_version_status.add()
@@ -318,27 +299,23 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             entry.status.error_message = s.error_message
         return response
 
-    @_errors
+    @_rpc(_no_model)
     async def HandleReloadConfigRequest(self, request: Any, context: Any) -> Any:
         """Apply the new model list; answer once its versions are AVAILABLE or failed.
 
         As TF Serving, a failure is the call's gRPC status (code + message naming the model and
-        version); the response's ``status`` carries OK otherwise. Unlike TF Serving the wait is
-        bounded: by ``RELOAD_TIMEOUT_S`` and by the client's deadline, whichever comes first.
+        version); the response's ``status`` carries OK otherwise. The wait is bounded
+        (``DataPlane.reload``).
         """
         if request.config.WhichOneof("config") != "model_config_list":
             raise invalid(
                 "ServerModelConfig type not supported by HandleReloadConfigRequest. "
                 "Only ModelConfigList is currently supported"
             )
-        timeout_s = RELOAD_TIMEOUT_S
-        remaining = context.time_remaining()
-        if remaining is not None:  # leave time to send the answer before the client gives up
-            timeout_s = max(0.0, min(timeout_s, remaining - 0.5))
         names = ", ".join(c.name for c in request.config.model_config_list.config) or "none"
         log.info("HandleReloadConfigRequest: models %s", names)
         try:
-            await self.data_plane.control.reload(request.config, timeout_s)
+            await self.data_plane.reload(request.config, context.time_remaining())
         except ServingError as e:
             log.error("HandleReloadConfigRequest failed: %s: %s", e.code.name, e.message)
             raise

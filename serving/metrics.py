@@ -24,15 +24,13 @@ layer that owns the event.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import functools
 import threading
 import time
-from typing import Any, Awaitable, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 import grpc
-from aiohttp import web
 
 from serving import textproto
 from serving.errors import ServingError
@@ -298,100 +296,6 @@ def observe_request(
     """Count one finished request and its latency since ``start`` (``time.perf_counter()``)."""
     REQUEST_COUNT.inc(model_name, code.name)
     REQUEST_LATENCY.observe(_micros_since(start), model_name, api, entrypoint, code.name)
-
-
-def _request_model_name(request: Any) -> str:
-    spec = getattr(request, "model_spec", None)
-    if spec is not None:
-        return spec.name
-    tasks = getattr(request, "tasks", None)  # MultiInference: one model_spec per task
-    return tasks[0].model_spec.name if tasks else ""
-
-
-Method = TypeVar("Method", bound=Callable[..., Awaitable[Any]])
-
-
-def grpc_observed(method: Method) -> Method:
-    """Wrap a gRPC servicer method: API = method name, entrypoint GRPC, status from the error.
-
-    Sits inside the front end's error translation, so it sees ``ServingError`` (its code) and
-    bugs (INTERNAL, which is what the translation turns them into).
-    """
-    api = method.__name__
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: Any) -> Any:
-        start = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            return await method(self, request, context)
-        except ServingError as e:
-            code = e.code
-            raise
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            raise
-        finally:
-            observe_request(_request_model_name(request), api, "GRPC", code, start)
-
-    return wrapper  # type: ignore[return-value]
-
-
-# Error responses carry their gRPC code under this key: the HTTP status alone is ambiguous
-# (INVALID_ARGUMENT and FAILED_PRECONDITION are both 400).
-REST_STATUS_CODE = "serving.status_code"
-_REST_VERBS = {"predict": "Predict", "classify": "Classify", "regress": "Regress"}
-
-
-@functools.lru_cache(maxsize=1024)  # clients repeat a few URLs
-def _rest_labels(method: str, tail: str) -> tuple[str, str] | None:
-    """(model name, TF Serving's API name) of a ``/v1/models/<tail>`` request; None when it names
-    no API."""
-    if method == "GET":
-        api = "GetModelMetadata" if tail.endswith("/metadata") else "GetModelStatus"
-    elif method == "POST" and ":" in tail:
-        api = _REST_VERBS.get(tail.rsplit(":", 1)[1])
-    else:
-        api = None
-    return None if api is None else (tail.split("/", 1)[0].split(":", 1)[0], api)
-
-
-RestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def rest_observed(handler: RestHandler) -> RestHandler:
-    """Wrap the aiohttp handler of ``/v1/models/{tail}``: count and time its requests,
-    entrypoint REST. A wrapper rather than an aiohttp middleware: with a middleware, aiohttp
-    builds a chain of wrappers around every request (+4 % and +13 % requests/s without it, two
-    paired runs, REST at 64 concurrent)."""
-
-    @functools.wraps(handler)
-    async def observed(request: web.Request) -> web.StreamResponse:
-        start = time.perf_counter()
-        response = await handler(request)
-        labels = _rest_labels(request.method, request.match_info["tail"])
-        if labels is not None:
-            fallback = grpc.StatusCode.OK if response.status < 400 else grpc.StatusCode.INTERNAL
-            model_name, api = labels
-            observe_request(
-                model_name, api, "REST", response.get(REST_STATUS_CODE, fallback), start
-            )
-        return response
-
-    return observed
-
-
-def prometheus_route(path: str, page: Callable[[], Awaitable[str]]) -> web.RouteDef:
-    """The scrape endpoint, added to the REST server when monitoring is configured; ``page``
-    gathers the text from every worker process."""
-
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(body=(await page()).encode(), headers={"Content-Type": CONTENT_TYPE})
-
-    return web.get(path, handler)
 
 
 class _Loadable(Protocol):

@@ -1,50 +1,29 @@
 """REST front end (aiohttp): TF Serving's ``/v1/models/...`` JSON API.
 
-Only translation lives here: URL -> (name, version, label), JSON rows/columns <-> numpy, JSON
-examples -> serialized ``tf.Example``s, ServingError -> HTTP status + ``{"error": ...}``. Behaviour
-is in ``serving.core``. The ``:predict`` verb shares a path segment with the model name, which
-aiohttp's ``{name}`` placeholders cannot split, so one catch-all route parses the tail with a
-regex. A POST is parsed, run and encoded in one job through ``DataPlane.run`` (on the loop when
-such jobs are cheap, else a worker thread; with batching on, it is parsed on the event loop and
-awaits its batch, which encodes the answer as it finishes); predict's JSON decoding needs the
-signature's dtypes, so it runs against the routed version (see ``DataPlane.predict``).
-
-JSON is read by simdjson when the body is one numeric matrix or vector (no Python float per
-number), else by orjson with ``json.loads``'s semantics; numeric answers are written by orjson
-straight from the arrays, and by the json module where orjson cannot write them as TF Serving
-does (NaN and Infinity, which orjson makes null; strings; float16).
+Only translation lives here: the URL -> ``core.ModelSpec`` and verb, the body -> a call the data
+plane reads and answers (``serving.json_tensor``), ``ServingError`` -> HTTP status +
+``{"error": ...}``; and each request's metrics. Behaviour is in ``serving.core``. The
+``:predict`` verb shares a path segment with the model name, which aiohttp's ``{name}``
+placeholders cannot split, so one catch-all route parses the tail with a regex.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import functools
-import json
 import logging
-import math
 import re
-from typing import Any, Awaitable, Callable, NamedTuple
+import time
+from typing import Awaitable, Callable
 
 import grpc
-import numpy as np
-import orjson
-import simdjson
 from aiohttp import web
 from google.protobuf import json_format
 
 from serving import metrics
-from serving.core import DataPlane, InferenceResult, PredictResult, parse_version
+from serving.core import DataPlane, ModelSpec
 from serving.deadlines import Deadlines
 from serving.errors import ServingError, invalid
-from serving.model_format import CLASSIFY_METHOD, REGRESS_METHOD
-from serving.servable import (
-    Classification,
-    Regression,
-    SignatureInfo,
-    TensorInfo,
-)
-from serving.tensors import serialized_examples
+from serving.json_tensor import ExamplesBody, PredictBody, json_bytes
 
 log = logging.getLogger("serving.rest")
 
@@ -53,11 +32,6 @@ _PATH_RE = re.compile(
     r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
     r"(?:(?P<metadata>/metadata)|:(?P<verb>[A-Za-z]+))?$"
 )
-
-# The key of :classify / :regress answers. TF Serving's REST reference says "result", but the
-# server itself (util/json_tensor.cc, kClassifyRegressResponseKey) writes "results", and clients
-# written against a running TF Serving read that: a drop-in must answer what the server answers.
-RESULT_KEY = "results"
 
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200,
@@ -71,37 +45,31 @@ HTTP_STATUS = {
     grpc.StatusCode.UNIMPLEMENTED: 501,
 }
 
-
-class Route(NamedTuple):
-    """The model a URL names: ``/v1/models/{name}[/versions/{version} | /labels/{label}]``."""
-
-    name: str
-    version: int | None
-    label: str | None
+# TF Serving's API name of each POST verb (the metrics' ``API`` label).
+_VERB_APIS = {"predict": "Predict", "classify": "Classify", "regress": "Regress"}
 
 
-@functools.lru_cache(maxsize=1024)  # clients repeat a few URLs: ~0.2 us instead of ~2
-def _parse_tail(tail: str) -> tuple[Route, str | None, bool] | None:
-    """``/v1/models/<tail>`` -> (route, verb, metadata?); None when it is malformed;
+def parse_version(text: str) -> int:
+    """A version from a URL; INVALID_ARGUMENT when it is not an int64."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise invalid(f"Invalid version: {text}") from None
+    if value < 0 or value > 2**63 - 1:
+        raise invalid(f"Invalid version: {text}")
+    return value
+
+
+@functools.lru_cache(maxsize=1024)  # clients repeat a few URLs
+def _parse_tail(tail: str) -> tuple[ModelSpec, str | None, bool] | None:
+    """``/v1/models/<tail>`` -> (model, verb, metadata?); None when it is malformed;
     INVALID_ARGUMENT for a version that is not an int64."""
     match = _PATH_RE.match(tail)
     if match is None:
         return None
     version = parse_version(match["version"]) if match["version"] is not None else None
-    return (
-        Route(match["name"], version, match["label"]),
-        match["verb"],
-        match["metadata"] is not None,
-    )
-
-
-def _dumps(body: Any) -> str:
-    # NaN / Infinity are written as such, as TF Serving writes them.
-    return json.dumps(body, separators=(",", ":"))
-
-
-def _json_bytes(body: Any) -> bytes:
-    return _dumps(body).encode()
+    model = ModelSpec(match["name"], version, match["label"])
+    return model, match["verb"], match["metadata"] is not None
 
 
 def _json_response(body: bytes, status: int = 200) -> web.Response:
@@ -109,289 +77,13 @@ def _json_response(body: bytes, status: int = 200) -> web.Response:
 
 
 def error_response(e: ServingError) -> web.Response:
-    response = _json_response(_json_bytes({"error": e.message}), HTTP_STATUS.get(e.code, 500))
-    response[metrics.REST_STATUS_CODE] = e.code  # the exact status for request_count
-    return response
+    return _json_response(json_bytes({"error": e.message}), HTTP_STATUS.get(e.code, 500))
 
 
-# -- JSON <-> numpy ----------------------------------------------------------------------------
-
-
-def _is_b64(value: Any) -> bool:
-    return isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str)
-
-
-def _bytes_leaf(value: Any, alias: str) -> bytes:
-    """A JSON string (UTF-8) or ``{"b64": ...}`` -> bytes."""
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    if _is_b64(value):
-        try:
-            return base64.b64decode(value["b64"], validate=True)
-        except ValueError:
-            raise invalid("Unable to base64 decode") from None
-    if isinstance(value, dict):
-        raise invalid(f"JSON Value: {_dumps(value)} not formatted correctly for base64 data")
-    raise invalid(f'Input "{alias}" expects strings but got {type(value).__name__}')
-
-
-def _strings(value: Any, alias: str) -> Any:
-    """Leaves of a JSON value for a string tensor -> bytes (``{"b64": ...}`` decoded)."""
-    if isinstance(value, list):
-        return [_strings(v, alias) for v in value]
-    return _bytes_leaf(value, alias)
-
-
-def to_array(info: TensorInfo, value: Any) -> np.ndarray:
-    """A JSON value -> numpy array of the signature's dtype; INVALID_ARGUMENT naming the input."""
-    try:
-        if info.is_string():
-            return np.array(_strings(value, info.alias), dtype=object)
-        if _contains_b64(value):
-            raise invalid(f'Input "{info.alias}" expects dtype {info.dtype_name}, got b64 data')
-        return np.asarray(value, dtype=info.dtype)
-    except ServingError:
-        raise
-    except (ValueError, TypeError, OverflowError) as e:
-        raise invalid(
-            f'Input "{info.alias}" cannot be converted to a {info.dtype_name} tensor: {e}'
-        ) from None
-
-
-def _contains_b64(value: Any) -> bool:
-    """Whether a JSON value's first leaf is an object (``{"b64": ...}``)."""
-    while isinstance(value, list) and value:
-        value = value[0]
-    return isinstance(value, dict)
-
-
-def decode_instances(sig: SignatureInfo, instances: Any) -> dict[str, np.ndarray]:
-    """Row format: one entry per example; a named-input object per row when needed."""
-    if not isinstance(instances, list):
-        raise invalid("'instances' must be a JSON array")
-    if not instances:
-        raise invalid("'instances' is empty")
-    names = list(sig.inputs)
-    objects = all(isinstance(i, dict) and not _is_b64(i) for i in instances)
-    if len(names) == 1 and not objects:
-        return {names[0]: to_array(sig.inputs[names[0]], instances)}
-    if not objects:
-        raise invalid(
-            "instances must be JSON objects keyed by input name when the signature "
-            f"has {len(names)} inputs"
-        )
-    keys = set(instances[0])
-    for row in instances:
-        if set(row) != keys:
-            raise invalid("all instances must have the same named inputs")
-    inputs: dict[str, np.ndarray] = {}
-    for key in keys:
-        info = sig.inputs.get(key)
-        if info is None:
-            raise invalid(
-                f'input size does not match signature: unknown input "{key}" '
-                f"(signature inputs: {', '.join(sorted(sig.inputs))})"
-            )
-        inputs[key] = to_array(info, [row[key] for row in instances])
-    return inputs
-
-
-def decode_columns(sig: SignatureInfo, columns: Any) -> dict[str, np.ndarray]:
-    """Columnar format: the tensor itself (one input) or an object keyed by input name."""
-    names = list(sig.inputs)
-    if isinstance(columns, dict) and not _is_b64(columns):
-        inputs: dict[str, np.ndarray] = {}
-        for key, value in columns.items():
-            info = sig.inputs.get(key)
-            if info is None:
-                raise invalid(
-                    f'input size does not match signature: unknown input "{key}" '
-                    f"(signature inputs: {', '.join(sorted(sig.inputs))})"
-                )
-            inputs[key] = to_array(info, value)
-        return inputs
-    if len(names) != 1:
-        raise invalid(
-            f"'inputs' must be an object keyed by input name when the signature has "
-            f"{len(names)} inputs"
-        )
-    return {names[0]: to_array(sig.inputs[names[0]], columns)}
-
-
-def _json_value(alias: str, array: np.ndarray) -> Any:
-    if array.dtype == object or array.dtype.kind == "S":
-        binary = alias.endswith("_bytes")
-
-        def leaf(b: Any) -> Any:
-            if isinstance(b, bytes):
-                if not binary:
-                    try:
-                        return b.decode("utf-8")
-                    except UnicodeDecodeError:
-                        pass
-                return {"b64": base64.b64encode(b).decode("ascii")}
-            return b
-
-        return np.vectorize(leaf, otypes=[object])(array).tolist() if array.size else array.tolist()
-    return _floats(array) if array.dtype.kind == "f" else array.tolist()
-
-
-def _floats(array: np.ndarray) -> Any:
-    """Floats as nested lists that print like TF Serving prints them: the shortest decimal that
-    reads back as the same float32 ("0.1", not float64's "0.10000000149011612").
-
-    Written as float32 by orjson (its shortest decimal) and read back as float64, a value prints
-    the same way from Python's JSON encoder: ~2.5 us for 10 values. orjson writes NaN and Infinity
-    as null and takes no 0-d array, so those, and float16, go through numpy's float32 -> str
-    conversion instead (~1 us a value).
-    """
-    if array.dtype.itemsize >= 8:
-        return array.tolist()
-    if array.dtype == np.float32 and array.ndim and np.isfinite(array).all():
-        contiguous = array if array.flags.c_contiguous else np.array(array, order="C")
-        return orjson.loads(orjson.dumps(contiguous, option=orjson.OPT_SERIALIZE_NUMPY))
-    return array.astype(str).astype(np.float64).tolist()
-
-
-def encode_classification(value: Classification) -> list[Any]:
-    """``[[[label, score], ...] per example]``; label "" without a classes output, score 0.0
-    without a scores output (the proto defaults TF Serving writes)."""
-    reference = value.classes if value.classes is not None else value.scores
-    assert reference is not None
-    n, k = reference.shape
-    labels = (
-        [[b.decode("utf-8", "replace") for b in row] for row in value.classes.tolist()]
-        if value.classes is not None
-        else [[""] * k] * n
+def _malformed(request: web.Request) -> ServingError:
+    return ServingError(
+        grpc.StatusCode.NOT_FOUND, f"Malformed request: {request.method} {request.path}"
     )
-    scores = _floats(value.scores) if value.scores is not None else [[0.0] * k] * n
-    return [[[label, score] for label, score in zip(labels[i], scores[i])] for i in range(n)]
-
-
-def _array_itself(alias: str, array: np.ndarray) -> np.ndarray:
-    """An output as orjson writes it: the array itself."""
-    return array
-
-
-JsonValue = Callable[[str, np.ndarray], Any]  # (alias, output) -> what the answer holds
-
-
-def encode_rows(outputs: dict[str, np.ndarray], json_value: JsonValue = _json_value) -> Any:
-    """``predictions``: one entry per example; the bare value when there is a single output."""
-    if len(outputs) == 1:
-        ((alias, value),) = outputs.items()
-        if value.ndim == 0:
-            raise invalid(f"output {alias} is a scalar; use the columnar format")
-        return json_value(alias, value)
-    sizes = {alias: (v.shape[0] if v.ndim else None) for alias, v in outputs.items()}
-    batch = set(sizes.values())
-    if len(batch) != 1 or None in batch:
-        raise invalid(
-            "outputs have inconsistent batch sizes (use the columnar 'inputs' format): "
-            + ", ".join(f"{a}={s}" for a, s in sorted(sizes.items()))
-        )
-    columns = {alias: json_value(alias, v) for alias, v in outputs.items()}
-    return [{alias: columns[alias][i] for alias in columns} for i in range(batch.pop())]
-
-
-def encode_columns(outputs: dict[str, np.ndarray], json_value: JsonValue = _json_value) -> Any:
-    if len(outputs) == 1:
-        ((alias, value),) = outputs.items()
-        return json_value(alias, value)
-    return {alias: json_value(alias, v) for alias, v in outputs.items()}
-
-
-def _json_type(value: Any) -> str:
-    """rapidjson's type names, which TF Serving's messages use."""
-    if value is None:
-        return "Null"
-    if isinstance(value, bool):
-        return "True" if value else "False"
-    if isinstance(value, dict):
-        return "Object"
-    if isinstance(value, list):
-        return "Array"
-    if isinstance(value, str):
-        return "String"
-    return "Number"
-
-
-_FEATURE_KIND_NAMES = {"bytes_list": "bytes", "float_list": "float", "int64_list": "int64"}
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def _add_feature_value(name: str, value: Any, feature: Any) -> None:
-    """One JSON value into a ``tf.train.Feature``, by TF Serving's rules (json_tensor.cc):
-    floats -> float_list, ints and bools -> int64_list, strings and ``{"b64": ...}`` ->
-    bytes_list; all values of one feature must be of one kind."""
-    if isinstance(value, bool) or (isinstance(value, int) and not isinstance(value, bool)):
-        kind = "int64_list"
-    elif isinstance(value, float):
-        kind = "float_list"
-    elif isinstance(value, str) or (isinstance(value, dict) and _is_b64(value)):
-        kind = "bytes_list"
-    else:
-        raise invalid(f"Feature: {name} has element with unexpected JSON type: {_json_type(value)}")
-    current = feature.WhichOneof("kind")
-    if current is not None and current != kind:
-        raise invalid(
-            f"Unexpected element type in feature: {name} expecting type: "
-            f"{_FEATURE_KIND_NAMES[current]}"
-        )
-    if kind == "float_list":
-        if math.isfinite(value) and abs(value) > _FLOAT32_MAX:
-            raise invalid(
-                f"Cannot convert JSON value: {value!r} to float without loss of precision."
-            )
-        feature.float_list.value.append(value)
-    elif kind == "int64_list":
-        if not -(2**63) <= value < 2**63:
-            raise invalid(f"Feature: {name} has uint64 element. Only int64 is supported.")
-        feature.int64_list.value.append(int(value))
-    else:
-        feature.bytes_list.value.append(_bytes_leaf(value, name))
-
-
-def _example(value: Any, example: Any) -> None:
-    """A JSON object ``{feature: value or [values]}`` into a ``tf.train.Example``."""
-    if not isinstance(value, dict):
-        raise invalid(f"Example must be JSON object but got JSON {_json_type(value)}")
-    for name, content in value.items():
-        feature = example.features.feature[name]
-        for item in content if isinstance(content, list) else [content]:
-            _add_feature_value(name, item, feature)
-
-
-def decode_examples(body: dict[str, Any]) -> list[bytes]:
-    """``examples`` (+ optional ``context``) of a :classify/:regress body -> serialized examples,
-    through the same ``Input`` proto as gRPC so the context is merged the same way."""
-    from tensorflow_serving.apis import input_pb2
-
-    request_input = input_pb2.Input()
-    has_context = "context" in body
-    if has_context:
-        _example(body["context"], request_input.example_list_with_context.context)
-    examples = body.get("examples")
-    if examples is None:
-        raise invalid(
-            f"JSON Value: {_dumps(body)} When method is classify, key 'examples' is "
-            "expected and was not found"
-        )
-    if not isinstance(examples, list):
-        raise invalid(f"JSON Value: {_dumps(body)} Expecting 'examples' value to be an list/array")
-    if not examples:
-        raise invalid(f"JSON Value: {_dumps(body)} 'examples' value is an empty array")
-    listed = request_input.example_list_with_context if has_context else request_input.example_list
-    for value in examples:
-        _example(value, listed.examples.add())
-    return serialized_examples(request_input)
-
-
-# -- handlers ----------------------------------------------------------------------------------
-
-
-# A verb's handlers: the blocking one, run as one job, and the one for the loop with batching on.
-VerbHandlers = tuple[Callable[[Route, bytes], bytes], Callable[[Route, bytes], Awaitable[bytes]]]
 
 
 class RestApi:
@@ -400,326 +92,127 @@ class RestApi:
     def __init__(self, data_plane: DataPlane, timeout_ms: int) -> None:
         self.data_plane = data_plane
         self.deadlines = Deadlines(timeout_ms / 1000.0 if timeout_ms > 0 else None)
-        self.verbs: dict[str, VerbHandlers] = {
-            "predict": (self._predict, self._predict_batched),
-            "classify": self._example_verb(
-                CLASSIFY_METHOD, data_plane.classify, _classification_answer
+        # verb -> (model, body) -> the answer's body
+        self.verbs: dict[str, Callable[[ModelSpec, bytes], Awaitable[bytes]]] = {
+            "predict": lambda model, data: data_plane.predict(model, len(data), PredictBody(data)),
+            "classify": lambda model, data: data_plane.classify(
+                model, len(data), ExamplesBody(data)
             ),
-            "regress": self._example_verb(REGRESS_METHOD, data_plane.regress, _regression_answer),
+            "regress": lambda model, data: data_plane.regress(model, len(data), ExamplesBody(data)),
         }
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 31)
-        app.router.add_route("GET", "/v1/models/{tail:.+}", metrics.rest_observed(self.handle_get))
-        app.router.add_route(
-            "POST", "/v1/models/{tail:.+}", metrics.rest_observed(self.handle_post)
-        )
+        app.router.add_route("GET", "/v1/models/{tail:.+}", self.handle_get)
+        app.router.add_route("POST", "/v1/models/{tail:.+}", self.handle_post)
         return app
 
-    @staticmethod
-    def _route(request: web.Request) -> tuple[Route, str | None, bool]:
-        """``(route, verb, metadata?)`` of ``/v1/models/<tail>``."""
-        parsed = _parse_tail(request.match_info["tail"])
-        if parsed is None:
-            raise ServingError(
-                grpc.StatusCode.NOT_FOUND, f"Malformed request: {request.method} {request.path}"
-            )
-        return parsed
-
     async def handle_get(self, request: web.Request) -> web.Response:
+        """Model status, or ``/metadata``."""
+        start = time.perf_counter()
         try:
-            route, verb, metadata = self._route(request)
+            model, verb, metadata = _parse(request)
             if verb is not None:
-                raise ServingError(
-                    grpc.StatusCode.NOT_FOUND, f"Malformed request: GET {request.path}"
-                )
-            if metadata:
-                return _json_response(_json_bytes(self._metadata(route)))
-            statuses = await self.data_plane.model_status(route.name, route.version, route.label)
-            return _json_response(
-                _json_bytes(
-                    {
-                        "model_version_status": [
-                            {
-                                "version": str(s.version),
-                                "state": s.state.name,
-                                "status": {
-                                    "error_code": s.error_code.name,
-                                    "error_message": s.error_message,
-                                },
-                            }
-                            for s in statuses
-                        ]
-                    }
-                )
-            )
+                raise _malformed(request)
         except ServingError as e:
             return error_response(e)
+        api = "GetModelMetadata" if metadata else "GetModelStatus"
+        try:
+            body = await (self._metadata(model) if metadata else self._status(model))
+        except Exception as e:  # noqa: BLE001 -- answered, and counted, by its code
+            return _failed(model, api, e, start)
+        metrics.observe_request(model.name, api, "REST", grpc.StatusCode.OK, start)
+        return _json_response(body)
 
-    def _metadata(self, route: Route) -> dict[str, Any]:
+    async def handle_post(self, request: web.Request) -> web.Response:
+        """``:predict``, ``:classify``, ``:regress``."""
+        start = time.perf_counter()
+        try:
+            model, verb, metadata = _parse(request)
+            run = self.verbs.get(verb or "")
+            if metadata or run is None:
+                raise _malformed(request)
+        except ServingError as e:
+            return error_response(e)
+        api = _VERB_APIS[verb]
+        try:
+            data = await request.read()
+            body = await self.deadlines.run(run(model, data))
+        except Exception as e:  # noqa: BLE001 -- answered, and counted, by its code
+            return _failed(model, api, e, start)
+        metrics.observe_request(model.name, api, "REST", grpc.StatusCode.OK, start)
+        return _json_response(body)
+
+    async def _status(self, model: ModelSpec) -> bytes:
+        statuses = await self.data_plane.model_status(model)
+        return json_bytes(
+            {
+                "model_version_status": [
+                    {
+                        "version": str(s.version),
+                        "state": s.state.name,
+                        "status": {
+                            "error_code": s.error_code.name,
+                            "error_message": s.error_message,
+                        },
+                    }
+                    for s in statuses
+                ]
+            }
+        )
+
+    async def _metadata(self, model: ModelSpec) -> bytes:
         from tensorflow_serving.apis import get_model_metadata_pb2
 
-        metadata = self.data_plane.model_metadata(route.name, route.version, route.label)
+        metadata = await self.data_plane.model_metadata(model)
         sig_map = get_model_metadata_pb2.SignatureDefMap()
         for key, sig in metadata.signature_defs.items():
             sig_map.signature_def[key].CopyFrom(sig)
-        return {
-            "model_spec": {
-                "name": route.name,
-                "signature_name": "",
-                "version": str(metadata.version),
-            },
-            "metadata": {
-                "signature_def": json_format.MessageToDict(
-                    sig_map, preserving_proto_field_name=True
-                )
-            },
-        }
-
-    async def handle_post(self, request: web.Request) -> web.Response:
-        try:
-            route, verb, metadata = self._route(request)
-            handlers = self.verbs.get(verb or "")
-            if metadata or handlers is None:
-                raise ServingError(
-                    grpc.StatusCode.NOT_FOUND, f"Malformed request: POST {request.path}"
-                )
-            data = await request.read()
-            blocking, batched = handlers
-            if self.data_plane.batcher is not None:
-                job = batched(route, data)  # on the loop, awaiting its batch
-            else:
-                kind = (verb, route.name, len(data).bit_length())
-                job = self._unbatched(kind, lambda: blocking(route, data))
-            return _json_response(await self.deadlines.run(job))
-        except ServingError as e:
-            return error_response(e)
-        except Exception as e:  # noqa: BLE001
-            log.exception("REST %s %s failed", request.method, request.path)
-            return _json_response(_json_bytes({"error": f"{type(e).__name__}: {e}"}), 500)
-
-    async def _unbatched(self, kind: tuple[Any, ...], job: Callable[[], bytes]) -> bytes:
-        """Parsing, the model call and encoding as one job, which runs on a worker thread unless
-        such jobs are cheap (a large body or response must not stall the loop)."""
-        answer = await self.data_plane.run(kind, job)
-        # A cheap job answers within the loop step that read the request, and aiohttp would send
-        # the response before the loop reads the other requests that came in with it; one
-        # yield lets those run first, so the responses of a step go out together, as a batch's
-        # do (Batcher.submit): 1.22x requests/s at 64 concurrent, 2 workers, paired runs.
-        await asyncio.sleep(0)
-        return answer
-
-    def _predict(self, route: Route, data: bytes) -> bytes:
-        body = PredictBody(data)
-        result = self.data_plane.predict(
-            route.name, route.version, route.label, body.signature_name, body.decode
-        )
-        return body.answer(result)
-
-    def _predict_batched(self, route: Route, data: bytes) -> Awaitable[bytes]:
-        body = PredictBody(data)
-        return self.data_plane.predict_batched(
-            route.name,
-            route.version,
-            route.label,
-            body.signature_name,
-            body.decode,
-            (),
-            body.answer,
+        return json_bytes(
+            {
+                "model_spec": {
+                    "name": model.name,
+                    "signature_name": "",
+                    "version": str(metadata.version),
+                },
+                "metadata": {
+                    "signature_def": json_format.MessageToDict(
+                        sig_map, preserving_proto_field_name=True
+                    )
+                },
+            }
         )
 
-    def _example_verb(
-        self,
-        method: str,
-        run: Callable[[str, int | None, str | None, str, list[bytes]], InferenceResult],
-        answer: Callable[[InferenceResult], bytes],
-    ) -> VerbHandlers:
-        """The (blocking, batched) handlers of :classify or :regress (``method``); ``run`` is the
-        data plane's blocking call for it."""
 
-        def blocking(route: Route, data: bytes) -> bytes:
-            body = parse_body(data)
-            return answer(
-                run(
-                    route.name,
-                    route.version,
-                    route.label,
-                    _signature_name(body),
-                    decode_examples(body),
-                )
-            )
-
-        async def batched(route: Route, data: bytes) -> bytes:
-            body = parse_body(data)
-            return await self.data_plane.example_inference_batched(
-                method,
-                route.name,
-                route.version,
-                route.label,
-                _signature_name(body),
-                decode_examples(body),
-                answer,
-            )
-
-        return blocking, batched
+def _parse(request: web.Request) -> tuple[ModelSpec, str | None, bool]:
+    """``(model, verb, metadata?)`` of ``/v1/models/<tail>``; NOT_FOUND when it is malformed."""
+    parsed = _parse_tail(request.match_info["tail"])
+    if parsed is None:
+        raise _malformed(request)
+    return parsed
 
 
-def _classification_answer(result: InferenceResult) -> bytes:
-    assert isinstance(result.value, Classification)
-    return _json_bytes({RESULT_KEY: encode_classification(result.value)})
+def _failed(model: ModelSpec, api: str, error: Exception, start: float) -> web.Response:
+    """The response to a request naming ``model`` and ``api`` that failed: TF Serving's status and
+    ``{"error": ...}`` for a ``ServingError``, 500 for a bug; counted and timed by its code."""
+    if isinstance(error, ServingError):
+        code, response = error.code, error_response(error)
+    else:
+        log.exception("REST %s of model %s failed", api, model.name, exc_info=error)
+        code = grpc.StatusCode.INTERNAL
+        response = _json_response(json_bytes({"error": f"{type(error).__name__}: {error}"}), 500)
+    metrics.observe_request(model.name, api, "REST", code, start)
+    return response
 
 
-def _regression_answer(result: InferenceResult) -> bytes:
-    assert isinstance(result.value, Regression)
-    return _json_bytes({RESULT_KEY: _floats(result.value.values)})
+def _prometheus_route(path: str, page: Callable[[], Awaitable[str]]) -> web.RouteDef:
+    """The scrape endpoint; ``page`` gathers the text from every worker process."""
 
+    async def handler(request: web.Request) -> web.Response:
+        body = (await page()).encode()
+        return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
-class PredictBody:
-    """A ``:predict`` body: its signature name, its rows or columns, and the answer's format.
-
-    The common body, one numeric matrix or vector (``{"instances": [[0.0, ...]]}``), is read
-    straight into numpy by simdjson (``_numeric_tensor``); any other body is parsed into Python
-    values as ``json.loads`` would (``parse_body``), which also gives the error messages.
-    """
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.tensor, self.rows, self.signature_name = _numeric_tensor(data)
-        if self.tensor is None:
-            self.body = parse_body(data)
-            self.rows, has_cols = "instances" in self.body, "inputs" in self.body
-            if self.rows == has_cols:
-                raise invalid(
-                    "Missing 'inputs' or 'instances' key"
-                    if not self.rows
-                    else "Not both 'inputs' and 'instances' may be specified"
-                )
-            self.signature_name = _signature_name(self.body)
-
-    def decode(self, sig: SignatureInfo) -> dict[str, np.ndarray]:
-        if self.tensor is not None:
-            if len(sig.inputs) == 1:
-                ((name, info),) = sig.inputs.items()
-                if info.dtype.kind == "f":
-                    return {name: self.tensor.astype(info.dtype)}
-            self.body = parse_body(self.data)
-        if self.rows:
-            return decode_instances(sig, self.body["instances"])
-        return decode_columns(sig, self.body["inputs"])
-
-    def answer(self, result: PredictResult) -> bytes:
-        key, encode = ("predictions", encode_rows) if self.rows else ("outputs", encode_columns)
-        if all(map(_orjson_writes_dtype, result.outputs.values())):
-            text = orjson.dumps(
-                {key: encode(result.outputs, _array_itself)}, option=orjson.OPT_SERIALIZE_NUMPY
-            )
-            # orjson writes NaN and Infinity as null, which no other number becomes (an output
-            # alias with "null" in it takes the general way too): one search instead of an
-            # isfinite pass over every output (~2 us a request)
-            if b"null" not in text:
-                return text
-        return _json_bytes({key: encode(result.outputs)})
-
-
-def _orjson_writes_dtype(array: np.ndarray) -> bool:
-    """Whether orjson writes this array's numbers as TF Serving's JSON needs them: the shortest
-    decimal of a float32 or float64, any integer or bool; but NaN and Infinity as null."""
-    return array.dtype.kind in "iub" or array.dtype in _ORJSON_FLOATS
-
-
-_ORJSON_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-
-_ROW_KEYS = (("instances", True), ("inputs", False))
-
-
-def _numeric_tensor(body: bytes) -> tuple[np.ndarray | None, bool, str]:
-    """``(tensor, rows, signature_name)`` of a body that is one numeric array of rank 1 or 2
-    (float64, as ``json.loads`` would read its numbers), or ``(None, ...)`` for any other body.
-
-    simdjson parses the body without making a Python float per number. Its ``as_buffer``
-    flattens nested arrays whatever their shape, so the shape is checked here: every row is an
-    array of the first row's length, and the body holds no other ``[`` than the array's own
-    (its rows cannot nest further arrays; a "[" inside a string is ruled out by the keys and
-    signature name allowed).
-    """
-    try:
-        document = simdjson.Parser().parse(body)
-        if not isinstance(document, simdjson.Object) or not 1 <= len(document) <= 2:
-            return None, False, ""
-        signature_name = document.get("signature_name", "")
-        for key, rows in _ROW_KEYS:
-            value = document.get(key)
-            if value is not None:
-                break
-        else:
-            return None, False, ""
-        if (
-            len(document) == 2
-            and "signature_name" not in document
-            or not isinstance(signature_name, str)
-            or "[" in signature_name
-            or not isinstance(value, simdjson.Array)
-            or not len(value)
-        ):
-            return None, False, ""
-        flat = np.frombuffer(value.as_buffer(of_type="d"), np.float64)
-        first = value[0]
-        if isinstance(first, simdjson.Array):
-            width = len(first)
-            if body.count(b"[") != len(value) + 1 or not all(
-                isinstance(row, simdjson.Array) and len(row) == width for row in value
-            ):
-                return None, False, ""
-            shape: tuple[int, ...] = (len(value), width)
-        else:
-            if body.count(b"[") != 1:
-                return None, False, ""
-            shape = (len(value),)
-        return flat.reshape(shape), rows, signature_name
-    except (ValueError, TypeError, RuntimeError):  # not JSON, not numbers only, too big an int
-        return None, False, ""
-
-
-# Every digit as "0", so that a run of 19 or more digits is one substring search away.
-_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"0" * 9)
-
-
-def _loads(data: bytes) -> Any:
-    """``json.loads``, ~10x faster for a usual body (784 floats: 14 us instead of 143).
-
-    orjson reads any document it accepts as ``json.loads`` does, except an integer outside
-    int64/uint64, which it makes a float (such a literal has 19 or more digits); it rejects
-    NaN and Infinity, which ``json.loads`` accepts as TF Serving does. Those documents, and any
-    it rejects (so that errors keep ``json.loads``'s message), go through ``json.loads``.
-    """
-    if b"0" * 19 not in data.translate(_DIGITS_AS_ZERO):
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(data)
-
-
-def parse_body(data: bytes) -> dict[str, Any]:
-    if not data:
-        raise invalid("JSON Parse error: The document is empty")
-    try:
-        body = _loads(data)
-    except ValueError as e:
-        raise invalid(f"JSON Parse error: {e}") from None
-    if not isinstance(body, dict):
-        raise invalid(f"JSON Value: {_dumps(body)} Is not object")
-    return body
-
-
-def _signature_name(body: dict[str, Any]) -> str:
-    name = body.get("signature_name", "")
-    if not isinstance(name, str):
-        raise invalid(
-            f"JSON Value: {_dumps(body)} not formatted correctly. 'signature_name' key "
-            "must be a string value."
-        )
-    return name
+    return web.get(path, handler)
 
 
 async def start_rest_server(
@@ -737,9 +230,7 @@ async def start_rest_server(
     """
     app = RestApi(data_plane, timeout_ms).app()
     if prometheus_path:
-        app.router.add_routes(
-            [metrics.prometheus_route(prometheus_path, data_plane.control.metrics_page)]
-        )
+        app.router.add_routes([_prometheus_route(prometheus_path, data_plane.metrics_page)])
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, address, port, reuse_port=True)  # shared by the worker processes

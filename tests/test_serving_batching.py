@@ -214,6 +214,41 @@ def test_no_timeout_runs_within_the_cap_on_a_loop_that_never_idles(monkeypatch):
     assert answer == [8.0] and 0.04 <= took < 5
 
 
+def test_the_idle_check_reads_the_loop_and_falls_back_to_running_batches_at_once(monkeypatch):
+    """Whether the loop has callbacks ready is read from asyncio's private ``_ready``; a loop
+    without it counts as idle: batches without a timeout then run at the next iteration (smaller
+    batches, every request still answered)."""
+    monkeypatch.setattr(batching, "IDLE_WAIT_CAP_S", 30.0)
+
+    async def probe() -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
+        loop.call_soon(lambda: None)
+        busy = batching.has_ready_callbacks(loop)
+        await asyncio.sleep(0.01)
+        return busy, batching.has_ready_callbacks(loop)
+
+    assert asyncio.run(probe()) == (True, False)
+    assert batching.has_ready_callbacks(object()) is False  # type: ignore[arg-type]
+
+    monkeypatch.setattr(batching, "has_ready_callbacks", lambda loop: False)
+    model = _Model(timeout_micros=0)
+
+    async def scenario(batcher):
+        loop = asyncio.get_running_loop()
+        futures = []
+
+        def arrive(i: int) -> None:
+            futures.append(_submit(batcher, model, float(i))[1])
+            if i < 9:
+                loop.call_soon(arrive, i + 1)
+
+        arrive(0)
+        return [(await f)["y:0"].tolist() for f in futures]
+
+    assert _on_loop(scenario) == [[2.0 * i] for i in range(10)]
+    assert sum(rows for rows, _ in model.batches) == 10
+
+
 def test_a_timeout_is_waited_for_even_on_an_idle_loop():
     model = _Model(timeout_micros=200_000)
 

@@ -241,7 +241,7 @@ def test_warmup_runs_unless_disabled(tmp_path):
 def test_rest_json_reads_every_document_as_json_loads():
     import json
 
-    from serving.rest_frontend import _loads
+    from serving.json_tensor import _loads
 
     documents = [
         '{"instances": [[0.0, 0.5, 1e-7, -0.0, 3]]}',
@@ -265,7 +265,7 @@ def test_rest_floats_print_as_the_shortest_float32_decimal():
     any finite float32 and any array layout; NaN / Infinity still print (the slow path)."""
     import json
 
-    from serving.rest_frontend import _floats
+    from serving.json_tensor import _floats
 
     def reference(a: np.ndarray) -> str:
         return json.dumps(a.astype(str).astype(np.float64).tolist())
@@ -294,15 +294,16 @@ def _signature(dtype_name: str) -> SignatureInfo:
 
 def _decoded(body: bytes, dtype_name: str) -> tuple[str, object]:
     """What a :predict body decodes to (signature name, row format, arrays) or its error."""
-    from serving.rest_frontend import PredictBody
+    from serving.json_tensor import PredictBody
 
     try:
         predict = PredictBody(body)
-        inputs = predict.decode(_signature(dtype_name))
+        read = predict.read()
+        inputs = read.inputs(_signature(dtype_name))
     except ServingError as e:
         return "error", (e.code, e.message)
     return "ok", (
-        predict.signature_name,
+        read.signature_name,
         predict.rows,
         {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in inputs.items()},
     )
@@ -312,7 +313,7 @@ def test_rest_numeric_bodies_read_straight_into_numpy_as_any_body_is_read(monkey
     """simdjson takes the common :predict body (one numeric vector or matrix) straight into
     numpy; it must read it exactly as the general path (``json.loads`` + ``np.asarray``) does,
     and leave every other body, ragged or deeper-nested ones included, to that path."""
-    from serving import rest_frontend
+    from serving import json_tensor
 
     straight = [
         '{"instances": [[0.0, 0.5, 1e-7, -0.0, 3]]}',
@@ -348,14 +349,14 @@ def test_rest_numeric_bodies_read_straight_into_numpy_as_any_body_is_read(monkey
         '{"instances": [[1], [2]], "signature_name": "\\u005b"}',
     ]
     for text in straight + general:
-        assert (rest_frontend._numeric_tensor(text.encode())[0] is not None) == (
+        assert (json_tensor._numeric_tensor(text.encode())[0] is not None) == (
             text in straight
         ), text
     seen = {}
     for dtype_name in ("float32", "float64", "float16", "int32", "string"):
         for text in straight + general:
             seen[dtype_name, text] = _decoded(text.encode(), dtype_name)
-    monkeypatch.setattr(rest_frontend, "_numeric_tensor", lambda body: (None, False, ""))
+    monkeypatch.setattr(json_tensor, "_numeric_tensor", lambda body: (None, False, ""))
     for (dtype_name, text), outcome in seen.items():
         assert outcome == _decoded(text.encode(), dtype_name), (dtype_name, text)
     assert seen["float32", straight[0]][0] == "ok" and seen["float32", general[0]][0] == "error"
@@ -367,8 +368,13 @@ def test_rest_predict_answers_read_back_the_same_whichever_writer(monkeypatch):
     and any answer in which orjson wrote a NaN or Infinity as null. Every answer must read back to the same values whichever writer made it."""
     import json
 
-    from serving import rest_frontend
+    from serving import json_tensor
     from serving.core import PredictResult
+
+    def answer(text: bytes, result: PredictResult) -> bytes:
+        body = json_tensor.PredictBody(text)
+        body.read()
+        return body.answer(result)
 
     rng = np.random.default_rng(11)
     patterns = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
@@ -387,19 +393,19 @@ def test_rest_predict_answers_read_back_the_same_whichever_writer(monkeypatch):
     for outputs in cases:
         for text in (b'{"instances": [[1.0]]}', b'{"inputs": [[1.0]]}'):
             result = PredictResult(1, "serving_default", outputs)
-            answers = [rest_frontend.PredictBody(text).answer(result)]
+            answers = [answer(text, result)]
             with monkeypatch.context() as patched:
-                patched.setattr(rest_frontend, "_orjson_writes_dtype", lambda array: False)
-                answers.append(rest_frontend.PredictBody(text).answer(result))
+                patched.setattr(json_tensor, "_orjson_writes_dtype", lambda array: False)
+                answers.append(answer(text, result))
             fast, general = answers
             if fast != general:  # else the json module wrote both: NaN, Infinity, strings
                 assert json.loads(fast) == json.loads(general)
-        assert all(map(rest_frontend._orjson_writes_dtype, outputs.values())) == (
+        assert all(map(json_tensor._orjson_writes_dtype, outputs.values())) == (
             outputs is not cases[3]
         )
     nan = PredictResult(1, "serving_default", cases[2])
     assert (
-        rest_frontend.PredictBody(b'{"instances": [[1.0]]}').answer(nan)
+        answer(b'{"instances": [[1.0]]}', nan)
         == b'{"predictions":[[1.5,NaN,Infinity]]}'
     )
 
