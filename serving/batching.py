@@ -217,6 +217,19 @@ class _Queue:
     batches: deque[list[_Task]] = field(default_factory=deque)
     open_rows: int = 0  # rows in the last batch
 
+    def make_room(self, rows: int) -> None:
+        """Open a new batch unless the open one has room for ``rows`` more; UNAVAILABLE when
+        the queue already holds ``max_enqueued_batches``."""
+        if self.batches and self.open_rows + rows <= self.params.max_batch_size:
+            return
+        if len(self.batches) >= self.params.max_enqueued_batches:
+            raise ServingError(
+                grpc.StatusCode.UNAVAILABLE,
+                "The batch scheduling queue to which this task was submitted is full",
+            )
+        self.batches.append([])
+        self.open_rows = 0
+
     @property
     def waits_for_idle(self) -> bool:
         """No timeout: a batch is due when the loop has nothing else to do (see ``Batcher``)."""
@@ -310,6 +323,23 @@ class Batcher:
             raise ServingError(grpc.StatusCode.UNAVAILABLE, "The server is shutting down")
         # TF Serving records it per input tensor
         metrics.BATCHING_INPUT_BATCH_SIZE.observe_all([rows] * len(feeds))
+        queue = self._queue(servable, feeds, fetches, params)
+        queue.make_room(rows)
+        task = _Task(handle, feeds, rows, complete, self._loop.create_future(), self._loop.time())
+        queue.batches[-1].append(task)
+        queue.open_rows += rows
+        self._schedule_dispatch()
+        return task.future
+
+    def _queue(
+        self,
+        servable: "Servable",
+        feeds: dict[str, np.ndarray],
+        fetches: tuple[str, ...],
+        params: BatchingParameters,
+    ) -> _Queue:
+        """The queue of runs that can be concatenated with this one: same version, fed and fetched
+        tensors, and inner dims (or ranks, when ``pad_variable_length_inputs`` pads them)."""
         names = tuple(sorted(feeds))
         if params.pad_variable_length_inputs:
             shapes = tuple([feeds[n].ndim for n in names])
@@ -319,19 +349,7 @@ class Batcher:
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = _Queue(servable, fetches, params)
-        if not queue.batches or queue.open_rows + rows > params.max_batch_size:
-            if len(queue.batches) >= params.max_enqueued_batches:
-                raise ServingError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    "The batch scheduling queue to which this task was submitted is full",
-                )
-            queue.batches.append([])
-            queue.open_rows = 0
-        task = _Task(handle, feeds, rows, complete, self._loop.create_future(), self._loop.time())
-        queue.batches[-1].append(task)
-        queue.open_rows += rows
-        self._schedule_dispatch()
-        return task.future
+        return queue
 
     # -- on the loop -----------------------------------------------------------------------------
 
