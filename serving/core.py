@@ -22,20 +22,20 @@ import numpy as np
 
 from serving.batching import Batcher
 from serving.errors import ServingError, invalid
-from serving.jobs import JobRunner
-from serving.model_format import DEFAULT_SIGNATURE
-from serving.routing import Handle, RoutingTable
-from serving.servable import (
+from serving.inference import (
     Classification,
     Regression,
-    Servable,
-    SignatureInfo,
     SignatureTask,
     inference_results,
     inference_tensors,
     predict_outputs,
     predict_tensors,
 )
+from serving.jobs import JobRunner
+from serving.model_format import DEFAULT_SIGNATURE
+from serving.routing import Handle, RoutingTable
+from serving.servable import Servable
+from serving.signatures import SignatureInfo
 from serving.types import VersionStatus
 
 T = TypeVar("T")

@@ -29,8 +29,8 @@ from tensorflow_serving.apis import (
 from serving import metrics
 from serving.core import DataPlane, InferenceResult, InferenceTask, PredictResult
 from serving.errors import ServingError, invalid
+from serving.inference import Classification, Regression
 from serving.model_format import CLASSIFY_METHOD, REGRESS_METHOD
-from serving.servable import Classification, Regression
 from serving.tensors import fill_tensor_proto, serialized_examples, to_ndarray
 from serving.types import RELOAD_TIMEOUT_S
 

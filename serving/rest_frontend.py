@@ -37,13 +37,9 @@ from serving import metrics
 from serving.core import DataPlane, InferenceResult, PredictResult, parse_version
 from serving.deadlines import Deadlines
 from serving.errors import ServingError, invalid
+from serving.inference import Classification, Regression
 from serving.model_format import CLASSIFY_METHOD, REGRESS_METHOD
-from serving.servable import (
-    Classification,
-    Regression,
-    SignatureInfo,
-    TensorInfo,
-)
+from serving.signatures import SignatureInfo, TensorInfo
 from serving.tensors import serialized_examples
 
 log = logging.getLogger("serving.rest")

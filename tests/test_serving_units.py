@@ -17,7 +17,7 @@ import saved_models  # noqa: E402
 from serving.errors import ServingError  # noqa: E402
 from serving.flags import parse_args  # noqa: E402
 from serving.model_format import version_of_dir  # noqa: E402
-from serving.servable import SignatureInfo, TensorInfo  # noqa: E402
+from serving.signatures import SignatureInfo, TensorInfo  # noqa: E402
 from serving.source import VersionPolicy, list_versions  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
