@@ -8,17 +8,16 @@ unload. TensorFlow is imported lazily here (``--help`` must stay instant).
 This module owns the session: load, close, the callables and the one session call every API makes
 (``run_tensors``). What a request means around that call is elsewhere, along TF Serving's seams:
 the signatures and Predict's input checks in ``serving.signatures``, the four APIs' feeds, fetches
-and answers in ``serving.inference``. The API methods here only join those to this session.
+and answers in ``serving.inference``, the warmup replay in ``serving.warmup`` (which
+``load_servable`` runs). The API methods here only join those to this session.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import grpc
@@ -37,14 +36,9 @@ from serving.inference import (
     predict_outputs,
     predict_tensors,
 )
-from serving.model_format import (
-    CLASSIFY_METHOD,
-    DEFAULT_SIGNATURE,
-    MAX_WARMUP_RECORDS,
-    REGRESS_METHOD,
-    WARMUP_FILE,
-)
+from serving.model_format import CLASSIFY_METHOD, DEFAULT_SIGNATURE, REGRESS_METHOD
 from serving.signatures import SignatureInfo, signature_info, validate_predict
+from serving.warmup import replay_warmup
 
 if TYPE_CHECKING:
     from serving.types import BatchingParameters
@@ -223,81 +217,6 @@ class Servable:
         except tf.errors.OpError as e:
             raise ServingError(status_code(e.error_code), e.message) from None
 
-    # -- warmup --------------------------------------------------------------------------------
-
-    @metrics.warmup_observed
-    def warmup(self) -> int:
-        """Replay ``assets.extra/tf_serving_warmup_requests`` (<= 1000 records); return the count.
-
-        Predict, Classify, Regress and MultiInference records run through the same code as live
-        requests. Any failure raises, which fails the load: a version whose warmup data does not
-        run would fail real requests too (TF Serving behaves the same, and also rejects other
-        record kinds).
-        """
-        path = Path(self.path) / WARMUP_FILE
-        if not path.is_file():
-            return 0
-        from tensorflow_serving.apis import prediction_log_pb2
-
-        from serving.tensors import serialized_examples, to_ndarray
-
-        count = 0
-        for record in read_tfrecords(path, MAX_WARMUP_RECORDS):
-            entry = prediction_log_pb2.PredictionLog.FromString(record)
-            kind = entry.WhichOneof("log_type")
-            if kind == "predict_log":
-                request = entry.predict_log.request
-                sig = self.signature(request.model_spec.signature_name)
-                inputs = {a: to_ndarray(a, t) for a, t in request.inputs.items()}
-                self.run(sig, inputs, self.validate(sig, inputs, list(request.output_filter)))
-            elif kind == "classify_log":
-                request = entry.classify_log.request
-                self.classify(request.model_spec.signature_name, serialized_examples(request.input))
-            elif kind == "regress_log":
-                request = entry.regress_log.request
-                self.regress(request.model_spec.signature_name, serialized_examples(request.input))
-            elif kind == "multi_inference_log":
-                request = entry.multi_inference_log.request
-                self.multi_inference(
-                    [(t.model_spec.signature_name, t.method_name) for t in request.tasks],
-                    serialized_examples(request.input),
-                )
-            else:
-                raise ServingError(
-                    grpc.StatusCode.UNIMPLEMENTED, f"Unsupported log_type for warmup: {kind}"
-                )
-            count += 1
-        return count
-
-
-def read_tfrecords(path: str | Path, limit: int) -> list[bytes]:
-    """Read up to ``limit`` records of a TFRecord file (length, crc, data, crc framing).
-
-    Plain Python so that reading warmup data needs neither eager tf.data nor the deprecated
-    ``tf_record_iterator`` (which logs a warning per call). CRCs are not verified; a truncated
-    file, or a length longer than what is left of the file (not a TFRecord file), raises.
-    """
-    records: list[bytes] = []
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        while len(records) < limit:
-            header = f.read(12)
-            if not header:
-                break
-            if len(header) != 12:
-                raise ValueError(f"{path}: truncated TFRecord header")
-            (length,) = struct.unpack("<Q", header[:8])
-            if length > size - f.tell():
-                raise ValueError(
-                    f"{path}: not a TFRecord file (a record of {length} bytes, "
-                    f"{size - f.tell()} bytes left)"
-                )
-            data = f.read(length)
-            if len(data) != length or len(f.read(4)) != 4:
-                raise ValueError(f"{path}: truncated TFRecord")
-            records.append(data)
-    return records
-
 
 def status_code(value: int) -> grpc.StatusCode:
     """The grpc.StatusCode with numeric ``value`` (TF error codes are the same numbers)."""
@@ -358,7 +277,7 @@ def load_servable(model_name: str, version: int, path: str, warmup: bool) -> Ser
     )
     if warmup:
         try:
-            n = servable.warmup()
+            n = replay_warmup(servable)
         except Exception:
             servable.close()
             raise
