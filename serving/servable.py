@@ -15,7 +15,6 @@ and answers in ``serving.inference``, the warmup replay in ``serving.warmup`` (w
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -224,37 +223,6 @@ def status_code(value: int) -> grpc.StatusCode:
         if code.value[0] == value:
             return code
     return grpc.StatusCode.UNKNOWN
-
-
-def import_runtime() -> None:
-    """Import TensorFlow once, and move its objects out of the garbage collector's sight.
-
-    Its ~400k module-level objects live as long as the process. Every unload runs a full
-    ``gc.collect`` (routing: to free the closed graph's reference cycles), which would walk them
-    all, ~190 ms holding the GIL: a stall every in-flight request waited out (benchmark d).
-    Frozen, the collection walks only what was created since (the servables) and takes ~1 ms.
-    Call it before the first version loads, so no version's objects are frozen with them.
-
-    TensorFlow's kernels are its own (Eigen) unless the user sets ``TF_ENABLE_ONEDNN_OPTS=1``, as
-    in TF Serving's standard (non-MKL) build: for serving-sized calls oneDNN's per-call overhead
-    costs more than it saves (MNIST softmax, in-process: batch 1 17 -> 11 us, batch 64 130 -> 37
-    us, batch 128 175 -> 151 us without it). A model whose big kernels gain from oneDNN can have
-    it back with the variable.
-
-    The young generation is collected every 20,000 allocations instead of 700: a request
-    allocates dozens of container objects that die with it, and the fewer collections find
-    nearly all of them gone already (REST at 64 concurrent, 2 workers: 1.04x requests/s in a
-    paired run, all four rounds ahead, with the older generations collected after 20 of the
-    younger's collections instead of 10). Cyclic garbage lives a little longer; unloads still
-    collect in full.
-    """
-    import gc
-
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    import tensorflow  # noqa: F401
-
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
 
 
 # (model name, version, version directory, replay warmup) -> the loaded version
