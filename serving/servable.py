@@ -37,6 +37,7 @@ from serving.inference import (
 )
 from serving.model_format import CLASSIFY_METHOD, DEFAULT_SIGNATURE, REGRESS_METHOD
 from serving.signatures import SignatureInfo, signature_info, validate_predict
+from serving.tf_runtime import SessionCallable, session_callable
 from serving.warmup import replay_warmup
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ class Servable:
         self.signature_defs: dict[str, Any] = {}  # name -> SignatureDef proto (for metadata)
         self.signatures: dict[str, SignatureInfo] = {}
         # (sorted feed tensor names, sorted fetch tensor names) -> Session callable
-        self._callables: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
+        self._callables: dict[tuple[tuple[str, ...], tuple[str, ...]], SessionCallable] = {}
         self._lock = threading.Lock()
         # Set by the loader when batching is on: the parameters of this version's Predict queues.
         self.batching: BatchingParameters | None = None
@@ -168,16 +169,12 @@ class Servable:
 
     # -- session calls -------------------------------------------------------------------------
 
-    def _callable(self, feeds: tuple[str, ...], fetches: tuple[str, ...]) -> Any:
+    def _callable(self, feeds: tuple[str, ...], fetches: tuple[str, ...]) -> SessionCallable:
         """The session callable for these (sorted) graph tensors, built once (building one costs
         more than a call). Sorted names make one callable serve every API that runs the same
-        tensors (Predict and Classify of a signature, say).
-
-        C++ ``Session::MakeCallable`` through ``_make_callable_from_options`` (what Keras's TF1
-        backend uses), not the public ``make_callable``: with a feed list, that one goes through
-        all of ``Session.run``'s Python feed and fetch handling each call (~150 us under the GIL
-        at batch 1, several times the graph itself). Feeds must then be arrays of the placeholder's
-        dtype and shape, which ``validate`` has checked against the signature.
+        tensors (Predict and Classify of a signature, say). The fast C++ callable
+        (``tf_runtime.session_callable``) takes feeds of exactly the placeholder's dtype and shape,
+        which ``validate`` has checked against the signature.
         """
         key = (feeds, fetches)
         fn = self._callables.get(key)
@@ -191,11 +188,7 @@ class Servable:
                 )
             fn = self._callables.get(key)
             if fn is None:
-                from tensorflow.core.protobuf import config_pb2
-
-                fn = self._session._make_callable_from_options(
-                    config_pb2.CallableOptions(feed=feeds, fetch=fetches)
-                )
+                fn = session_callable(self._session, feeds, fetches)
                 self._callables[key] = fn
         return fn
 
