@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-# The model in-process (c) runs with the server's TensorFlow settings (servable.import_runtime).
+# The model in-process (c) runs with the server's TensorFlow settings
+# (serving.tf_runtime.import_tensorflow_for_serving).
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from benchmarks import payloads, swaps  # noqa: E402

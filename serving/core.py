@@ -38,20 +38,20 @@ import numpy as np
 
 from serving.batching import Batcher
 from serving.errors import invalid
-from serving.jobs import JobRunner
-from serving.model_format import CLASSIFY_METHOD, REGRESS_METHOD
-from serving.routing import Handle, RoutingTable
-from serving.servable import (
+from serving.inference import (
     Classification,
     Regression,
-    Servable,
-    SignatureInfo,
     SignatureTask,
     inference_results,
     inference_tensors,
     predict_outputs,
     predict_tensors,
 )
+from serving.jobs import JobRunner
+from serving.model_format import CLASSIFY_METHOD, REGRESS_METHOD
+from serving.routing import Handle, RoutingTable
+from serving.servable import Servable
+from serving.signatures import SignatureInfo
 from serving.types import RELOAD_TIMEOUT_S, VersionStatus
 
 R = TypeVar("R")

@@ -41,7 +41,7 @@ from serving.core import (
     PredictResult,
 )
 from serving.errors import ServingError, invalid
-from serving.servable import Classification, Regression
+from serving.inference import Classification, Regression
 from serving.tensors import fill_tensor_proto, serialized_examples, to_ndarray
 
 log = logging.getLogger("serving.grpc")

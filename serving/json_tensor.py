@@ -25,7 +25,8 @@ import simdjson
 
 from serving.core import ExamplesInput, InferenceResult, PredictInput, PredictResult
 from serving.errors import ServingError, invalid
-from serving.servable import Classification, SignatureInfo, TensorInfo
+from serving.inference import Classification
+from serving.signatures import SignatureInfo, TensorInfo
 from serving.tensors import serialized_examples
 
 # The key of :classify / :regress answers. TF Serving's REST reference says "result", but the

@@ -323,7 +323,7 @@ def saved_model_load_observed(load: Callable[[Loadable], None]) -> Callable[[Loa
 
 
 def warmup_observed(warmup: Callable[[Loadable], int]) -> Callable[[Loadable], int]:
-    """Wrap ``Servable.warmup`` (returns the records replayed): TF Serving's warmup latency.
+    """Wrap ``warmup.replay_warmup`` (returns the records replayed): TF Serving's warmup latency.
 
     Like TF Serving, a version without warmup data records nothing; a failed warmup records its
     status code name (TF Serving prints the whole status, message included).

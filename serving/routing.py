@@ -11,8 +11,8 @@ After each close the freed memory is handed back to the OS (``gc.collect`` + gli
 ``malloc_trim``): without it the RSS grows by ~0.3 MiB with every version swap, because glibc
 keeps the freed small blocks of the unloaded graph in its arenas (TF Serving likewise releases
 memory to the OS after unloads). TensorFlow's own objects are frozen out of the collector before
-the first load (``servable.import_runtime``), so that collection takes ~1 ms instead of stalling
-every request for ~190 ms.
+the first load (``tf_runtime.import_tensorflow_for_serving``), so that this collection takes
+about a millisecond instead of stalling every request for a large fraction of a second.
 """
 
 from __future__ import annotations

@@ -90,11 +90,12 @@ class Worker:
     async def run(self) -> None:
         from serving import batching
         from serving.core import DataPlane
-        from serving.servable import import_runtime, load_servable
+        from serving.servable import load_servable
+        from serving.tf_runtime import import_tensorflow_for_serving
 
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
-        await self.loop.run_in_executor(None, import_runtime)
+        await self.loop.run_in_executor(None, import_tensorflow_for_serving)
         batcher = None
         self.load_fn = load_servable
         if self.options.batching is not None:

@@ -95,11 +95,12 @@ def test_failed_jobs_are_not_measured():
 def half_plus_two(tmp_path_factory):
     """Loads the half_plus_two model (``y = 0.5 x + 2``) as a new version, batched as with
     ``--enable_batching``."""
-    from serving.servable import import_runtime, load_servable
+    from serving.servable import load_servable
+    from serving.tf_runtime import import_tensorflow_for_serving
     from serving.types import BatchingParameters
     from tests import saved_models
 
-    import_runtime()
+    import_tensorflow_for_serving()
     base = tmp_path_factory.mktemp("half_plus_two")
     saved_models.write_half_plus_two(base, 1, warmup=False)
 

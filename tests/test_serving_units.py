@@ -1,4 +1,5 @@
-"""In-process tests of the server's parts: flags, filesystem source, manager with real SavedModels."""
+"""In-process tests of the server's parts: flags, filesystem source, manager with real SavedModels,
+the session callable's fallback, REST's JSON codec, deadlines."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import saved_models  # noqa: E402
 from serving.errors import ServingError  # noqa: E402
 from serving.flags import parse_args  # noqa: E402
 from serving.model_format import version_of_dir  # noqa: E402
-from serving.servable import SignatureInfo, TensorInfo  # noqa: E402
+from serving.signatures import SignatureInfo, TensorInfo  # noqa: E402
 from serving.source import VersionPolicy, list_versions  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -110,7 +111,7 @@ def test_fingerprint_changes_when_directory_replaced(tmp_path):
     assert list_versions(tmp_path)[1].fingerprint != before
 
 
-# -- manager with real SavedModels ------------------------------------------------------------------
+# -- manager with real SavedModels ----------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +236,67 @@ def test_warmup_runs_unless_disabled(tmp_path):
         servable.close()
 
 
+# -- session callables: the public API fallback ---------------------------------------------------
+
+
+class PublicApiSession:
+    """A TF1 session as a TensorFlow without the private fast path would have it: ``missing``,
+    no ``_make_callable_from_options`` at all; ``changed``, one that takes other arguments."""
+
+    def __init__(self, session, private: str) -> None:
+        self._session = session
+        self.public_callables = 0
+        if private == "changed":
+            self._make_callable_from_options = lambda: None  # TypeError when called with options
+
+    def make_callable(self, fetches, feed_list):
+        self.public_callables += 1
+        return self._session.make_callable(fetches, feed_list=feed_list)
+
+
+@pytest.mark.parametrize("private", ["missing", "changed"])
+def test_session_callable_falls_back_to_the_public_api_with_the_same_answers(
+    tmp_path, monkeypatch, caplog, private
+):
+    """A TensorFlow without the private callable API costs speed, not answers: Predict and
+    Classify through ``Session.make_callable`` give exactly what the fast path gives."""
+    from serving import servable as servable_module
+    from serving import tf_runtime
+    from serving.servable import load_servable
+
+    path = saved_models.write_half_plus_two(tmp_path, 1, warmup=False)
+    x = {"x": np.array([1.0, 2.0, 5.0], np.float32)}
+    examples = [saved_models.x_example(v).SerializeToString() for v in (1.0, 2.0, 5.0)]
+
+    def answers() -> list[np.ndarray]:
+        servable = load_servable("half", 1, str(path), warmup=False)
+        try:
+            sig = servable.signature("serving_default")
+            y = servable.run(sig, x, servable.validate(sig, x))["y"]
+            classified = servable.classify("classify_with_labels", examples)
+            return [y, classified.classes, classified.scores]
+        finally:
+            servable.close()
+
+    fast = answers()
+    sessions: list[PublicApiSession] = []
+
+    def public_api_only(session, feeds, fetches):
+        sessions.append(PublicApiSession(session, private))
+        return tf_runtime.session_callable(sessions[-1], feeds, fetches)
+
+    monkeypatch.setattr(servable_module, "session_callable", public_api_only)
+    tf_runtime._log_public_callable_fallback.cache_clear()  # "once": from this test's start
+    with caplog.at_level("WARNING", logger="serving.tf_runtime"):
+        slow = answers()
+    assert sessions and all(s.public_callables == 1 for s in sessions)
+    fallbacks = [r for r in caplog.records if r.name == "serving.tf_runtime"]
+    assert len(fallbacks) == 1 and fallbacks[0].levelname == "WARNING"
+    for want, got in zip(fast, slow, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert got.tolist() == want.tolist()
+
+
 # -- REST JSON -----------------------------------------------------------------------------------
 
 
@@ -349,9 +411,9 @@ def test_rest_numeric_bodies_read_straight_into_numpy_as_any_body_is_read(monkey
         '{"instances": [[1], [2]], "signature_name": "\\u005b"}',
     ]
     for text in straight + general:
-        assert (json_tensor._numeric_tensor(text.encode())[0] is not None) == (
-            text in straight
-        ), text
+        assert (json_tensor._numeric_tensor(text.encode())[0] is not None) == (text in straight), (
+            text
+        )
     seen = {}
     for dtype_name in ("float32", "float64", "float16", "int32", "string"):
         for text in straight + general:
@@ -365,7 +427,8 @@ def test_rest_numeric_bodies_read_straight_into_numpy_as_any_body_is_read(monkey
 def test_rest_predict_answers_read_back_the_same_whichever_writer(monkeypatch):
     """orjson writes float32/float64 and integer outputs (the shortest decimal, as the json
     module writes float32's shortest digits read as float64); the json module writes the rest,
-    and any answer in which orjson wrote a NaN or Infinity as null. Every answer must read back to the same values whichever writer made it."""
+    and any answer in which orjson wrote a NaN or Infinity as null. Every answer must read back to
+    the same values whichever writer made it."""
     import json
 
     from serving import json_tensor
@@ -404,10 +467,7 @@ def test_rest_predict_answers_read_back_the_same_whichever_writer(monkeypatch):
             outputs is not cases[3]
         )
     nan = PredictResult(1, "serving_default", cases[2])
-    assert (
-        answer(b'{"instances": [[1.0]]}', nan)
-        == b'{"predictions":[[1.5,NaN,Infinity]]}'
-    )
+    assert answer(b'{"instances": [[1.0]]}', nan) == b'{"predictions":[[1.5,NaN,Infinity]]}'
 
 
 def test_deadlines_fail_late_requests_only_and_pass_other_cancellations_through():
