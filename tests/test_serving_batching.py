@@ -170,11 +170,9 @@ def test_no_timeout_runs_a_lone_request_once_the_loop_is_idle(monkeypatch):
     assert [rows for rows, _ in model.batches] == [1, 1, 1]
 
 
-def test_no_timeout_gathers_what_arrives_while_the_loop_is_busy(monkeypatch):
-    """Requests taken in one per loop iteration (as gRPC's server does) while the loop stays
-    busy join one batch; it runs when the loop has nothing else to do."""
-    monkeypatch.setattr(batching, "IDLE_WAIT_CAP_S", 30.0)
-    model = _Model(timeout_micros=0)
+def _one_a_loop_iteration(model: _Model, n: int):
+    """A scenario: ``n`` requests arrive one a loop iteration, as gRPC's server takes them in;
+    their answers."""
 
     async def scenario(batcher):
         loop = asyncio.get_running_loop()
@@ -182,13 +180,22 @@ def test_no_timeout_gathers_what_arrives_while_the_loop_is_busy(monkeypatch):
 
         def arrive(i: int) -> None:
             futures.append(_submit(batcher, model, float(i))[1])
-            if i < 9:
+            if i < n - 1:
                 loop.call_soon(arrive, i + 1)
 
         arrive(0)
         return [(await f)["y:0"].tolist() for f in futures]
 
-    assert _on_loop(scenario) == [[2.0 * i] for i in range(10)]
+    return scenario
+
+
+def test_no_timeout_gathers_what_arrives_while_the_loop_is_busy(monkeypatch):
+    """Requests taken in one per loop iteration (as gRPC's server does) while the loop stays
+    busy join one batch; it runs when the loop has nothing else to do."""
+    monkeypatch.setattr(batching, "IDLE_WAIT_CAP_S", 30.0)
+    model = _Model(timeout_micros=0)
+
+    assert _on_loop(_one_a_loop_iteration(model, 10)) == [[2.0 * i] for i in range(10)]
     assert [rows for rows, _ in model.batches] == [10]
 
 
@@ -233,19 +240,7 @@ def test_the_idle_check_reads_the_loop_and_falls_back_to_running_batches_at_once
     monkeypatch.setattr(batching, "has_ready_callbacks", lambda loop: False)
     model = _Model(timeout_micros=0)
 
-    async def scenario(batcher):
-        loop = asyncio.get_running_loop()
-        futures = []
-
-        def arrive(i: int) -> None:
-            futures.append(_submit(batcher, model, float(i))[1])
-            if i < 9:
-                loop.call_soon(arrive, i + 1)
-
-        arrive(0)
-        return [(await f)["y:0"].tolist() for f in futures]
-
-    assert _on_loop(scenario) == [[2.0 * i] for i in range(10)]
+    assert _on_loop(_one_a_loop_iteration(model, 10)) == [[2.0 * i] for i in range(10)]
     assert sum(rows for rows, _ in model.batches) == 10
 
 
