@@ -12,8 +12,6 @@ from tasks.config import REPO_ROOT
 from tasks.mnist import load_test
 from tasks.model_server import predict_request
 
-PREDICT_PATH = "/tensorflow.serving.PredictionService/Predict"
-
 
 def one_image() -> np.ndarray:
     return load_test(REPO_ROOT / "data" / "mnist").images[:1]

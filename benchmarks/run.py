@@ -20,40 +20,31 @@ import argparse
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 
-# The model in-process (c) runs with the server's TensorFlow settings (servable.import_runtime).
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-from benchmarks import payloads, swaps  # noqa: E402
-from serving.flags import DEFAULT_WORKERS  # noqa: E402
-from tasks.config import REPO_ROOT  # noqa: E402
-from tests.processes import free_port, model_server, running, wait_for_http  # noqa: E402
-
-if TYPE_CHECKING:
-    from benchmarks.paired import Paired
-
-MODEL = "mnist"
-# TF Serving's advice for CPUs: batch threads = cores, start with no timeout (a lone request is not
-# held back), as many queued batches as clients so 64 concurrent clients are never shed.
-BATCHING_PARAMETERS = """\
-max_batch_size { value: 64 }
-batch_timeout_micros { value: 0 }
-max_enqueued_batches { value: 64 }
-num_batch_threads { value: 2 }
-"""
+from benchmarks import payloads, swaps
+from benchmarks.common import (
+    BATCHING_PARAMETERS,
+    GRPC_PREDICT_PATH,
+    MODEL,
+    REST_PREDICT_PATH,
+    build_model,
+    h2load,
+)
+from benchmarks.paired import Paired, paired
+from serving.flags import DEFAULT_WORKERS
+from tasks.config import REPO_ROOT
+from tests.processes import free_port, model_server, running, wait_for_http
 
 
 @dataclass(frozen=True)
@@ -66,37 +57,6 @@ class Measurement:
     p99_ms: float
     succeeded: int
     failed: int
-
-
-def h2load(
-    url: str, body: Path, concurrency: int, duration_s: float, grpc: bool, log: Path
-) -> tuple[float, np.ndarray, int, int]:
-    """Requests/s, per-request latencies (ms), succeeded and failed counts of one h2load run."""
-    headers = (
-        ["-H", "content-type: application/grpc", "-H", "te: trailers"]
-        if grpc
-        else ["-H", "content-type: application/json", "--h1"]
-    )
-    command = [
-        "h2load",
-        f"--clients={concurrency}",
-        "--max-concurrent-streams=1",
-        "--threads=1",
-        f"--duration={duration_s:g}",
-        "--warm-up-time=1",
-        f"--data={body}",
-        f"--log-file={log}",
-        *headers,
-        url,
-    ]
-    log.unlink(missing_ok=True)  # h2load appends to an existing log
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", output).group(1))
-    counts = re.search(
-        r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", output
-    )
-    latencies = np.loadtxt(log, usecols=2, ndmin=1) / 1000.0 if log.stat().st_size else np.zeros(1)
-    return rps, latencies, int(counts.group(1)), int(counts.group(2))
 
 
 def measure(
@@ -131,41 +91,6 @@ def measure(
         )
         results.append(result)
     return results
-
-
-def build_model(directory: Path) -> Path:
-    """A softmax regression trained for one epoch, exported as version 1 of the store (~10 s)."""
-    from tasks import mnist
-    from tasks.config import ExportConfig, ModelConfig, TrainConfig
-    from tasks.export import export
-    from tasks.train import fit, resolve_devices
-
-    data = mnist.load(REPO_ROOT / "data" / "mnist")
-    trained = fit(data, ModelConfig(), TrainConfig(epochs=1), resolve_devices("cpu", []))
-    exported = export.fn(
-        trained.model,
-        ExportConfig(base_path=directory / "exports"),
-        directory / "models",
-        data.test.images[:4],
-    )
-    store = directory / "models" / MODEL
-    store.mkdir(parents=True)
-    shutil.copytree(exported.path, store / "1")
-    register_in_mlflow(directory, trained.model)
-    return store
-
-
-def register_in_mlflow(directory: Path, keras_model) -> None:
-    from tasks.config import MlflowConfig
-    from tasks.tracking import register_model, tracked_run
-
-    cfg = MlflowConfig(
-        tracking_uri=f"sqlite:///{directory / 'mlflow.db'}",
-        experiment="bench",
-        artifact_location=str(directory / "mlartifacts"),
-    )
-    with tracked_run(cfg, "bench", {}, {}) as tracker:
-        register_model(tracker, keras_model, MODEL, 1)
 
 
 @contextmanager
@@ -433,8 +358,6 @@ def main(argv: list[str] | None = None) -> None:
         store = build_model(scratch)
         bodies = payloads.write_all(scratch / "bodies", MODEL)
         results: list[Measurement] = []
-        grpc_path = payloads.PREDICT_PATH
-        rest_path = f"/v1/models/{MODEL}:predict"
         batching_file = scratch / "batching_parameters.pbtxt"
         batching_file.write_text(BATCHING_PARAMETERS)
         batching_flags = ("--enable_batching", f"--batching_parameters_file={batching_file}")
@@ -451,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
                 results += measure(
                     "a",
                     target,
-                    f"http://127.0.0.1:{grpc_port}{grpc_path}",
+                    f"http://127.0.0.1:{grpc_port}{GRPC_PREDICT_PATH}",
                     bodies["grpc"],
                     True,
                     args.concurrency,
@@ -461,15 +384,13 @@ def main(argv: list[str] | None = None) -> None:
                 results += measure(
                     "b",
                     target,
-                    f"http://127.0.0.1:{rest_port}{rest_path}",
+                    f"http://127.0.0.1:{rest_port}{REST_PREDICT_PATH}",
                     bodies["rest"],
                     False,
                     args.concurrency,
                     args.duration,
                     scratch,
                 )
-        from benchmarks.paired import paired  # not at the top: paired.py builds on this module
-
         pairs: dict[str, Paired] = {}
         if args.paired_rounds and PAIRED_CONCURRENCY in args.concurrency:
             for scenario, api in (("a", "grpc"), ("b", "rest")):

@@ -40,10 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import GRPC_PREDICT_PATH, MODEL, build_model
 from tests.processes import model_server, rss_kib
 
-MODEL = "mnist"
-PREDICT_PATH = "/tensorflow.serving.PredictionService/Predict"
 SETTLE_S = 1.0  # after the old version's END: the unload's gc + malloc_trim run then
 RSS_SETTLE_S = 0.5  # e: RSS is read this long after the old version's END
 WARMUP_S = 1.0  # requests in the first second of load count neither as steady nor as swap
@@ -70,7 +69,9 @@ async def _generate(
 
     request_bytes, expected = commands.get()  # the parent sends these once the server is up
     channel = grpc.aio.insecure_channel(address)
-    predict = channel.unary_unary(PREDICT_PATH)  # bytes in, bytes out: nothing encoded per request
+    predict = channel.unary_unary(
+        GRPC_PREDICT_PATH
+    )  # bytes in, bytes out: nothing encoded per request
     for _ in range(20):  # connection and first-call costs stay out of the records
         await predict(request_bytes, timeout=30)
     sent, done, versions, codes = [], [], [], []
@@ -665,8 +666,6 @@ def main(argv: list[str] | None = None) -> None:
         scratch = Path(scratch_name)
         source = args.source
         if source is None:
-            from benchmarks.run import build_model
-
             print("building the model (1 epoch) ...", flush=True)
             source = build_model(scratch / "model") / "1"
         hot, memory = run_all(
