@@ -12,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.config import REPO_ROOT
-
 MODEL = "mnist"
 # Where the load goes: a gRPC Predict is a POST to the method's path, over HTTP/2.
 GRPC_PREDICT_PATH = "/tensorflow.serving.PredictionService/Predict"
@@ -61,12 +59,12 @@ def h2load(
 
 def build_model(directory: Path) -> Path:
     """A softmax regression trained for one epoch, exported as version 1 of the store (~10 s)."""
-    from tasks import mnist
+    from serving import mnist
     from tasks.config import ExportConfig, ModelConfig, TrainConfig
     from tasks.export import export
     from tasks.train import fit, resolve_devices
 
-    data = mnist.load(REPO_ROOT / "data" / "mnist")
+    data = mnist.load(mnist.SHIPPED_DIR)
     trained = fit(data, ModelConfig(), TrainConfig(epochs=1), resolve_devices("cpu", []))
     exported = export.fn(
         trained.model,

@@ -232,7 +232,7 @@ def fresh_store(directory: Path, source: Path) -> Path:
 def reference_request(server_address: str) -> tuple[bytes, np.ndarray]:
     """The serialized batch-1 request the generator sends, and the scores the served model gives it."""
     from benchmarks.payloads import one_image
-    from tasks.model_server import ModelServer, predict_request
+    from serving.api_client import ModelServer, predict_request
 
     image = one_image()
     request = predict_request(MODEL, image)
@@ -415,7 +415,7 @@ def hot_swaps(
     gap_s: float = 2.5,
 ) -> HotSwapResult:
     """Scenario d: ``swaps`` versions published one after another under continuous load."""
-    from tasks.model_server import ModelServer
+    from serving.api_client import ModelServer
 
     directory = scratch / f"swaps-poll-{poll_s:g}"
     store = fresh_store(directory, source)
@@ -476,7 +476,7 @@ def memory_over_swaps(
     source: Path, scratch: Path, swaps: int = 50, poll_s: float = 0.1
 ) -> MemoryResult:
     """Scenario e: RSS after 1 swap vs after ``swaps`` swaps, under a light load."""
-    from tasks.model_server import ModelServer
+    from serving.api_client import ModelServer
 
     directory = scratch / "memory"
     store = fresh_store(directory, source)

@@ -17,7 +17,8 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks import mnist, plots
+from serving import mnist
+from tasks import plots
 from tasks.config import ConfigError, load_config
 from tasks.export import export
 from tasks.logs import logger

@@ -33,9 +33,9 @@ from prefect.cache_policies import NO_CACHE
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import classification_pb2, predict_pb2, prediction_log_pb2
 
+from serving.mnist import IMAGE_PIXELS, NUM_CLASSES
 from tasks.config import ExportConfig
 from tasks.logs import logger as _logger
-from tasks.mnist import IMAGE_PIXELS, NUM_CLASSES
 
 SERVING_SIGNATURE = "serving_default"
 CLASSIFY_SIGNATURE = "classify"

@@ -20,10 +20,10 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from serving.api_client import ModelServer
 from tasks.config import PushConfig
 from tasks.export import ExportResult
 from tasks.logs import logger
-from tasks.model_server import ModelServer
 from tasks.validate import Verdict
 
 POLL_INTERVAL_S = 0.2

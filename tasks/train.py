@@ -19,9 +19,9 @@ import tensorflow as tf
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from serving.mnist import IMAGE_PIXELS, NUM_CLASSES, Mnist
 from tasks.config import ModelConfig, TrainConfig
 from tasks.logs import logger as _logger
-from tasks.mnist import IMAGE_PIXELS, NUM_CLASSES, Mnist
 from tasks.tracking import RunTracker
 
 # The metrics Keras reports per epoch with validation data, in the order they are logged.

@@ -15,11 +15,11 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from serving.api_client import ModelServer
+from serving.mnist import NUM_CLASSES, Split
 from tasks.config import ValidateConfig
 from tasks.export import ExportResult
 from tasks.logs import logger
-from tasks.mnist import NUM_CLASSES, Split
-from tasks.model_server import ModelServer
 
 
 class ValidationError(RuntimeError):

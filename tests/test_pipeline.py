@@ -23,9 +23,9 @@ from prefect.testing.utilities import prefect_test_harness
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from flows.train_and_serve import GateFailed, train_and_serve
+from serving.api_client import ModelServer, predict_request, response_scores
+from serving.mnist import load_test
 from tasks.config import REPO_ROOT
-from tasks.mnist import load_test
-from tasks.model_server import ModelServer, predict_request, response_scores
 from tests.processes import ModelServerProcess, mlflow_server, model_server
 
 MODEL = "mnist"

@@ -17,8 +17,8 @@ import pytest
 import tensorflow as tf
 from mlflow.tracking import MlflowClient
 
+from serving.mnist import Mnist, Split, load
 from tasks.config import ModelConfig, TrainConfig
-from tasks.mnist import Mnist, Split, load
 from tasks.tracking import RunTracker
 from tasks.train import (
     DeviceError,
@@ -170,7 +170,7 @@ _MIRRORED_SCRIPT = textwrap.dedent(
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 
     from tasks.config import ModelConfig, TrainConfig
-    from tasks.mnist import Mnist, Split, load
+    from serving.mnist import Mnist, Split, load
     from tasks.train import fit, resolve_devices
 
     full = load(sys.argv[1])
