@@ -19,6 +19,7 @@ from aiohttp import web
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from serving.flags import DEFAULT_WORKERS
+from serving.model_format import DEFAULT_SIGNATURE
 from serving.rest_frontend import PredictBody
 from serving.tensors import to_tensor_proto
 
@@ -30,7 +31,7 @@ class NoopPrediction(prediction_service_pb2_grpc.PredictionServiceServicer):
         response = predict_pb2.PredictResponse()
         response.model_spec.name = "mnist"
         response.model_spec.version.value = 1
-        response.model_spec.signature_name = "serving_default"
+        response.model_spec.signature_name = DEFAULT_SIGNATURE
         response.outputs["scores"].CopyFrom(to_tensor_proto(FIXED_SCORES))
         self._response = response
 

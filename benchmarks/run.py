@@ -43,6 +43,7 @@ from benchmarks.common import (
 )
 from benchmarks.paired import Paired, paired
 from serving.flags import DEFAULT_WORKERS
+from serving.model_format import DEFAULT_SIGNATURE
 from tasks.config import REPO_ROOT
 from tests.processes import free_port, model_server, running, wait_for_http
 
@@ -148,7 +149,7 @@ def in_process(store: Path) -> list[Measurement]:
     from serving.servable import load_servable
 
     servable = load_servable(MODEL, 1, str(store / "1"), True)
-    signature = servable.signature("serving_default")
+    signature = servable.signature(DEFAULT_SIGNATURE)
     results = []
     for batch in (1, 128):
         inputs = {"images": np.random.default_rng(0).random((batch, 784), np.float32)}

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from serving.model_format import DEFAULT_SIGNATURE
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_tests", type=int, default=100, help="number of test images")
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight")
     parser.add_argument("--model_name", default="mnist")
-    parser.add_argument("--signature_name", default="serving_default")
+    parser.add_argument("--signature_name", default=DEFAULT_SIGNATURE)
     parser.add_argument("--data_dir", default=None, help="MNIST directory (default data/mnist)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     return parser

@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from serving.api_client import ModelServer
 from serving.mnist import NUM_CLASSES, Split
+from serving.model_format import DEFAULT_SIGNATURE
 from tasks.config import ValidateConfig
 from tasks.export import ExportResult
 from tasks.logs import logger
@@ -48,7 +49,7 @@ def exported_scores(export: ExportResult, images: np.ndarray) -> np.ndarray:
     import tensorflow as tf  # deferred: a 6 s import only the tasks that run models need
 
     loaded = tf.saved_model.load(str(export.path))
-    outputs = loaded.signatures["serving_default"](images=tf.constant(images, tf.float32))
+    outputs = loaded.signatures[DEFAULT_SIGNATURE](images=tf.constant(images, tf.float32))
     return outputs["scores"].numpy()
 
 
