@@ -1,6 +1,6 @@
 """What the benchmarks share: the model they serve, how it is built, the batching they serve it
-with, the paths they load, and the load generator (h2load) they measure it by. ``run`` and the scenario modules it
-runs (``paired``, ``swaps``) import it; it imports none of them.
+with, the paths they load, and the load generator (h2load) they measure it by. ``run`` and the
+scenario modules it runs (``paired``, ``swaps``) import it; it imports none of them.
 """
 
 from __future__ import annotations

@@ -86,8 +86,8 @@ def measure(
             failed,
         )
         print(
-            f"  {scenario} {target:28s} c={concurrency:<3d} {rps:8.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
-            f"p99 {result.p99_ms:6.2f} ms  failed {failed}",
+            f"  {scenario} {target:28s} c={concurrency:<3d} {rps:8.0f} req/s  "
+            f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  failed {failed}",
             flush=True,
         )
         results.append(result)
@@ -173,7 +173,8 @@ def in_process(store: Path) -> list[Measurement]:
             0,
         )
         print(
-            f"  c model batch {batch:<4d} {result.p50_ms:.3f} ms p50, {result.requests_per_s:,.0f} images/s",
+            f"  c model batch {batch:<4d} {result.p50_ms:.3f} ms p50, "
+            f"{result.requests_per_s:,.0f} images/s",
             flush=True,
         )
         results.append(result)
@@ -286,21 +287,25 @@ def write_results(
     if path.exists() and ANALYSIS_MARKER in path.read_text():
         analysis = path.read_text().split(ANALYSIS_MARKER, 1)[1]
     rows = [
-        f"| {r.scenario} | {r.target} | {r.concurrency} | {r.requests_per_s:,.0f} | {r.p50_ms:.2f} | "
-        f"{r.p99_ms:.2f} | {r.failed} |"
+        f"| {r.scenario} | {r.target} | {r.concurrency} | {r.requests_per_s:,.0f} | "
+        f"{r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.failed} |"
         for r in results
     ]
     text = "\n".join(
         [
             "# Benchmark results",
             "",
-            "Written by `benchmarks/run.py`; every ratio compares figures measured in the same run.",
+            "Written by `benchmarks/run.py`; every ratio compares figures measured in the same "
+            "run.",
             "",
             f"- command: `{command}`",
             f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, took {seconds:.0f} s",
-            f"- machine: {platform.machine()}, {os.cpu_count()} cores (shared, noisy), Python {platform.python_version()}",
-            "- load: h2load, a separate process; gRPC over HTTP/2, REST over HTTP/1.1; batch-1 MNIST requests",
-            f"- process layout: {workers} worker process(es) sharing the ports, for our server and the no-op alike",
+            f"- machine: {platform.machine()}, {os.cpu_count()} cores (shared, noisy), "
+            f"Python {platform.python_version()}",
+            "- load: h2load, a separate process; gRPC over HTTP/2, REST over HTTP/1.1; "
+            "batch-1 MNIST requests",
+            f"- process layout: {workers} worker process(es) sharing the ports, for our server "
+            "and the no-op alike",
             "",
             "| scenario | target | concurrency | req/s (c: images/s) | p50 ms | p99 ms | failed |",
             "|---|---|---|---|---|---|---|",

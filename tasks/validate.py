@@ -54,7 +54,8 @@ def exported_scores(export: ExportResult, images: np.ndarray) -> np.ndarray:
 
 
 def baseline(servers: list[str], model_name: str, test: Split) -> tuple[int | None, float | None]:
-    """The version the first server serves now and its error rate on ``test``; (None, None) if none."""
+    """The version the first server serves now and its error rate on ``test``; (None, None) if
+    none."""
     if not servers:
         return None, None
     try:
@@ -81,8 +82,9 @@ def judge(
         )
     if baseline_error_rate is not None and error_rate > baseline_error_rate + cfg.max_regression:
         return False, (
-            f"error rate {error_rate:.4f} regresses on the serving model's {baseline_error_rate:.4f} "
-            f"by more than validate.max_regression {cfg.max_regression:.4f}"
+            f"error rate {error_rate:.4f} regresses on the serving model's "
+            f"{baseline_error_rate:.4f} by more than validate.max_regression "
+            f"{cfg.max_regression:.4f}"
         )
     against = "" if baseline_error_rate is None else f", serving model {baseline_error_rate:.4f}"
     return True, f"error rate {error_rate:.4f} (bound {cfg.max_error_rate:.4f}{against})"

@@ -1,4 +1,5 @@
-"""The whole flow against real parts: a Prefect test API, an MLflow server on SQLite, our model server.
+"""The whole flow against real parts: a Prefect test API, an MLflow server on SQLite, our model
+server.
 
 The tests run in order and share one stack, as a user's successive runs would: the first run pushes
 version 1, the second hot-swaps to version 2 under load, a run with an impossible bound fails the
