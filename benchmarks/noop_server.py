@@ -20,6 +20,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from serving.flags import DEFAULT_WORKERS
 from serving.json_tensor import PredictBody
+from serving.model_format import DEFAULT_SIGNATURE
 from serving.tensors import to_tensor_proto
 
 FIXED_SCORES = np.full((1, 10), 0.1, np.float32)
@@ -30,7 +31,7 @@ class NoopPrediction(prediction_service_pb2_grpc.PredictionServiceServicer):
         response = predict_pb2.PredictResponse()
         response.model_spec.name = "mnist"
         response.model_spec.version.value = 1
-        response.model_spec.signature_name = "serving_default"
+        response.model_spec.signature_name = DEFAULT_SIGNATURE
         response.outputs["scores"].CopyFrom(to_tensor_proto(FIXED_SCORES))
         self._response = response
 

@@ -7,8 +7,9 @@ drift hit both alike; the median of the per-round ratios A/B is the figure to qu
     python -m benchmarks.paired --api rest --a "ours batching" --b no-op
     python -m benchmarks.paired --api grpc --a "ours batching" --b "ours batching" --b-tree ../old
 
-A side is one of run.py's targets (ours, "ours batching", no-op), run from this checkout or from
-another one (``--a-tree``/``--b-tree``: a worktree of an older commit, say) with this venv.
+A side is one of benchmarks.run's targets (ours, "ours batching", no-op), run from this checkout
+or from another one (``--a-tree``/``--b-tree``: a worktree of an older commit, say) with this
+venv.
 """
 
 from __future__ import annotations
@@ -23,8 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-# run.py first: it sets the server's TensorFlow options before anything imports TensorFlow.
-from benchmarks.run import BATCHING_PARAMETERS, MODEL, build_model, h2load, payloads
+from benchmarks import payloads
+from benchmarks.common import (
+    BATCHING_PARAMETERS,
+    GRPC_PREDICT_PATH,
+    MODEL,
+    REST_PREDICT_PATH,
+    build_model,
+    h2load,
+)
 from serving.flags import DEFAULT_WORKERS
 from tasks.config import REPO_ROOT
 from tests.processes import free_port, wait_for_http
@@ -97,7 +105,7 @@ def paired(
     them in turn, ``rounds`` times ``duration_s`` seconds each."""
     grpc = api == "grpc"
     body = payloads.write_all(scratch / "bodies", MODEL)[api]
-    path = payloads.PREDICT_PATH if grpc else f"/v1/models/{MODEL}:predict"
+    path = GRPC_PREDICT_PATH if grpc else REST_PREDICT_PATH
     rates: list[tuple[float, float]] = []
     with ExitStack() as stack:
         urls = []

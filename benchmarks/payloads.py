@@ -8,15 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.config import REPO_ROOT
-from tasks.mnist import load_test
-from tasks.model_server import predict_request
-
-PREDICT_PATH = "/tensorflow.serving.PredictionService/Predict"
+from serving.api_client import predict_request
+from serving.mnist import SHIPPED_DIR, load_test
 
 
 def one_image() -> np.ndarray:
-    return load_test(REPO_ROOT / "data" / "mnist").images[:1]
+    return load_test(SHIPPED_DIR).images[:1]
 
 
 def grpc_predict_frame(model_name: str, image: np.ndarray) -> bytes:

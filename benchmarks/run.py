@@ -20,41 +20,32 @@ import argparse
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 
-# The model in-process (c) runs with the server's TensorFlow settings
-# (serving.tf_runtime.import_tensorflow_for_serving).
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-from benchmarks import payloads, swaps  # noqa: E402
-from serving.flags import DEFAULT_WORKERS  # noqa: E402
-from tasks.config import REPO_ROOT  # noqa: E402
-from tests.processes import free_port, model_server, running, wait_for_http  # noqa: E402
-
-if TYPE_CHECKING:
-    from benchmarks.paired import Paired
-
-MODEL = "mnist"
-# TF Serving's advice for CPUs: batch threads = cores, start with no timeout (a lone request is not
-# held back), as many queued batches as clients so 64 concurrent clients are never shed.
-BATCHING_PARAMETERS = """\
-max_batch_size { value: 64 }
-batch_timeout_micros { value: 0 }
-max_enqueued_batches { value: 64 }
-num_batch_threads { value: 2 }
-"""
+from benchmarks import payloads, swaps
+from benchmarks.common import (
+    BATCHING_PARAMETERS,
+    GRPC_PREDICT_PATH,
+    MODEL,
+    REST_PREDICT_PATH,
+    build_model,
+    h2load,
+)
+from benchmarks.paired import Paired, paired
+from serving.flags import DEFAULT_WORKERS
+from serving.model_format import DEFAULT_SIGNATURE
+from tasks.config import REPO_ROOT
+from tests.processes import free_port, model_server, running, wait_for_http
 
 
 @dataclass(frozen=True)
@@ -67,37 +58,6 @@ class Measurement:
     p99_ms: float
     succeeded: int
     failed: int
-
-
-def h2load(
-    url: str, body: Path, concurrency: int, duration_s: float, grpc: bool, log: Path
-) -> tuple[float, np.ndarray, int, int]:
-    """Requests/s, per-request latencies (ms), succeeded and failed counts of one h2load run."""
-    headers = (
-        ["-H", "content-type: application/grpc", "-H", "te: trailers"]
-        if grpc
-        else ["-H", "content-type: application/json", "--h1"]
-    )
-    command = [
-        "h2load",
-        f"--clients={concurrency}",
-        "--max-concurrent-streams=1",
-        "--threads=1",
-        f"--duration={duration_s:g}",
-        "--warm-up-time=1",
-        f"--data={body}",
-        f"--log-file={log}",
-        *headers,
-        url,
-    ]
-    log.unlink(missing_ok=True)  # h2load appends to an existing log
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", output).group(1))
-    counts = re.search(
-        r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", output
-    )
-    latencies = np.loadtxt(log, usecols=2, ndmin=1) / 1000.0 if log.stat().st_size else np.zeros(1)
-    return rps, latencies, int(counts.group(1)), int(counts.group(2))
 
 
 def measure(
@@ -126,47 +86,12 @@ def measure(
             failed,
         )
         print(
-            f"  {scenario} {target:28s} c={concurrency:<3d} {rps:8.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
-            f"p99 {result.p99_ms:6.2f} ms  failed {failed}",
+            f"  {scenario} {target:28s} c={concurrency:<3d} {rps:8.0f} req/s  "
+            f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  failed {failed}",
             flush=True,
         )
         results.append(result)
     return results
-
-
-def build_model(directory: Path) -> Path:
-    """A softmax regression trained for one epoch, exported as version 1 of the store (~10 s)."""
-    from tasks import mnist
-    from tasks.config import ExportConfig, ModelConfig, TrainConfig
-    from tasks.export import export
-    from tasks.train import fit, resolve_devices
-
-    data = mnist.load(REPO_ROOT / "data" / "mnist")
-    trained = fit(data, ModelConfig(), TrainConfig(epochs=1), resolve_devices("cpu", []))
-    exported = export.fn(
-        trained.model,
-        ExportConfig(base_path=directory / "exports"),
-        directory / "models",
-        data.test.images[:4],
-    )
-    store = directory / "models" / MODEL
-    store.mkdir(parents=True)
-    shutil.copytree(exported.path, store / "1")
-    register_in_mlflow(directory, trained.model)
-    return store
-
-
-def register_in_mlflow(directory: Path, keras_model) -> None:
-    from tasks.config import MlflowConfig
-    from tasks.tracking import register_model, tracked_run
-
-    cfg = MlflowConfig(
-        tracking_uri=f"sqlite:///{directory / 'mlflow.db'}",
-        experiment="bench",
-        artifact_location=str(directory / "mlartifacts"),
-    )
-    with tracked_run(cfg, "bench", {}, {}) as tracker:
-        register_model(tracker, keras_model, MODEL, 1)
 
 
 @contextmanager
@@ -224,7 +149,7 @@ def in_process(store: Path) -> list[Measurement]:
     from serving.servable import load_servable
 
     servable = load_servable(MODEL, 1, str(store / "1"), True)
-    signature = servable.signature("serving_default")
+    signature = servable.signature(DEFAULT_SIGNATURE)
     results = []
     for batch in (1, 128):
         inputs = {"images": np.random.default_rng(0).random((batch, 784), np.float32)}
@@ -248,7 +173,8 @@ def in_process(store: Path) -> list[Measurement]:
             0,
         )
         print(
-            f"  c model batch {batch:<4d} {result.p50_ms:.3f} ms p50, {result.requests_per_s:,.0f} images/s",
+            f"  c model batch {batch:<4d} {result.p50_ms:.3f} ms p50, "
+            f"{result.requests_per_s:,.0f} images/s",
             flush=True,
         )
         results.append(result)
@@ -361,21 +287,25 @@ def write_results(
     if path.exists() and ANALYSIS_MARKER in path.read_text():
         analysis = path.read_text().split(ANALYSIS_MARKER, 1)[1]
     rows = [
-        f"| {r.scenario} | {r.target} | {r.concurrency} | {r.requests_per_s:,.0f} | {r.p50_ms:.2f} | "
-        f"{r.p99_ms:.2f} | {r.failed} |"
+        f"| {r.scenario} | {r.target} | {r.concurrency} | {r.requests_per_s:,.0f} | "
+        f"{r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.failed} |"
         for r in results
     ]
     text = "\n".join(
         [
             "# Benchmark results",
             "",
-            "Written by `benchmarks/run.py`; every ratio compares figures measured in the same run.",
+            "Written by `benchmarks/run.py`; every ratio compares figures measured in the same "
+            "run.",
             "",
             f"- command: `{command}`",
             f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, took {seconds:.0f} s",
-            f"- machine: {platform.machine()}, {os.cpu_count()} cores (shared, noisy), Python {platform.python_version()}",
-            "- load: h2load, a separate process; gRPC over HTTP/2, REST over HTTP/1.1; batch-1 MNIST requests",
-            f"- process layout: {workers} worker process(es) sharing the ports, for our server and the no-op alike",
+            f"- machine: {platform.machine()}, {os.cpu_count()} cores (shared, noisy), "
+            f"Python {platform.python_version()}",
+            "- load: h2load, a separate process; gRPC over HTTP/2, REST over HTTP/1.1; "
+            "batch-1 MNIST requests",
+            f"- process layout: {workers} worker process(es) sharing the ports, for our server "
+            "and the no-op alike",
             "",
             "| scenario | target | concurrency | req/s (c: images/s) | p50 ms | p99 ms | failed |",
             "|---|---|---|---|---|---|---|",
@@ -434,8 +364,6 @@ def main(argv: list[str] | None = None) -> None:
         store = build_model(scratch)
         bodies = payloads.write_all(scratch / "bodies", MODEL)
         results: list[Measurement] = []
-        grpc_path = payloads.PREDICT_PATH
-        rest_path = f"/v1/models/{MODEL}:predict"
         batching_file = scratch / "batching_parameters.pbtxt"
         batching_file.write_text(BATCHING_PARAMETERS)
         batching_flags = ("--enable_batching", f"--batching_parameters_file={batching_file}")
@@ -452,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
                 results += measure(
                     "a",
                     target,
-                    f"http://127.0.0.1:{grpc_port}{grpc_path}",
+                    f"http://127.0.0.1:{grpc_port}{GRPC_PREDICT_PATH}",
                     bodies["grpc"],
                     True,
                     args.concurrency,
@@ -462,15 +390,13 @@ def main(argv: list[str] | None = None) -> None:
                 results += measure(
                     "b",
                     target,
-                    f"http://127.0.0.1:{rest_port}{rest_path}",
+                    f"http://127.0.0.1:{rest_port}{REST_PREDICT_PATH}",
                     bodies["rest"],
                     False,
                     args.concurrency,
                     args.duration,
                     scratch,
                 )
-        from benchmarks.paired import paired  # not at the top: paired.py builds on this module
-
         pairs: dict[str, Paired] = {}
         if args.paired_rounds and PAIRED_CONCURRENCY in args.concurrency:
             for scenario, api in (("a", "grpc"), ("b", "rest")):

@@ -1,6 +1,6 @@
 """Hot swaps under load (scenario d) and server memory across many swaps (scenario e).
 
-    python -m benchmarks.swaps                       # builds the model (~10 s), runs d (poll 1 s and 0.1 s) and e
+    python -m benchmarks.swaps      # builds the model (~10 s), runs d (poll 1 s and 0.1 s) and e
     python -m benchmarks.swaps --source DIR/1 --poll 1 --swaps 5 --rss-swaps 50
 
 d. A load generator in separate processes (``--processes`` × ``--in-flight`` concurrent batch-1
@@ -13,9 +13,10 @@ d. A load generator in separate processes (``--processes`` × ``--in-flight`` co
    ``SETTLE_S`` (the unload's ``gc`` + ``malloc_trim`` come right after END). A request is "during a
    swap" when its [sent, answered] interval overlaps a swap window, "steady" when it overlaps none
    (after a warm-up). The p99 target is judged on the worst single swap window (the pooled p99 over
-   all windows is reported too; it dilutes a short per-swap stall with the poll wait). Time to first answer: from the rename to the first response whose
-   ``model_spec.version`` is the new version -- it includes up to one filesystem poll interval
-   (``--file_system_poll_wait_seconds``, default 1 s as in TF Serving) plus the load and warmup.
+   all windows is reported too; it dilutes a short per-swap stall with the poll wait). Time to
+   first answer: from the rename to the first response whose ``model_spec.version`` is the new
+   version -- it includes up to one filesystem poll interval (``--file_system_poll_wait_seconds``,
+   default 1 s as in TF Serving) plus the load and warmup.
 e. A light load (1 process, 2 in flight, 10 ms pause after each answer); ``--rss-swaps`` versions
    published one after another (poll 0.1 s: the interval does not change what a swap allocates);
    after each swap has settled, VmRSS of the server process (plus any children) from /proc.
@@ -40,10 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import GRPC_PREDICT_PATH, MODEL, build_model
 from tests.processes import model_server, rss_kib
 
-MODEL = "mnist"
-PREDICT_PATH = "/tensorflow.serving.PredictionService/Predict"
 SETTLE_S = 1.0  # after the old version's END: the unload's gc + malloc_trim run then
 RSS_SETTLE_S = 0.5  # e: RSS is read this long after the old version's END
 WARMUP_S = 1.0  # requests in the first second of load count neither as steady nor as swap
@@ -70,7 +70,9 @@ async def _generate(
 
     request_bytes, expected = commands.get()  # the parent sends these once the server is up
     channel = grpc.aio.insecure_channel(address)
-    predict = channel.unary_unary(PREDICT_PATH)  # bytes in, bytes out: nothing encoded per request
+    predict = channel.unary_unary(
+        GRPC_PREDICT_PATH
+    )  # bytes in, bytes out: nothing encoded per request
     for _ in range(20):  # connection and first-call costs stay out of the records
         await predict(request_bytes, timeout=30)
     sent, done, versions, codes = [], [], [], []
@@ -170,12 +172,13 @@ class LoadGenerator:
             for i in range(processes)
         ]
         for process in self._processes:
-            process.start()  # importing TF's protos takes seconds: overlapped with the server's start
+            # Importing TF's protos takes seconds: overlapped with the server's start.
+            process.start()
 
     def start(
         self, request_bytes: bytes, expected_scores: np.ndarray, timeout_s: float = 120
     ) -> float:
-        """Send the request to every process and wait until all of them are loading; returns then."""
+        """Send the request to every process; return once all of them are loading."""
         for _ in self._processes:
             self._commands.put((request_bytes, expected_scores))
         for _ in self._processes:
@@ -229,9 +232,10 @@ def fresh_store(directory: Path, source: Path) -> Path:
 
 
 def reference_request(server_address: str) -> tuple[bytes, np.ndarray]:
-    """The serialized batch-1 request the generator sends, and the scores the served model gives it."""
+    """The serialized batch-1 request the generator sends, and the scores the served model gives
+    it."""
     from benchmarks.payloads import one_image
-    from tasks.model_server import ModelServer, predict_request
+    from serving.api_client import ModelServer, predict_request
 
     image = one_image()
     request = predict_request(MODEL, image)
@@ -250,13 +254,13 @@ class Swap:
     p99_ms: float | None = None  # of the requests overlapping this swap's window
     worst_ms: float | None = None  # the slowest of them ...
     worst_answered_vs_available_s: float | None = None  # ... answered this long after AVAILABLE
-    worst_answered_vs_old_end_s: float | None = (
-        None  # ... and this long after the old version's END
-    )
+    # ... and this long after the old version's END
+    worst_answered_vs_old_end_s: float | None = None
 
 
 def swap(client, store: Path, source: Path, version: int, timeout_s: float = 120) -> Swap:
-    """Publish ``source`` as ``version`` like push does; wait for AVAILABLE and the old version's END."""
+    """Publish ``source`` as ``version`` like push does; wait for AVAILABLE and the old version's
+    END."""
     from tasks.export import ExportResult
     from tasks.push import publish
 
@@ -325,7 +329,8 @@ class HotSwapResult:
 
     @property
     def worst_ratio(self) -> float:
-        """The worst single swap's p99 over steady p99: what the target ("p99 during a swap") is judged on."""
+        """The worst single swap's p99 over steady p99: what the target ("p99 during a swap") is
+        judged on."""
         return self.worst_swap_p99_ms / self.steady_p99_ms if self.steady_p99_ms else float("inf")
 
 
@@ -414,7 +419,7 @@ def hot_swaps(
     gap_s: float = 2.5,
 ) -> HotSwapResult:
     """Scenario d: ``swaps`` versions published one after another under continuous load."""
-    from tasks.model_server import ModelServer
+    from serving.api_client import ModelServer
 
     directory = scratch / f"swaps-poll-{poll_s:g}"
     store = fresh_store(directory, source)
@@ -434,9 +439,11 @@ def hot_swaps(
             generator.close()
     result = analyse(records, done, load_started, poll_s, processes, in_flight)
     print(
-        f"  d poll {poll_s:g} s: {result.requests} requests ({result.requests_per_s:.0f}/s), failed {result.failed}; "
+        f"  d poll {poll_s:g} s: {result.requests} requests ({result.requests_per_s:.0f}/s), "
+        f"failed {result.failed}; "
         f"p99 steady {result.steady_p99_ms:.2f} ms, during swaps {result.swap_p99_ms:.2f} ms "
-        f"(pooled {result.p99_ratio:.2f}x; worst swap {result.worst_swap_p99_ms:.2f} ms, {result.worst_ratio:.2f}x); "
+        f"(pooled {result.p99_ratio:.2f}x; worst swap {result.worst_swap_p99_ms:.2f} ms, "
+        f"{result.worst_ratio:.2f}x); "
         f"first answer after {_summary(result.to_first_answer_s)} s",
         flush=True,
     )
@@ -475,7 +482,7 @@ def memory_over_swaps(
     source: Path, scratch: Path, swaps: int = 50, poll_s: float = 0.1
 ) -> MemoryResult:
     """Scenario e: RSS after 1 swap vs after ``swaps`` swaps, under a light load."""
-    from tasks.model_server import ModelServer
+    from serving.api_client import ModelServer
 
     directory = scratch / "memory"
     store = fresh_store(directory, source)
@@ -532,26 +539,38 @@ def markdown(hot: list[HotSwapResult], memory: MemoryResult | None, command: str
             "## d. Hot swaps under load",
             "",
             f"- command: `{command}` (alone: `python -m benchmarks.swaps --skip-memory`)",
-            f"- load: {first.processes} processes × {first.in_flight} in-flight batch-1 gRPC Predict calls "
-            "(grpc.aio, separate processes), every response checked: status OK, model name, version, scores",
-            f"- {len(first.swaps)} versions published one after another the way `tasks.push.publish` does "
-            "(copy under a hidden name, rename to the next integer), each once the previous swap finished "
-            f"(new version AVAILABLE and old one END); swap window = rename → old END + {SETTLE_S:g} s; "
+            f"- load: {first.processes} processes × {first.in_flight} in-flight batch-1 gRPC "
+            "Predict calls "
+            "(grpc.aio, separate processes), every response checked: status OK, model name, "
+            "version, scores",
+            f"- {len(first.swaps)} versions published one after another the way "
+            "`tasks.push.publish` does "
+            "(copy under a hidden name, rename to the next integer), each once the previous swap "
+            "finished "
+            "(new version AVAILABLE and old one END); swap window = rename → old END + "
+            f"{SETTLE_S:g} s; "
             "steady = requests overlapping no swap window (after 1 s of warm-up)",
-            "- time to first answer = rename → first response whose `model_spec.version` is the new version; "
-            "it includes the wait for the next poll of the store (`--file_system_poll_wait_seconds`, "
-            "1 s by default as in TF Serving); rename → AVAILABLE is as seen by a GetModelStatus poll every 20 ms "
+            "- time to first answer = rename → first response whose `model_spec.version` is the "
+            "new version; "
+            "it includes the wait for the next poll of the store "
+            "(`--file_system_poll_wait_seconds`, "
+            "1 s by default as in TF Serving); rename → AVAILABLE is as seen by a GetModelStatus "
+            "poll every 20 ms "
             "from a third process (an upper bound, late by up to one poll round trip under load)",
             "",
-            "| poll s | requests | req/s | failed | steady p50 / p99 ms | swap p50 / p99 ms | worst swap p99 ms "
-            "| max ms steady / swap | p99 swap / steady | rename → AVAILABLE s | rename → first answer s |",
+            "| poll s | requests | req/s | failed | steady p50 / p99 ms | swap p50 / p99 ms | "
+            "worst swap p99 ms "
+            "| max ms steady / swap | p99 swap / steady | rename → AVAILABLE s | rename → first "
+            "answer s |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in hot:
             lines.append(
                 f"| {r.poll_s:g} | {r.requests:,} | {r.requests_per_s:,.0f} | {r.failed} | "
-                f"{r.steady_p50_ms:.2f} / {r.steady_p99_ms:.2f} | {r.swap_p50_ms:.2f} / {r.swap_p99_ms:.2f} | "
-                f"{r.worst_swap_p99_ms:.2f} | {r.steady_max_ms:.0f} / {r.swap_max_ms:.0f} | {r.p99_ratio:.2f}x | "
+                f"{r.steady_p50_ms:.2f} / {r.steady_p99_ms:.2f} | {r.swap_p50_ms:.2f} / "
+                f"{r.swap_p99_ms:.2f} | "
+                f"{r.worst_swap_p99_ms:.2f} | {r.steady_max_ms:.0f} / {r.swap_max_ms:.0f} | "
+                f"{r.p99_ratio:.2f}x | "
                 f"{_summary(r.to_available_s)} | {_summary(r.to_first_answer_s)} |"
             )
         lines += [
@@ -572,12 +591,14 @@ def markdown(hot: list[HotSwapResult], memory: MemoryResult | None, command: str
             )
         lines += [
             "",
-            "Targets (p99 judged per swap, on the worst swap window; the pooled ratio is in the table):",
+            "Targets (p99 judged per swap, on the worst swap window; the pooled ratio is in the "
+            "table):",
             "",
         ]
         for r in hot:
             lines.append(
-                f"- poll {r.poll_s:g} s: p99 during a swap ≤ 2 × steady p99: {_verdict(r.worst_ratio <= 2)} "
+                f"- poll {r.poll_s:g} s: p99 during a swap ≤ 2 × steady p99: "
+                f"{_verdict(r.worst_ratio <= 2)} "
                 f"(worst swap {r.worst_swap_p99_ms:.2f} ms vs limit {2 * r.steady_p99_ms:.2f} ms = "
                 f"{r.worst_ratio:.2f}x steady; pooled {r.p99_ratio:.2f}x); "
                 f"0 failed requests: {_verdict(r.failed == 0)} ({r.failed} of {r.requests:,}"
@@ -593,7 +614,8 @@ def markdown(hot: list[HotSwapResult], memory: MemoryResult | None, command: str
             "",
             f"- command: `{command}` (alone: `python -m benchmarks.swaps --skip-hot`)",
             f"- {m.swaps} versions published one after another (poll {m.poll_s:g} s), light load "
-            "(1 process, 2 in flight, 10 ms pause after each answer); VmRSS of the server process and any "
+            "(1 process, 2 in flight, 10 ms pause after each answer); VmRSS of the server process "
+            "and any "
             f"children from /proc, {RSS_SETTLE_S:g} s after each old version's END",
             "",
             "| after swaps | RSS MiB |",
@@ -602,8 +624,10 @@ def markdown(hot: list[HotSwapResult], memory: MemoryResult | None, command: str
             *[f"| {n} | {m.rss_after_kib[n - 1] / 1024:.1f} |" for n in marks],
             "",
             f"- target RSS growth ≤ 10 % from 1 to {m.swaps} swaps: {_verdict(m.growth <= 0.10)} "
-            f"({m.growth:+.1%}: {m.rss_after_kib[0] / 1024:.1f} → {m.rss_after_kib[-1] / 1024:.1f} MiB)",
-            f"- 0 failed requests during the {m.swaps} swaps: {_verdict(m.failed == 0)} ({m.failed} of {m.requests:,}"
+            f"({m.growth:+.1%}: {m.rss_after_kib[0] / 1024:.1f} → "
+            f"{m.rss_after_kib[-1] / 1024:.1f} MiB)",
+            f"- 0 failed requests during the {m.swaps} swaps: {_verdict(m.failed == 0)} "
+            f"({m.failed} of {m.requests:,}"
             + (f", first: {m.first_errors}" if m.failed else "")
             + ")",
             "",
@@ -665,8 +689,6 @@ def main(argv: list[str] | None = None) -> None:
         scratch = Path(scratch_name)
         source = args.source
         if source is None:
-            from benchmarks.run import build_model
-
             print("building the model (1 epoch) ...", flush=True)
             source = build_model(scratch / "model") / "1"
         hot, memory = run_all(

@@ -1,4 +1,5 @@
-"""The local stack ``make run`` works against: Prefect server and worker, MLflow server, model server.
+"""The local stack ``make run`` works against: Prefect server and worker, MLflow server, model
+server.
 
     python -m flows.local_stack up | down | status
 
@@ -148,7 +149,8 @@ def start(service: Service, timeout_s: float = 120.0) -> None:
         )  # its own group: `down` stops its children too
     service.pid_file.write_text(str(process.pid))
     print(
-        f"  started {service.name} (pid {process.pid}), log {service.log_file.relative_to(REPO_ROOT)}",
+        f"  started {service.name} (pid {process.pid}), "
+        f"log {service.log_file.relative_to(REPO_ROOT)}",
         flush=True,
     )
     if service.ready_url is None:
@@ -159,7 +161,8 @@ def start(service: Service, timeout_s: float = 120.0) -> None:
             sys.exit(f"{service.name} exited with {process.returncode}; see {service.log_file}")
         if time.monotonic() > deadline:
             sys.exit(
-                f"{service.name} did not answer at {service.ready_url} within {timeout_s:.0f} s; see {service.log_file}"
+                f"{service.name} did not answer at {service.ready_url} within {timeout_s:.0f} s; "
+                f"see {service.log_file}"
             )
         time.sleep(0.5)
 

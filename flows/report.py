@@ -57,15 +57,18 @@ def main(argv: list[str] | None = None) -> None:
         version = tags.get("export_version", "?")
         if tags.get("pushed") == "true":
             print(
-                f"OUTCOME: {cfg.export.model_name} version {version} pushed and serving; {tags.get('gate_reason', '')}"
+                f"OUTCOME: {cfg.export.model_name} version {version} pushed and serving; "
+                f"{tags.get('gate_reason', '')}"
             )
         elif tags.get("gate") == "failed":
             print(
-                f"OUTCOME: gate FAILED for version {version}, nothing pushed: {tags.get('gate_reason', '')}"
+                f"OUTCOME: gate FAILED for version {version}, nothing pushed: "
+                f"{tags.get('gate_reason', '')}"
             )
         else:
             print(
-                f"OUTCOME: run {run.info.status} before the push (gate: {tags.get('gate', 'not evaluated')})"
+                f"OUTCOME: run {run.info.status} before the push "
+                f"(gate: {tags.get('gate', 'not evaluated')})"
             )
         rates = {
             key: metrics[key] for key in ("val_error_rate", "baseline_error_rate") if key in metrics
@@ -73,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         if rates:
             print("         " + ", ".join(f"{key} {value:.4f}" for key, value in rates.items()))
         print(
-            f"MLflow run: {cfg.mlflow.tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+            f"MLflow run: {cfg.mlflow.tracking_uri}/#/experiments/{run.info.experiment_id}"
+            f"/runs/{run.info.run_id}"
         )
     rest_url = f"{args.rest}/v1/models/{cfg.export.model_name}"
     print(f"Model server: {serving_status(rest_url)}  ({rest_url})")

@@ -17,7 +17,8 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks import mnist, plots
+from serving import mnist
+from tasks import plots
 from tasks.config import ConfigError, load_config
 from tasks.export import export
 from tasks.logs import logger
@@ -84,7 +85,8 @@ def train_and_serve(config_path: str | None = None, overrides: list[str] | None 
         tracker.log_artifact(confusion_png, "plots")
         if not verdict.passed:
             raise GateFailed(
-                f"gate failed for {exported.model_name} version {exported.version}: {verdict.reason}"
+                f"gate failed for {exported.model_name} version {exported.version}: "
+                f"{verdict.reason}"
             )
 
         pushed = push(exported, verdict, cfg.push)
@@ -133,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     outcome = train_and_serve(args.config, args.overrides)
     print(
-        f"{outcome.model_name} version {outcome.version} is serving (error rate {outcome.error_rate:.4f})"
+        f"{outcome.model_name} version {outcome.version} is serving "
+        f"(error rate {outcome.error_rate:.4f})"
     )
     return 0
 

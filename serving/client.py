@@ -3,7 +3,8 @@
 ``python -m serving.client --server 127.0.0.1:8500 --num_tests 1000 --concurrency 4`` sends images
 (input ``images``, float32 ``[1,784]``, signature ``serving_default``) with up to N requests in
 flight, compares argmax(``scores``) with the label and prints ``Inference error rate: X%``.
-Works against this server and against ``tensorflow_model_server`` alike.
+Works against this server and against ``tensorflow_model_server`` alike: requests are built and
+answers read by ``serving.api_client``, as the pipeline's are.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 
 import numpy as np
 
+from serving.model_format import DEFAULT_SIGNATURE
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -27,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_tests", type=int, default=100, help="number of test images")
     parser.add_argument("--concurrency", type=int, default=1, help="requests in flight")
     parser.add_argument("--model_name", default="mnist")
-    parser.add_argument("--signature_name", default="serving_default")
+    parser.add_argument("--signature_name", default=DEFAULT_SIGNATURE)
     parser.add_argument("--data_dir", default=None, help="MNIST directory (default data/mnist)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     return parser
@@ -36,12 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 async def run_client(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray) -> int:
     """Send all requests; return the number of misclassified images (raises on RPC errors)."""
     import grpc
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    from serving.tensors import to_ndarray, to_tensor_proto
+    from serving.api_client import CHANNEL_OPTIONS, predict_request, response_scores
 
-    options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-    async with grpc.aio.insecure_channel(args.server, options=options) as channel:
+    async with grpc.aio.insecure_channel(args.server, options=CHANNEL_OPTIONS) as channel:
         try:
             await asyncio.wait_for(channel.channel_ready(), timeout=args.timeout)
         except asyncio.TimeoutError:
@@ -55,14 +57,11 @@ async def run_client(args: argparse.Namespace, images: np.ndarray, labels: np.nd
             while next_index < len(images):
                 i = next_index
                 next_index += 1
-                request = predict_pb2.PredictRequest()
-                request.model_spec.name = args.model_name
-                request.model_spec.signature_name = args.signature_name
-                request.inputs["images"].CopyFrom(to_tensor_proto(images[i : i + 1]))
+                request = predict_request(
+                    args.model_name, images[i : i + 1], signature_name=args.signature_name
+                )
                 response = await stub.Predict(request, timeout=args.timeout)
-                if int(np.argmax(to_ndarray("scores", response.outputs["scores"]))) != int(
-                    labels[i]
-                ):
+                if int(np.argmax(response_scores(response))) != int(labels[i]):
                     errors += 1
 
         await asyncio.gather(*(worker() for _ in range(max(1, args.concurrency))))
@@ -75,10 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         print("--num_tests must be positive", file=sys.stderr)
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from tasks.config import REPO_ROOT
-    from tasks.mnist import load_test
+    from serving.mnist import SHIPPED_DIR, load_test
 
-    test = load_test(args.data_dir or REPO_ROOT / "data" / "mnist")
+    test = load_test(args.data_dir or SHIPPED_DIR)
     n = min(args.num_tests, len(test.labels))
     import grpc
 

@@ -104,6 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Model server compatible with tensorflow_model_server (gRPC + REST).",
         allow_abbrev=False,
     )
+    # --help lists the flags in the order they are added here.
+    _add_port_flags(parser)
+    _add_model_flags(parser)
+    _add_request_flags(parser)
+    _add_batching_flags(parser)
+    parser.add_argument(
+        "--num_workers",
+        type=_int_at_least(1),
+        default=DEFAULT_WORKERS,
+        help="serving processes sharing the gRPC and REST ports, each with every model loaded, "
+        f"all following one version manager (extension; default: cores = {DEFAULT_WORKERS})",
+    )
+    return parser
+
+
+def _add_switch(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
+    """A boolean flag as TF Serving takes them: ``--name``, ``--name=true``, ``--name=false``."""
+    parser.add_argument(name, type=_bool, nargs="?", const=True, default=default, help=help)
+
+
+def _add_port_flags(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--port", type=_port, default=8500, help="gRPC port (default 8500)")
     add("--rest_api_port", type=_port, default=0, help="REST port, 0 = off (default 0)")
@@ -112,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="address both ports listen on (extension; default 127.0.0.1)",
     )
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """What is served, where it comes from, and how versions are found and loaded."""
+    add = parser.add_argument
     add("--model_name", default="default", help="name of the served model (default 'default')")
     add(
         "--model_base_path",
@@ -130,13 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="seconds between re-reads of --model_config_file; 0 = read once (default 0)",
     )
-    add(
+    _add_switch(
+        parser,
         "--allow_version_labels_for_unavailable_models",
-        type=_bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="let a new version label point at a version not loaded yet",
+        False,
+        "let a new version label point at a version not loaded yet",
     )
     add(
         "--file_system_poll_wait_seconds",
@@ -145,14 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between polls of model_base_path; 0 = poll once, negative = never "
         "(fractions allowed, an extension)",
     )
-    add(
+    _add_switch(
+        parser,
         "--enable_model_warmup",
-        type=_bool,
-        nargs="?",
-        const=True,
-        default=True,
-        help="replay assets.extra/tf_serving_warmup_requests before serving a version",
+        True,
+        "replay assets.extra/tf_serving_warmup_requests before serving a version",
     )
+
+
+def _add_request_flags(parser: argparse.ArgumentParser) -> None:
+    """How the front ends take requests: timeouts, concurrency, health and metrics."""
+    add = parser.add_argument
     add(
         "--rest_api_timeout_in_ms",
         type=_int_at_least(0),
@@ -171,13 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_THREADS,
         help=f"max concurrent REST model calls (default 4 x CPUs = {DEFAULT_THREADS})",
     )
-    add(
+    _add_switch(
+        parser,
         "--enable_grpc_healthcheck_service",
-        type=_bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="serve grpc.health.v1.Health on the gRPC port (default false)",
+        False,
+        "serve grpc.health.v1.Health on the gRPC port (default false)",
     )
     add(
         "--monitoring_config_file",
@@ -185,37 +210,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="text-format MonitoringConfig; prometheus_config { enable: true path: ... } serves "
         "Prometheus metrics on the REST port",
     )
-    add(
+
+
+def _add_batching_flags(parser: argparse.ArgumentParser) -> None:
+    _add_switch(
+        parser,
         "--enable_batching",
-        type=_bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="batch Predict requests on the server (default false)",
+        False,
+        "batch Predict requests on the server (default false)",
     )
-    add(
+    parser.add_argument(
         "--batching_parameters_file",
         default="",
         help="text-format BatchingParameters used with --enable_batching (default: TF Serving's "
         "defaults)",
     )
-    add(
+    _add_switch(
+        parser,
         "--enable_per_model_batching_parameters",
-        type=_bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="with --enable_batching, batch a version only when its directory holds "
+        False,
+        "with --enable_batching, batch a version only when its directory holds "
         "batching_params.pbtxt, with those parameters (default false)",
     )
-    add(
-        "--num_workers",
-        type=_int_at_least(1),
-        default=DEFAULT_WORKERS,
-        help="serving processes sharing the gRPC and REST ports, each with every model loaded, "
-        f"all following one version manager (extension; default: cores = {DEFAULT_WORKERS})",
-    )
-    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> Options:

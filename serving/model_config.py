@@ -31,7 +31,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from serving.errors import ServingError, invalid
 from serving.manager import Manager
-from serving.source import FileSystemSource, VersionPolicy
+from serving.source import DEFAULT_POLICY, FileSystemSource, VersionPolicy
 from serving.types import State
 
 log = logging.getLogger("serving.model_config")
@@ -47,7 +47,7 @@ class ModelConfig:
 
     name: str
     base_path: str
-    policy: VersionPolicy = VersionPolicy()
+    policy: VersionPolicy = DEFAULT_POLICY
     labels: dict[str, int] = field(default_factory=dict)
 
 

@@ -23,13 +23,13 @@ PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
 
-_VERSION_RE = re.compile(r"^[0-9]+$")
+_VERSION_RE = re.compile(r"[0-9]+")
 _INT64_MAX = 2**63 - 1
 
 
 def version_of_dir(name: str) -> int | None:
     """The version number a directory name stands for, or None if it is not a version dir."""
-    if not _VERSION_RE.match(name):
+    if not _VERSION_RE.fullmatch(name):  # not match with "$": that accepts "12\n"
         return None
     value = int(name)
     if value <= 0 or value > _INT64_MAX:

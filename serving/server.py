@@ -26,7 +26,7 @@ from serving.flags import Options
 from serving.logs import setup_logging
 
 if TYPE_CHECKING:
-    from serving.model_config import ModelConfig
+    from serving.model_config import ModelConfig, ModelServerConfig
     from serving.types import VersionStatus
 
 log = logging.getLogger("serving.server")
@@ -94,72 +94,20 @@ class Supervisor:
 async def serve(options: Options) -> int:
     """Run the server until SIGTERM/SIGINT (0) or until a worker process dies (1)."""
     # The model list first: a bad config file is reported before any worker starts.
-    from serving.model_config import (
-        ConfigFileWatcher,
-        model_configs,
-        read_file,
-        single_model,
-    )
-    from serving.types import RELOAD_TIMEOUT_S
-
-    watcher = None
-    if options.model_config_file:
-        file_config = read_file(options.model_config_file)
-        configs = model_configs(file_config) or []
-        log.info(
-            "model config file %s: %d model(s): %s",
-            options.model_config_file,
-            len(configs),
-            ", ".join(c.name for c in configs) or "none",
-        )
-    else:
-        configs = single_model(options.model_name, str(options.model_base_path))
+    file_config, configs = _model_list(options)
     check_ports_free(options)
 
     supervisor = Supervisor(options)
     loop, stop = supervisor.loop, supervisor.stop
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    interval = options.file_system_poll_wait_seconds
-    if interval < 0:
+    if options.file_system_poll_wait_seconds < 0:
         log.warning("--file_system_poll_wait_seconds < 0: the file system is never polled")
     try:
-        # A signal during startup (TensorFlow imports, first loads) stops the server at once
-        # instead of after the loads it interrupts.
-        startup = asyncio.create_task(_start(supervisor, configs))
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({startup, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if not startup.done():
-            log.info("stopped during startup")
-            startup.cancel()
+        if not await _start_unless_stopped(supervisor, configs):
             return 1 if supervisor.lost_worker else 0
-        startup.result()  # a refused config or a worker that failed to start: raised here
-        if options.model_config_file and options.model_config_file_poll_wait_seconds > 0:
-            watcher = ConfigFileWatcher(
-                options.model_config_file, supervisor.controller, file_config, RELOAD_TIMEOUT_S
-            )
-        log.info(
-            "gRPC on %s:%d, REST on %s, %d worker process(es)",
-            options.bind_address,
-            options.port,
-            options.rest_api_port or "none",
-            options.num_workers,
-        )
-        if not options.rest_api_port and options.prometheus_path:
-            log.warning("--monitoring_config_file: no metrics page without --rest_api_port")
-        log.info("server ready (models: %s)", ", ".join(c.name for c in configs) or "none")
-
-        pollers = []
-        if interval > 0:
-            pollers.append(
-                asyncio.create_task(_every(interval, supervisor.controller.poll_sources, stop))
-            )
-        if watcher is not None:
-            pollers.append(
-                asyncio.create_task(
-                    _every(options.model_config_file_poll_wait_seconds, watcher.poll, stop)
-                )
-            )
+        _log_ready(options, configs)
+        pollers = _start_pollers(supervisor, file_config)
         await stop.wait()
         log.info("shutting down")
         for poller in pollers:
@@ -169,6 +117,73 @@ async def serve(options: Options) -> int:
         await loop.run_in_executor(None, supervisor.manager.stop)
         log.info("stopped")
     return 1 if supervisor.lost_worker else 0
+
+
+def _model_list(options: Options) -> tuple[ModelServerConfig | None, list[ModelConfig]]:
+    """The models to serve, and the config file's content they came from (None: from flags)."""
+    from serving.model_config import model_configs, read_file, single_model
+
+    if not options.model_config_file:
+        return None, single_model(options.model_name, str(options.model_base_path))
+    file_config = read_file(options.model_config_file)
+    configs = model_configs(file_config) or []
+    log.info(
+        "model config file %s: %d model(s): %s",
+        options.model_config_file,
+        len(configs),
+        ", ".join(c.name for c in configs) or "none",
+    )
+    return file_config, configs
+
+
+async def _start_unless_stopped(supervisor: Supervisor, configs: list[ModelConfig]) -> bool:
+    """Start the server; False when a signal (or a lost worker) stopped it first.
+
+    A signal during startup (TensorFlow imports, first loads) stops the server at once instead of
+    after the loads it interrupts. A refused config or a worker that failed to start is raised."""
+    startup = asyncio.create_task(_start(supervisor, configs))
+    stopped = asyncio.create_task(supervisor.stop.wait())
+    await asyncio.wait({startup, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not startup.done():
+        log.info("stopped during startup")
+        startup.cancel()
+        return False
+    startup.result()
+    return True
+
+
+def _log_ready(options: Options, configs: list[ModelConfig]) -> None:
+    log.info(
+        "gRPC on %s:%d, REST on %s, %d worker process(es)",
+        options.bind_address,
+        options.port,
+        options.rest_api_port or "none",
+        options.num_workers,
+    )
+    if not options.rest_api_port and options.prometheus_path:
+        log.warning("--monitoring_config_file: no metrics page without --rest_api_port")
+    log.info("server ready (models: %s)", ", ".join(c.name for c in configs) or "none")
+
+
+def _start_pollers(
+    supervisor: Supervisor, file_config: ModelServerConfig | None
+) -> list[asyncio.Task]:
+    """What runs until the server stops: polls of the sources and re-reads of the config file."""
+    from serving.model_config import ConfigFileWatcher
+    from serving.types import RELOAD_TIMEOUT_S
+
+    options, controller, stop = supervisor.options, supervisor.controller, supervisor.stop
+    pollers = []
+    interval = options.file_system_poll_wait_seconds
+    if interval > 0:
+        pollers.append(asyncio.create_task(_every(interval, controller.poll_sources, stop)))
+    config_interval = options.model_config_file_poll_wait_seconds
+    if options.model_config_file and config_interval > 0:
+        watcher = ConfigFileWatcher(
+            options.model_config_file, controller, file_config, RELOAD_TIMEOUT_S
+        )
+        pollers.append(asyncio.create_task(_every(config_interval, watcher.poll, stop)))
+    return pollers
 
 
 async def _start(supervisor: Supervisor, configs: list[ModelConfig]) -> None:

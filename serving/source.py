@@ -85,11 +85,15 @@ class VersionPolicy:
         return "specific{" + ",".join(str(v) for v in sorted(self.versions)) + "}"
 
 
+# latest{1}: TF Serving's policy for a model that names none.
+DEFAULT_POLICY = VersionPolicy()
+
+
 class FileSystemSource:
     """Polls one model's base path and reports the aspired versions (logging what changed)."""
 
     def __init__(
-        self, model_name: str, base_path: str, policy: VersionPolicy = VersionPolicy()
+        self, model_name: str, base_path: str, policy: VersionPolicy = DEFAULT_POLICY
     ) -> None:
         self.model_name = model_name
         self.base_path = base_path

@@ -129,7 +129,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _relative_to(base: Path, tree: dict[str, Any]) -> None:
-    """Relative paths in a config file are relative to the repository root, wherever it runs from."""
+    """Relative paths in a config file are relative to the repository root, wherever it runs
+    from."""
     for section, key in (("data", "dir"), ("export", "base_path"), ("push", "model_base_path")):
         value = tree.get(section, {}).get(key) if isinstance(tree.get(section), dict) else None
         if isinstance(value, str) and not Path(value).is_absolute():

@@ -3,9 +3,10 @@
 Layout: ``<export.base_path>/<model_name>/<version>/`` with
   * ``serving_default``: ``images`` float32 [None, 784] in 0..1 -> ``scores`` float32 [None, 10]
     (softmax), ``classes`` int64 [None] (argmax), for TF Serving's Predict API;
-  * ``classify``: ``inputs`` string [None] of serialized ``tf.Example`` with a float feature ``image``
-    of 784 values -> ``classes`` string [None, 10] ("0".."9") and ``scores`` float32 [None, 10], with
-    method name ``tensorflow/serving/classify`` so TF Serving's Classify API accepts it;
+  * ``classify``: ``inputs`` string [None] of serialized ``tf.Example`` with a float feature
+    ``image`` of 784 values -> ``classes`` string [None, 10] ("0".."9") and ``scores`` float32
+    [None, 10], with method name ``tensorflow/serving/classify`` so TF Serving's Classify API
+    accepts it;
   * ``assets.extra/tf_serving_warmup_requests``: PredictionLog records TF Serving replays on load,
     so the first real request does not pay for graph initialisation.
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -33,15 +33,19 @@ from prefect.cache_policies import NO_CACHE
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import classification_pb2, predict_pb2, prediction_log_pb2
 
+from serving.mnist import IMAGE_PIXELS, NUM_CLASSES
+from serving.model_format import (
+    CLASSIFY_METHOD,
+    DEFAULT_SIGNATURE,
+    SAVED_MODEL_FILE,
+    WARMUP_FILE,
+    version_of_dir,
+)
 from tasks.config import ExportConfig
 from tasks.logs import logger as _logger
-from tasks.mnist import IMAGE_PIXELS, NUM_CLASSES
 
-SERVING_SIGNATURE = "serving_default"
 CLASSIFY_SIGNATURE = "classify"
-CLASSIFY_METHOD_NAME = "tensorflow/serving/classify"
 IMAGE_FEATURE = "image"
-WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 CLASS_LABELS = tuple(str(digit) for digit in range(NUM_CLASSES))
 
 # rename(2) of a directory onto an existing one fails with one of these when the target is taken
@@ -59,27 +63,25 @@ class ExportResult:
     path: Path  # <export.base_path>/<model_name>/<version>
 
 
-def existing_versions(*model_dirs: Path) -> set[int]:
-    """Version numbers of the directories named by a positive integer in any of ``model_dirs``."""
-    versions: set[int] = set()
+def next_version(*model_dirs: Path) -> int:
+    """One above the highest version in any of ``model_dirs``; 1 when there is none.
+
+    Every directory named like a version counts, complete or not (one without ``saved_model.pb``
+    yet is a version being written); other names, hidden temporary ones among them, do not."""
+    highest = 0
     for model_dir in model_dirs:
         if not model_dir.is_dir():
             continue
         for entry in model_dir.iterdir():
-            # ASCII digits only: TF Serving parses version directory names as integers, and skips the
-            # rest (hidden temporary directories of exports in progress among them).
-            if re.fullmatch(r"[0-9]+", entry.name) and int(entry.name) > 0 and entry.is_dir():
-                versions.add(int(entry.name))
-    return versions
+            version = version_of_dir(entry.name)
+            if version is not None and entry.is_dir():
+                highest = max(highest, version)
+    return highest + 1
 
 
-def next_version(*model_dirs: Path) -> int:
-    """One above the highest version in any of ``model_dirs``; 1 when there is none."""
-    return max(existing_versions(*model_dirs), default=0) + 1
-
-
-def publish(staging: Path, export_dir: Path, serving_dir: Path) -> tuple[int, Path]:
-    """Rename the complete SavedModel at ``staging`` to the next free version under ``export_dir``.
+def claim_next_version(staging: Path, export_dir: Path, serving_dir: Path) -> tuple[int, Path]:
+    """Claim the next free version number under ``export_dir`` by renaming the complete
+    SavedModel at ``staging`` to it; returns the number and the version's directory.
 
     ``staging`` must be in ``export_dir`` (rename is atomic only within a file system). If another
     export takes the number between the scan and the rename, the rename fails because the target is
@@ -142,12 +144,12 @@ class _Untracked:
 def _set_classify_method_name(saved_model_dir: Path) -> None:
     """TF2's ``tf.saved_model.save`` marks every signature as Predict; TF Serving's Classify API
     only accepts a signature whose method name is ``tensorflow/serving/classify``."""
-    pb_path = saved_model_dir / "saved_model.pb"
+    pb_path = saved_model_dir / SAVED_MODEL_FILE
     saved_model = saved_model_pb2.SavedModel()
     saved_model.ParseFromString(pb_path.read_bytes())
     for meta_graph in saved_model.meta_graphs:
         if CLASSIFY_SIGNATURE in meta_graph.signature_def:
-            meta_graph.signature_def[CLASSIFY_SIGNATURE].method_name = CLASSIFY_METHOD_NAME
+            meta_graph.signature_def[CLASSIFY_SIGNATURE].method_name = CLASSIFY_METHOD
     pb_path.write_bytes(saved_model.SerializeToString())
     try:
         # fingerprint.pb holds a checksum of saved_model.pb; recompute it so it describes the
@@ -160,7 +162,8 @@ def _set_classify_method_name(saved_model_dir: Path) -> None:
 
 
 def image_example(image: np.ndarray) -> tf.train.Example:
-    """The ``tf.Example`` the ``classify`` signature parses: a float feature ``image`` of 784 values."""
+    """The ``tf.Example`` the ``classify`` signature parses: a float feature ``image`` of 784
+    values."""
     values = np.asarray(image, dtype=np.float32).reshape(IMAGE_PIXELS)
     feature = tf.train.Feature(float_list=tf.train.FloatList(value=values.tolist()))
     return tf.train.Example(features=tf.train.Features(feature={IMAGE_FEATURE: feature}))
@@ -174,7 +177,7 @@ def warmup_records(
     for index in range(num_predict):
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model_name
-        request.model_spec.signature_name = SERVING_SIGNATURE
+        request.model_spec.signature_name = DEFAULT_SIGNATURE
         image = images[index % len(images)].reshape(1, IMAGE_PIXELS)
         request.inputs["images"].CopyFrom(
             tf.make_tensor_proto(image, dtype=tf.float32, shape=[1, IMAGE_PIXELS])
@@ -234,11 +237,11 @@ def export(
         tf.saved_model.save(
             module,
             str(staging),
-            signatures={SERVING_SIGNATURE: module.serve, CLASSIFY_SIGNATURE: module.classify},
+            signatures={DEFAULT_SIGNATURE: module.serve, CLASSIFY_SIGNATURE: module.classify},
         )
         _set_classify_method_name(staging)
         _write_warmup(staging, warmup_records(cfg.model_name, images, cfg.warmup_requests))
-        version, path = publish(staging, export_dir, serving_dir)
+        version, path = claim_next_version(staging, export_dir, serving_dir)
     finally:
         # Only left when something failed before or during the rename.
         shutil.rmtree(staging, ignore_errors=True)

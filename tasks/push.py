@@ -20,10 +20,10 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from serving.api_client import ModelServer
 from tasks.config import PushConfig
 from tasks.export import ExportResult
 from tasks.logs import logger
-from tasks.model_server import ModelServer
 from tasks.validate import Verdict
 
 POLL_INTERVAL_S = 0.2
@@ -45,7 +45,8 @@ class PushResult:
 
 
 def publish(export: ExportResult, model_base_path: Path) -> Path:
-    """Copy the version into the store under a hidden name, then rename: servers never see it half-copied."""
+    """Copy the version into the store under a hidden name, then rename: servers never see it
+    half-copied."""
     store = model_base_path / export.model_name
     store.mkdir(parents=True, exist_ok=True)
     target = store / str(export.version)
@@ -110,7 +111,8 @@ def push(export: ExportResult, verdict: Verdict, cfg: PushConfig) -> PushResult:
     log = logger()
     if not verdict.passed:
         raise PushError(
-            f"refusing to push {export.model_name} version {export.version}: the gate failed: {verdict.reason}"
+            f"refusing to push {export.model_name} version {export.version}: "
+            f"the gate failed: {verdict.reason}"
         )
     target = publish(export, cfg.model_base_path)
     published_at = time.monotonic()

@@ -19,9 +19,9 @@ import tensorflow as tf
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from serving.mnist import IMAGE_PIXELS, NUM_CLASSES, Mnist
 from tasks.config import ModelConfig, TrainConfig
 from tasks.logs import logger as _logger
-from tasks.mnist import IMAGE_PIXELS, NUM_CLASSES, Mnist
 from tasks.tracking import RunTracker
 
 # The metrics Keras reports per epoch with validation data, in the order they are logged.
@@ -134,7 +134,8 @@ class _EpochLog(keras.callbacks.Callback):
 
 
 class _TrackMetrics(keras.callbacks.Callback):
-    """Per-epoch metrics into the flow's MLflow run; steps count epochs from 1, as the log lines do."""
+    """Per-epoch metrics into the flow's MLflow run; steps count epochs from 1, as the log lines
+    do."""
 
     def __init__(self, tracker: RunTracker) -> None:
         super().__init__()
@@ -212,7 +213,8 @@ def fit(
             verbose=0,
         )
     finally:
-        # The setting is process-wide; leave it as found so later tasks in this worker are not flooded.
+        # The setting is process-wide; leave it as found so later tasks in this worker are not
+        # flooded.
         tf.debugging.set_log_device_placement(placement_was_logged)
     seconds = time.perf_counter() - started
     metrics = {key: [float(value) for value in values] for key, values in history.history.items()}

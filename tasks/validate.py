@@ -15,11 +15,12 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from serving.api_client import ModelServer
+from serving.mnist import NUM_CLASSES, Split
+from serving.model_format import DEFAULT_SIGNATURE
 from tasks.config import ValidateConfig
 from tasks.export import ExportResult
 from tasks.logs import logger
-from tasks.mnist import NUM_CLASSES, Split
-from tasks.model_server import ModelServer
 
 
 class ValidationError(RuntimeError):
@@ -48,12 +49,13 @@ def exported_scores(export: ExportResult, images: np.ndarray) -> np.ndarray:
     import tensorflow as tf  # deferred: a 6 s import only the tasks that run models need
 
     loaded = tf.saved_model.load(str(export.path))
-    outputs = loaded.signatures["serving_default"](images=tf.constant(images, tf.float32))
+    outputs = loaded.signatures[DEFAULT_SIGNATURE](images=tf.constant(images, tf.float32))
     return outputs["scores"].numpy()
 
 
 def baseline(servers: list[str], model_name: str, test: Split) -> tuple[int | None, float | None]:
-    """The version the first server serves now and its error rate on ``test``; (None, None) if none."""
+    """The version the first server serves now and its error rate on ``test``; (None, None) if
+    none."""
     if not servers:
         return None, None
     try:
@@ -80,8 +82,9 @@ def judge(
         )
     if baseline_error_rate is not None and error_rate > baseline_error_rate + cfg.max_regression:
         return False, (
-            f"error rate {error_rate:.4f} regresses on the serving model's {baseline_error_rate:.4f} "
-            f"by more than validate.max_regression {cfg.max_regression:.4f}"
+            f"error rate {error_rate:.4f} regresses on the serving model's "
+            f"{baseline_error_rate:.4f} by more than validate.max_regression "
+            f"{cfg.max_regression:.4f}"
         )
     against = "" if baseline_error_rate is None else f", serving model {baseline_error_rate:.4f}"
     return True, f"error rate {error_rate:.4f} (bound {cfg.max_error_rate:.4f}{against})"

@@ -1,5 +1,6 @@
-"""tasks.export: version numbering, atomic publication under concurrency, and the exported
-SavedModel read back from disk with TF2's loader and with the TF1 loader TF Serving uses."""
+"""tasks.export: version numbering, claiming a version atomically under concurrency, and the
+exported SavedModel read back from disk with TF2's loader and with the TF1 loader TF Serving
+uses."""
 
 from __future__ import annotations
 
@@ -17,15 +18,14 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
 import tasks.export as export_module
+from serving.model_format import CLASSIFY_METHOD, WARMUP_FILE
 from tasks.config import ExportConfig, ModelConfig
 from tasks.export import (
-    CLASSIFY_METHOD_NAME,
-    WARMUP_FILE,
     ExportResult,
+    claim_next_version,
     export,
     image_example,
     next_version,
-    publish,
 )
 from tasks.train import build_model
 
@@ -67,7 +67,7 @@ def test_next_version_ignores_what_is_not_a_version(tmp_path: Path) -> None:
     assert next_version(exports, serving) == 3
 
 
-def test_publish_retries_when_the_version_was_taken(
+def test_claim_retries_when_the_version_was_taken(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     exports, serving = tmp_path / "exports" / "mnist", tmp_path / "serving" / "mnist"
@@ -76,14 +76,14 @@ def test_publish_retries_when_the_version_was_taken(
     _version_dirs(exports, [staging.name])
     # A scan that is always stale: as if other exports took each version between scan and rename.
     monkeypatch.setattr(export_module, "next_version", lambda *dirs: 1)
-    version, path = publish(staging, exports, serving)
+    version, path = claim_next_version(staging, exports, serving)
     assert (version, path) == (4, exports / "4")
     assert (path / "saved_model.pb").read_bytes() == b"x"
     assert not staging.exists()
     assert all((exports / name / "saved_model.pb").exists() for name in ("1", "2", "3"))
 
 
-def test_concurrent_publishes_get_distinct_versions(tmp_path: Path) -> None:
+def test_concurrent_claims_get_distinct_versions(tmp_path: Path) -> None:
     exports, serving = tmp_path / "exports" / "mnist", tmp_path / "serving" / "mnist"
     _version_dirs(serving, ["5"])
     stagings = [exports / f".tmp-{i}" for i in range(8)]
@@ -95,7 +95,7 @@ def test_concurrent_publishes_get_distinct_versions(tmp_path: Path) -> None:
 
     def run(staging: Path) -> None:
         start.wait()
-        results[staging.name] = publish(staging, exports, serving)[0]
+        results[staging.name] = claim_next_version(staging, exports, serving)[0]
 
     threads = [threading.Thread(target=run, args=(staging,)) for staging in stagings]
     for thread in threads:
@@ -171,7 +171,7 @@ def test_signatures_as_tf_serving_sees_them(exported: ExportResult) -> None:
         meta_graph.signature_def["classify"],
     )
     assert serving.method_name == "tensorflow/serving/predict"
-    assert classify.method_name == CLASSIFY_METHOD_NAME == "tensorflow/serving/classify"
+    assert classify.method_name == CLASSIFY_METHOD == "tensorflow/serving/classify"
     assert set(serving.inputs) == {"images"} and set(serving.outputs) == {"scores", "classes"}
     assert serving.inputs["images"].dtype == tf.float32.as_datatype_enum
     assert [dim.size for dim in serving.inputs["images"].tensor_shape.dim] == [-1, 784]
@@ -194,7 +194,7 @@ def test_tf1_loader_serves_both_signatures(
             {serving.inputs["images"].name: images},
         )
         classify = meta_graph.signature_def["classify"]
-        assert classify.method_name == CLASSIFY_METHOD_NAME
+        assert classify.method_name == CLASSIFY_METHOD
         classify_scores, labels = session.run(
             [classify.outputs["scores"].name, classify.outputs["classes"].name],
             {classify.inputs["inputs"].name: serialized},

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tasks import mnist
+from serving import mnist
 from tasks.config import REPO_ROOT
 
 SHIPPED = REPO_ROOT / "data" / "mnist"

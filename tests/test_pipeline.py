@@ -1,4 +1,5 @@
-"""The whole flow against real parts: a Prefect test API, an MLflow server on SQLite, our model server.
+"""The whole flow against real parts: a Prefect test API, an MLflow server on SQLite, our model
+server.
 
 The tests run in order and share one stack, as a user's successive runs would: the first run pushes
 version 1, the second hot-swaps to version 2 under load, a run with an impossible bound fails the
@@ -23,9 +24,9 @@ from prefect.testing.utilities import prefect_test_harness
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from flows.train_and_serve import GateFailed, train_and_serve
+from serving.api_client import ModelServer, predict_request, response_scores
+from serving.mnist import load_test
 from tasks.config import REPO_ROOT
-from tasks.mnist import load_test
-from tasks.model_server import ModelServer, predict_request, response_scores
 from tests.processes import ModelServerProcess, mlflow_server, model_server
 
 MODEL = "mnist"

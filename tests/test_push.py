@@ -1,4 +1,5 @@
-"""push without a healthy server: it refuses a failed verdict and rolls back what no server serves."""
+"""push without a healthy server: it refuses a failed verdict and rolls back what no server
+serves."""
 
 from pathlib import Path
 

@@ -424,7 +424,7 @@ def test_client_reports_error_rate(served):
     )
     assert done.returncode == 0, done.stderr
     # The test model answers 3 for everything: the error rate is 1 - share of 3s among the labels.
-    from tasks.mnist import load_test
+    from serving.mnist import load_test
 
     labels = load_test(REPO / "data" / "mnist").labels[:200]
     expected = (labels != 3).mean() * 100

@@ -81,7 +81,7 @@ def test_version_of_dir():
     assert version_of_dir("1") == 1
     assert version_of_dir("00000001") == 1
     assert version_of_dir("1732500000") == 1732500000
-    for bad in ("0", "-1", "+1", " 1", "1_000", "1.0", "abc", ".tmp1", str(2**63), ""):
+    for bad in ("0", "-1", "+1", " 1", "1_000", "1.0", "abc", ".tmp1", str(2**63), "", "12\n"):
         assert version_of_dir(bad) is None, bad
 
 

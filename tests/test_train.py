@@ -17,8 +17,8 @@ import pytest
 import tensorflow as tf
 from mlflow.tracking import MlflowClient
 
+from serving.mnist import Mnist, Split, load
 from tasks.config import ModelConfig, TrainConfig
-from tasks.mnist import Mnist, Split, load
 from tasks.tracking import RunTracker
 from tasks.train import (
     DeviceError,
@@ -170,7 +170,7 @@ _MIRRORED_SCRIPT = textwrap.dedent(
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 
     from tasks.config import ModelConfig, TrainConfig
-    from tasks.mnist import Mnist, Split, load
+    from serving.mnist import Mnist, Split, load
     from tasks.train import fit, resolve_devices
 
     full = load(sys.argv[1])
@@ -187,11 +187,15 @@ _MIRRORED_SCRIPT = textwrap.dedent(
     from pathlib import Path
     from tasks.config import ExportConfig
     from tasks.export import export
-    exported = export.fn(result.model, ExportConfig(base_path=Path(sys.argv[2])), Path(sys.argv[2]), images)
+    exported = export.fn(
+        result.model, ExportConfig(base_path=Path(sys.argv[2])), Path(sys.argv[2]), images
+    )
     with tf.Graph().as_default(), tf.compat.v1.Session() as session:
         meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(exported.path))
         signature = meta_graph.signature_def["serving_default"]
-        served = session.run(signature.outputs["scores"].name, {signature.inputs["images"].name: images})
+        served = session.run(
+            signature.outputs["scores"].name, {signature.inputs["images"].name: images}
+        )
 
     print("RESULT " + json.dumps({
         "device": result.device,

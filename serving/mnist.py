@@ -1,4 +1,10 @@
-"""MNIST from the four original IDX files, checksum-verified; never downloaded at run time."""
+"""MNIST from the four original IDX files, checksum-verified; never downloaded at run time.
+
+The data of the model this repository serves: the pipeline trains and validates on it
+(``tasks``), and the MNIST client (``serving.client``) sends its test images, as TF Serving's
+example client reads them with its own ``mnist_input_data``. Here, in ``serving``, because the
+pipeline imports ``serving`` and never the other way round.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +17,21 @@ import numpy as np
 
 # SHA-256 of the original gzipped files (their MD5s are in data/mnist/SOURCE.txt).
 SHA256 = {
-    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+    "train-images-idx3-ubyte.gz": (
+        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"
+    ),
+    "train-labels-idx1-ubyte.gz": (
+        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"
+    ),
+    "t10k-images-idx3-ubyte.gz": (
+        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"
+    ),
+    "t10k-labels-idx1-ubyte.gz": (
+        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"
+    ),
 }
+# The copy this repository ships (data/mnist/SOURCE.txt says where it comes from).
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "mnist"
 IMAGE_PIXELS = 28 * 28
 NUM_CLASSES = 10
 

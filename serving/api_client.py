@@ -1,8 +1,10 @@
-"""A client for one model server, through TF Serving's public gRPC API only.
+"""A client of one model server through TF Serving's public gRPC API only.
 
-validate (the baseline error rate) and push (availability and canary checks) talk to servers
-through this class, so the same pipeline drives our ``serving/`` server or real
-``tensorflow_model_server`` replicas.
+The pipeline (validate's baseline error rate, push's availability and canary checks) and the MNIST
+client CLI (``serving.client``) build their requests and read the answers here, so the same code
+drives this package's server and real ``tensorflow_model_server`` replicas. The model it speaks to
+takes ``images`` float32 [N, 784] and answers ``scores`` float32 [N, 10] (``tasks.export``'s
+``serving_default``).
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from serving.model_format import DEFAULT_SIGNATURE
 from serving.tensors import to_ndarray, to_tensor_proto
 
-AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-END = get_model_status_pb2.ModelVersionStatus.END
-_UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+# No message size limit either way: gRPC's default receive limit (4 MiB) is ~1,300 MNIST images.
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
 @dataclass(frozen=True)
-class VersionStatus:
+class ReportedVersionStatus:
+    """One version as a server reports it in GetModelStatus (the server's own record of a
+    version is ``serving.types.VersionStatus``)."""
+
     version: int
     state: str  # START | LOADING | AVAILABLE | UNLOADING | END
     error_code: int  # grpc status code number; 0 = OK
@@ -34,12 +39,15 @@ class VersionStatus:
 
 
 def predict_request(
-    model_name: str, images: np.ndarray, version: int | None = None
+    model_name: str,
+    images: np.ndarray,
+    version: int | None = None,
+    signature_name: str = DEFAULT_SIGNATURE,
 ) -> predict_pb2.PredictRequest:
-    """A ``serving_default`` Predict of float32 ``images`` [N,784], asking only for ``scores``."""
+    """A Predict of float32 ``images`` [N,784], asking only for ``scores``."""
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model_name
-    request.model_spec.signature_name = "serving_default"
+    request.model_spec.signature_name = signature_name
     if version is not None:
         request.model_spec.version.value = version
     request.inputs["images"].CopyFrom(to_tensor_proto(np.asarray(images, dtype=np.float32)))
@@ -58,7 +66,7 @@ class ModelServer:
         self.address = address
         self.model_name = model_name
         self._timeout = rpc_timeout_s
-        self._channel = grpc.insecure_channel(address, options=_UNLIMITED)
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
         self._predictions = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
 
@@ -71,7 +79,7 @@ class ModelServer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def version_statuses(self) -> list[VersionStatus]:
+    def version_statuses(self) -> list[ReportedVersionStatus]:
         """Every version the server reports; [] when it does not know the model (NOT_FOUND)."""
         request = get_model_status_pb2.GetModelStatusRequest()
         request.model_spec.name = self.model_name
@@ -82,7 +90,7 @@ class ModelServer:
                 return []
             raise
         return [
-            VersionStatus(
+            ReportedVersionStatus(
                 version=status.version,
                 state=get_model_status_pb2.ModelVersionStatus.State.Name(status.state),
                 error_code=status.status.error_code,
