@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 # The prefect CLI talks to the local server that `make run` starts (see flows/local_stack.py).
 PREFECT := PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_HOME=$(CURDIR)/.stack/prefect $(VENV)/bin/prefect
 
-.PHONY: install run stop status test bench clean
+.PHONY: install run stop status test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -28,8 +28,17 @@ stop:
 status: install
 	@$(PY) -m flows.local_stack status
 
-test: install
+# Everything, lint included (what CI runs: .ci/run).
+test: install lint
 	$(PY) -m pytest -q
+
+# The quick subset: no server, Prefect, MLflow or training processes.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean: stop
 	rm -rf .stack

@@ -123,17 +123,16 @@ class ModelServerProcess:
     log: Path
 
 
-@contextmanager
-def model_server(
-    model_base_path: Path,
+def serving_command(
+    grpc_port: int,
+    rest_port: int,
     model_name: str,
-    log: Path,
+    model_base_path: Path,
     poll_s: float = 0.2,
-    extra_flags: tuple[str, ...] = (),
-) -> Iterator[ModelServerProcess]:
-    """``python -m serving`` on free ports, once its REST port answers (tests and benchmarks)."""
-    grpc_port, rest_port = free_port(), free_port()
-    command = [
+    extra_flags: tuple[str, ...] | list[str] = (),
+) -> list[str]:
+    """The command line of a ``python -m serving`` under test (``TEST_WORKERS`` workers)."""
+    return [
         sys.executable,
         "-m",
         "serving",
@@ -145,6 +144,21 @@ def model_server(
         f"--num_workers={TEST_WORKERS}",
         *extra_flags,
     ]
+
+
+@contextmanager
+def model_server(
+    model_base_path: Path,
+    model_name: str,
+    log: Path,
+    poll_s: float = 0.2,
+    extra_flags: tuple[str, ...] = (),
+) -> Iterator[ModelServerProcess]:
+    """``python -m serving`` on free ports, once its REST port answers (tests and benchmarks)."""
+    grpc_port, rest_port = free_port(), free_port()
+    command = serving_command(
+        grpc_port, rest_port, model_name, model_base_path, poll_s, extra_flags
+    )
     with running(command, log) as process:
         rest_url = f"http://127.0.0.1:{rest_port}"
         wait_for_http(f"{rest_url}/v1/models/{model_name}", process, log)
@@ -153,7 +167,8 @@ def model_server(
 
 @contextmanager
 def mlflow_server(directory: Path) -> Iterator[str]:
-    """``mlflow server`` on a SQLite backend with a local artifact store; yields its tracking URI."""
+    """``mlflow server`` on a SQLite backend with a local artifact store; yields its tracking
+    URI."""
     port = free_port()
     command = [
         str(BIN / "mlflow"),

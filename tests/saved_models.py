@@ -1,11 +1,13 @@
-"""Tiny SavedModels with the pipeline's ``serving_default`` signature, written the way a pusher does.
+"""Tiny SavedModels with the pipeline's ``serving_default`` signature, written the way a pusher
+does, and TF Serving's half_plus_two test model.
 
-``write_version(base, version, bias_class)`` writes ``<base>/<version>/`` atomically (hidden temp dir
-beside it, then ``os.rename``), so a polling server never sees a half-written version. The model is
-``scores = softmax(images @ W + b)``, ``classes = argmax(scores)`` with ``W = 0`` and a large ``b`` at
-``bias_class``: every input is classified as ``bias_class``, so a test can tell versions apart by the
-answer. ``write_broken_version`` writes a directory whose ``saved_model.pb`` is garbage.
-``extra_mib`` adds an unused variable of that size, so that a leaked version shows in the RSS.
+``write_version(base, version, bias_class)`` writes ``<base>/<version>/`` atomically (hidden temp
+dir beside it, then ``os.rename``), so a polling server never sees a half-written version. The
+model is ``scores = softmax(images @ W + b)``, ``classes = argmax(scores)`` with ``W = 0`` and a
+large ``b`` at ``bias_class``: every input is classified as ``bias_class``, so a test can tell
+versions apart by the answer. ``write_broken_version`` writes a directory whose
+``saved_model.pb`` is garbage. ``extra_mib`` adds an unused variable of that size, so that a
+leaked version shows in the RSS.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def copy_version(template: str | Path, base: str | Path, version: int | str) -> 
     return _publish(Path(base), version, lambda path: shutil.copytree(template, path))
 
 
-# -- TF Serving's "half_plus_two" test model, and a predict signature over every dtype ----------------
+# -- TF Serving's "half_plus_two" test model, and a predict signature over every dtype -------------
 
 
 def _export_half_plus_two(path: Path) -> None:
@@ -256,7 +258,8 @@ def _write_half_plus_two_warmup(path: Path) -> None:
 
 
 def write_half_plus_two(base: str | Path, version: int | str, warmup: bool = True) -> Path:
-    """Publish the half_plus_two model (with one warmup record of each kind) as ``<base>/<version>``."""
+    """Publish the half_plus_two model (with one warmup record of each kind) as
+    ``<base>/<version>``."""
 
     def fill(path: Path) -> None:
         _export_half_plus_two(path)

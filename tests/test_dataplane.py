@@ -16,7 +16,7 @@ from serving.jobs import COST_WINDOW, INLINE_BUDGET_S, JobRunner
 pytestmark = pytest.mark.timeout(120)
 
 
-# -- jobs ----------------------------------------------------------------------------------------
+# -- jobs ------------------------------------------------------------------------------------------
 
 
 def _busy(seconds: float) -> None:
@@ -88,7 +88,7 @@ def test_failed_jobs_are_not_measured():
     _with_jobs(scenario)
 
 
-# -- the data plane's calls ----------------------------------------------------------------------
+# -- the data plane's calls ------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

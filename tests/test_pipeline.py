@@ -53,6 +53,9 @@ class Stack:
         return train_and_serve(overrides=self.overrides(*extra))
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Stack:
     root = tmp_path_factory.mktemp("stack")

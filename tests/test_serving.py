@@ -1,4 +1,5 @@
-"""End-to-end tests of ``python -m serving``: a real server subprocess, real sockets, official stubs.
+"""End-to-end tests of ``python -m serving``: a real server subprocess, real sockets, TF Serving's
+official stubs.
 
 One module-scoped server serves a fixed model for the request/error tests; the lifecycle test runs
 its own server and walks through: empty base path -> first version -> swap under load -> broken
@@ -7,180 +8,37 @@ version -> rollback under load.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import saved_models  # noqa: E402
-
-from tests.processes import TEST_WORKERS  # noqa: E402
+from tests import saved_models  # noqa: E402
+from tests.processes import free_port  # noqa: E402
+from tests.servers import (  # noqa: E402
+    AVAILABLE,
+    END,
+    PYTHON,
+    REPO,
+    Load,
+    Server,
+    images,
+    rpc_error,
+)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 from tensorflow_serving.apis import (  # noqa: E402
     get_model_metadata_pb2,
-    get_model_status_pb2,
-    model_service_pb2_grpc,
     predict_pb2,
-    prediction_service_pb2_grpc,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-PYTHON = sys.executable
-AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-END = get_model_status_pb2.ModelVersionStatus.END
-
-pytestmark = pytest.mark.timeout(180)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A ``python -m serving`` subprocess on free ports, with gRPC stubs and a REST helper."""
-
-    def __init__(
-        self,
-        base_path: Path,
-        log_path: Path,
-        model_name: str = "mnist",
-        extra: list[str] | None = None,
-    ) -> None:
-        self.port, self.rest_port = free_port(), free_port()
-        self.model_name = model_name
-        self.log_path = log_path
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [
-                PYTHON,
-                "-m",
-                "serving",
-                f"--port={self.port}",
-                "--rest_api_port",
-                str(self.rest_port),
-                "--model_name",
-                model_name,
-                "--model_base_path",
-                str(base_path),
-                "--file_system_poll_wait_seconds=0.2",
-                f"--num_workers={TEST_WORKERS}",
-                *(extra or []),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self.predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
-        self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                grpc.channel_ready_future(self.channel).result(timeout=0.5)
-                return
-            except grpc.FutureTimeoutError:
-                continue
-        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-    # -- gRPC --
-    def predict(
-        self,
-        images: np.ndarray,
-        version: int | None = None,
-        signature: str = "",
-        inputs: dict | None = None,
-        model_name: str | None = None,
-        timeout: float = 10,
-    ):
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = model_name or self.model_name
-        request.model_spec.signature_name = signature
-        if version is not None:
-            request.model_spec.version.value = version
-        for key, value in (inputs if inputs is not None else {"images": images}).items():
-            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
-        return self.predict_stub.Predict(request, timeout=timeout)
-
-    def status(self, version: int | None = None, model_name: str | None = None):
-        request = get_model_status_pb2.GetModelStatusRequest()
-        request.model_spec.name = model_name or self.model_name
-        if version is not None:
-            request.model_spec.version.value = version
-        return self.model_stub.GetModelStatus(request, timeout=10)
-
-    def states(self) -> dict[int, tuple[int, int, str]]:
-        try:
-            response = self.status()
-        except grpc.RpcError:
-            return {}
-        return {
-            s.version: (s.state, s.status.error_code, s.status.error_message)
-            for s in response.model_version_status
-        }
-
-    def wait_for(self, predicate, what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate(self.states()):
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"timed out waiting for {what}; states {self.states()}\n{self.log()}")
-
-    # -- REST --
-    def http(self, method: str, path: str, body: object | None = None) -> tuple[int, dict]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.rest_port}{path}", data=data, method=method
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-
-def images(n: int = 1, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).random((n, 784), dtype=np.float32)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
 @pytest.fixture(scope="module")
@@ -202,15 +60,11 @@ def served(tmp_path_factory, templates):
     saved_models.copy_version(templates[3], base, 4)
     (base / "not-a-version").mkdir()
     (base / "README").write_text("ignored")
-    server = Server(base, root / "server.log")
-    try:
-        server.wait_ready()
+    with Server(base, root / "server.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
-# -- predict -----------------------------------------------------------------------------------
+# -- predict ---------------------------------------------------------------------------------------
 
 
 def test_grpc_predict_returns_model_answer(served):
@@ -273,7 +127,7 @@ def test_rest_predict_named_instances(served):
     assert body["predictions"][0]["classes"] == 3
 
 
-# -- status / metadata ---------------------------------------------------------------------------
+# -- status / metadata -----------------------------------------------------------------------------
 
 
 def test_grpc_model_status(served):
@@ -323,13 +177,7 @@ def test_rest_model_metadata(served):
     assert sig["inputs"]["images"]["dtype"] == "DT_FLOAT"
 
 
-# -- errors --------------------------------------------------------------------------------------
-
-
-def rpc_error(fn, *args, **kwargs) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kwargs)
-    return info.value
+# -- errors ----------------------------------------------------------------------------------------
 
 
 def test_unknown_model_not_found(served):
@@ -399,7 +247,7 @@ def test_rest_malformed_body(served):
     assert status == 400 and "instances" in body["error"]
 
 
-# -- client --------------------------------------------------------------------------------------
+# -- client ----------------------------------------------------------------------------------------
 
 
 def test_client_reports_error_rate(served):
@@ -428,7 +276,7 @@ def test_client_reports_error_rate(served):
 
     labels = load_test(REPO / "data" / "mnist").labels[:200]
     expected = (labels != 3).mean() * 100
-    line = [l for l in done.stdout.splitlines() if l.startswith("Inference error rate: ")]
+    line = [t for t in done.stdout.splitlines() if t.startswith("Inference error rate: ")]
     assert line, done.stdout
     assert abs(float(line[0].split(": ")[1].rstrip("%")) - expected) < 1e-6
 
@@ -457,143 +305,70 @@ def test_client_unreachable_server_exits_nonzero():
     assert "cannot reach model server" in done.stderr
 
 
-# -- flags ---------------------------------------------------------------------------------------
+# -- flags -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "args, named",
-    [
-        (["--model_base_path=/tmp/x", "--no_such_flag=1"], "--no_such_flag"),
-        (["--model_base_path=/tmp/x", "--port", "notaport"], "--port"),
-        (["--model_base_path=/tmp/x", "--enable_model_warmup=maybe"], "--enable_model_warmup"),
-        (
-            ["--model_base_path=/tmp/x", "--file_system_poll_wait_seconds=soon"],
-            "--file_system_poll_wait_seconds",
-        ),
-        (["--model_base_path=/tmp/x", "--enable_batching=maybe"], "--enable_batching"),
-    ],
-)
-def test_bad_flag_exits_nonzero_naming_it(args, named):
-    done = subprocess.run(
-        [PYTHON, "-m", "serving", *args], cwd=REPO, capture_output=True, text=True, timeout=30
-    )
-    assert done.returncode != 0
-    assert named in done.stderr
+# -- version lifecycle -----------------------------------------------------------------------------
 
 
-def test_help_is_fast_and_does_not_import_tensorflow():
-    code = (
-        "import sys\nfrom serving.__main__ import main\ntry:\n    main(['--help'])\n"
-        "except SystemExit as e:\n    assert e.code == 0\n"
-        "print('TF' if 'tensorflow' in sys.modules else 'noTF')"
-    )
-    done = subprocess.run(
-        [PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30
-    )
-    assert done.returncode == 0, done.stderr
-    assert "--file_system_poll_wait_seconds" in done.stdout
-    assert done.stdout.strip().endswith("noTF")
-
-
-# -- version lifecycle ---------------------------------------------------------------------------
-
-
-class Load:
-    """A client thread sending Predict continuously, recording versions seen and failures."""
-
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.failures: list[str] = []
-        self.answers: list[tuple[int, int]] = []  # (version, class)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        x = images(1)
-        while not self._stop.is_set():
-            try:
-                response = self.server.predict(x)
-                cls = int(tf.make_ndarray(response.outputs["classes"])[0])
-                self.answers.append((response.model_spec.version.value, cls))
-            except grpc.RpcError as e:
-                self.failures.append(f"{e.code().name}: {e.details()}")
-
-    def __enter__(self) -> "Load":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def wait_for_answer(self, answer: tuple[int, int], timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and answer not in self.answers[-5:]:
-            time.sleep(0.05)
-        assert answer in self.answers[-5:], (answer, self.answers[-5:], self.server.log())
-
-
-def test_version_lifecycle(tmp_path, templates):
+def test_version_lifecycle(tmp_path, templates, start_server):
     base = tmp_path / "models" / "mnist"  # does not exist yet
-    server = Server(base, tmp_path / "server.log")
-    try:
-        server.wait_ready()
-        # Empty/missing base path: up, nothing to serve.
-        e = rpc_error(server.predict, images(1))
-        assert e.code() == grpc.StatusCode.NOT_FOUND
+    server = start_server(base)
+    # Empty/missing base path: up, nothing to serve.
+    e = rpc_error(server.predict, images(1))
+    assert e.code() == grpc.StatusCode.NOT_FOUND
 
-        # A half-written version (no saved_model.pb) and a hidden temp dir are ignored.
-        (base / "9").mkdir(parents=True)
-        (base / ".tmp-10").mkdir()
-        # First version appears.
-        saved_models.copy_version(templates[3], base, 1)
-        server.wait_for(lambda s: s.get(1, (0,))[0] == AVAILABLE, "version 1 AVAILABLE")
-        assert 9 not in server.states()
-        assert tf.make_ndarray(server.predict(images(1)).outputs["classes"]).tolist() == [3]
+    # A half-written version (no saved_model.pb) and a hidden temp dir are ignored.
+    (base / "9").mkdir(parents=True)
+    (base / ".tmp-10").mkdir()
+    # First version appears.
+    saved_models.copy_version(templates[3], base, 1)
+    server.wait_for(lambda s: s.get(1, (0,))[0] == AVAILABLE, "version 1 AVAILABLE")
+    assert 9 not in server.states()
+    assert tf.make_ndarray(server.predict(images(1)).outputs["classes"]).tolist() == [3]
 
-        # Swap to version 2 under continuous load: zero failed requests.
-        with Load(server) as load:
-            load.wait_for_answer((1, 3))
-            saved_models.copy_version(templates[5], base, 2)
-            load.wait_for_answer((2, 5))
-            server.wait_for(lambda s: s.get(1, (0,))[0] == END, "version 1 unloaded")
-            time.sleep(0.3)
-        assert load.failures == []
-        assert {v for v, _ in load.answers} == {1, 2}
-        assert all(c == {1: 3, 2: 5}[v] for v, c in load.answers)
+    # Swap to version 2 under continuous load: zero failed requests.
+    with Load(server) as load:
+        load.wait_for_answer((1, 3))
+        saved_models.copy_version(templates[5], base, 2)
+        load.wait_for_answer((2, 5))
+        server.wait_for(lambda s: s.get(1, (0,))[0] == END, "version 1 unloaded")
+        time.sleep(0.3)
+    assert load.failures == []
+    assert {v for v, _ in load.answers} == {1, 2}
+    assert all(c == {1: 3, 2: 5}[v] for v, c in load.answers)
 
-        # A broken version: END with its error, version 2 keeps serving, no retry every poll.
-        saved_models.write_broken_version(base, 3)
-        server.wait_for(lambda s: s.get(3, (0,))[0] == END, "broken version 3 END")
-        state, code, message = server.states()[3]
-        assert code != 0 and message
-        assert server.states()[2][0] == AVAILABLE
-        response = server.predict(images(1))
-        assert response.model_spec.version.value == 2
-        status, body = server.http("GET", "/v1/models/mnist/versions/3")
-        assert status == 200
-        assert body["model_version_status"][0]["state"] == "END"
-        assert body["model_version_status"][0]["status"]["error_code"] != "OK"
-        time.sleep(0.6)  # a few polls
-        assert server.log().count("version 3: LOADING") == 1
+    # A broken version: END with its error, version 2 keeps serving, no retry every poll.
+    saved_models.write_broken_version(base, 3)
+    server.wait_for(lambda s: s.get(3, (0,))[0] == END, "broken version 3 END")
+    state, code, message = server.states()[3]
+    assert code != 0 and message
+    assert server.states()[2][0] == AVAILABLE
+    response = server.predict(images(1))
+    assert response.model_spec.version.value == 2
+    status, body = server.http("GET", "/v1/models/mnist/versions/3")
+    assert status == 200
+    assert body["model_version_status"][0]["state"] == "END"
+    assert body["model_version_status"][0]["status"]["error_code"] != "OK"
+    time.sleep(0.6)  # a few polls
+    assert server.log().count("version 3: LOADING") == 1
 
-        # Remove the broken one; push 4; then roll back by deleting 4 under load: 2 comes back.
-        shutil.rmtree(base / "3")
-        saved_models.copy_version(templates[7], base, 4)
-        server.wait_for(
-            lambda s: s.get(4, (0,))[0] == AVAILABLE and s[2][0] == END,
-            "version 4 AVAILABLE, 2 unloaded",
-        )
-        with Load(server) as load:
-            load.wait_for_answer((4, 7))
-            shutil.rmtree(base / "4")
-            load.wait_for_answer((2, 5))
-            server.wait_for(lambda s: s[4][0] == END and s[2][0] == AVAILABLE, "rolled back to 2")
-            time.sleep(0.3)
-        assert load.failures == []
-        assert {v for v, _ in load.answers} == {2, 4}
-    finally:
-        rc = server.stop()
+    # Remove the broken one; push 4; then roll back by deleting 4 under load: 2 comes back.
+    shutil.rmtree(base / "3")
+    saved_models.copy_version(templates[7], base, 4)
+    server.wait_for(
+        lambda s: s.get(4, (0,))[0] == AVAILABLE and s[2][0] == END,
+        "version 4 AVAILABLE, 2 unloaded",
+    )
+    with Load(server) as load:
+        load.wait_for_answer((4, 7))
+        shutil.rmtree(base / "4")
+        load.wait_for_answer((2, 5))
+        server.wait_for(lambda s: s[4][0] == END and s[2][0] == AVAILABLE, "rolled back to 2")
+        time.sleep(0.3)
+    assert load.failures == []
+    assert {v for v, _ in load.answers} == {2, 4}
+    rc = server.stop()
     log = server.log()
     assert rc == 0, log
     for word in ("LOADING", "AVAILABLE", "UNLOADING", "END (unloaded)", "load FAILED"):

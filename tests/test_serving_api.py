@@ -11,32 +11,33 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-import saved_models  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow.core.framework import tensor_pb2  # noqa: E402
 from tensorflow_serving.apis import (  # noqa: E402
     classification_pb2,
     get_model_metadata_pb2,
-    inference_pb2,
     predict_pb2,
     regression_pb2,
 )
-from test_serving import Server, rpc_error  # noqa: E402
 
-pytestmark = pytest.mark.timeout(180)
+from serving.model_format import CLASSIFY_METHOD, REGRESS_METHOD  # noqa: E402
+from tests import saved_models  # noqa: E402
+from tests.servers import (  # noqa: E402  # noqa: E402
+    Server,
+    classify_request,
+    multi_request,
+    regress_request,
+    rpc_error,
+)
 
-CLASSIFY = "tensorflow/serving/classify"
-REGRESS = "tensorflow/serving/regress"
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -44,12 +45,8 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 def half(tmp_path_factory):
     root = tmp_path_factory.mktemp("half")
     saved_models.write_half_plus_two(root / "half", 1)
-    server = Server(root / "half", root / "server.log", model_name="half")
-    try:
-        server.wait_ready()
+    with Server(root / "half", root / "server.log", model_name="half") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +59,10 @@ def mnist(tmp_path_factory):
     images = np.random.default_rng(0).random((2, 784), dtype=np.float32)
     cfg = ExportConfig(base_path=root / "exports", model_name="mnist", warmup_requests=2)
     result = export.fn(build_model(ModelConfig()), cfg, root / "serving", images)
-    server = Server(result.path.parent, root / "server.log", extra=["--rest_api_timeout_in_ms=1"])
-    try:
-        server.wait_ready()
+    with Server(
+        result.path.parent, root / "server.log", extra=["--rest_api_timeout_in_ms=1"]
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def raw_http(server: Server, path: str, text: str) -> tuple[int, str]:
@@ -83,38 +78,7 @@ def raw_http(server: Server, path: str, text: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def examples(*xs: float) -> list[tf.train.Example]:
-    return [saved_models.x_example(x) for x in xs]
-
-
-def classify_request(signature: str, xs=(1.0, 2.0), model: str = "half"):
-    request = classification_pb2.ClassificationRequest()
-    request.model_spec.name = model
-    request.model_spec.signature_name = signature
-    request.input.example_list.examples.extend(examples(*xs))
-    return request
-
-
-def regress_request(signature: str = "regress_x_to_y", xs=(1.0, 2.0)):
-    request = regression_pb2.RegressionRequest()
-    request.model_spec.name = "half"
-    request.model_spec.signature_name = signature
-    request.input.example_list.examples.extend(examples(*xs))
-    return request
-
-
-def multi_request(*tasks: tuple[str, str, str], xs=(1.0, 2.0)):
-    request = inference_pb2.MultiInferenceRequest()
-    for model, signature, method in tasks:
-        task = request.tasks.add()
-        task.model_spec.name = model
-        task.model_spec.signature_name = signature
-        task.method_name = method
-    request.input.example_list.examples.extend(examples(*xs))
-    return request
-
-
-# -- REST: TF Serving's documented examples, unchanged --------------------------------------------
+# -- REST: TF Serving's documented examples, unchanged ---------------------------------------------
 
 
 def test_rest_documented_predict_row_and_columnar(half):
@@ -198,10 +162,10 @@ def test_rest_status_and_metadata_with_version(half):
     status, body = half.http("GET", "/v1/models/half/versions/1/metadata")
     assert status == 200, body
     sigs = body["metadata"]["signature_def"]["signature_def"]
-    assert sigs["classify_x_to_y"]["method_name"] == CLASSIFY
+    assert sigs["classify_x_to_y"]["method_name"] == CLASSIFY_METHOD
 
 
-# -- gRPC: Predict -----------------------------------------------------------------------------------
+# -- gRPC: Predict ---------------------------------------------------------------------------------
 
 
 def predict_request(signature: str, tensors: dict, output_filter=()):
@@ -323,7 +287,7 @@ def test_grpc_predict_malformed_tensor_content(half):
     assert (e.code(), e.details()) == (INVALID, "tensor parsing error: x")
 
 
-# -- gRPC: Classify / Regress / MultiInference -------------------------------------------------------
+# -- gRPC: Classify / Regress / MultiInference -----------------------------------------------------
 
 
 def test_grpc_classify_labels_and_scores(half):
@@ -361,7 +325,8 @@ def test_grpc_regress_with_example_list_and_context(half):
 def test_grpc_multi_inference(half):
     response = half.predict_stub.MultiInference(
         multi_request(
-            ("half", "classify_with_labels", CLASSIFY), ("half", "regress_x_to_y", REGRESS)
+            ("half", "classify_with_labels", CLASSIFY_METHOD),
+            ("half", "regress_x_to_y", REGRESS_METHOD),
         ),
         timeout=10,
     )
@@ -381,17 +346,23 @@ def test_grpc_multi_inference(half):
     "tasks, code, message",
     [
         (
-            (("half", "classify_x_to_y", CLASSIFY), ("other", "regress_x_to_y", REGRESS)),
+            (
+                ("half", "classify_x_to_y", CLASSIFY_METHOD),
+                ("other", "regress_x_to_y", REGRESS_METHOD),
+            ),
             INVALID,
             "All ModelSpecs in a MultiInferenceRequest must access the same model name.",
         ),
         (
-            (("half", "regress_x_to_y", REGRESS), ("half", "regress_x_to_y", REGRESS)),
+            (
+                ("half", "regress_x_to_y", REGRESS_METHOD),
+                ("half", "regress_x_to_y", REGRESS_METHOD),
+            ),
             INVALID,
             "Duplicate evaluation of signature: regress_x_to_y",
         ),
         (
-            (("half", "nope", CLASSIFY),),
+            (("half", "nope", CLASSIFY_METHOD),),
             INVALID,
             "Requested signature not found in model graph: nope",
         ),
@@ -401,12 +372,13 @@ def test_grpc_multi_inference(half):
             "Unsupported signature method_name: tensorflow/serving/predict",
         ),
         (
-            (("half", "regress_x_to_y", CLASSIFY),),
+            (("half", "regress_x_to_y", CLASSIFY_METHOD),),
             INVALID,
-            f"Expected classification signature method_name to be {CLASSIFY}. Was: {REGRESS}",
+            f"Expected classification signature method_name to be {CLASSIFY_METHOD}. "
+            f"Was: {REGRESS_METHOD}",
         ),
         (
-            (("nope", "regress_x_to_y", REGRESS),),
+            (("nope", "regress_x_to_y", REGRESS_METHOD),),
             grpc.StatusCode.NOT_FOUND,
             "Servable not found for request: Latest(nope)",
         ),
@@ -423,13 +395,14 @@ def test_grpc_multi_inference_errors(half, tasks, code, message):
         (
             lambda s: s.Classify(classify_request("")),
             INVALID,
-            f"Expected classification signature method_name to be {CLASSIFY}. "
+            f"Expected classification signature method_name to be {CLASSIFY_METHOD}. "
             "Was: tensorflow/serving/predict",
         ),
         (
             lambda s: s.Regress(regress_request("classify_x_to_y")),
             INVALID,
-            f"Expected regression signature method_name to be {REGRESS}. Was: {CLASSIFY}",
+            f"Expected regression signature method_name to be {REGRESS_METHOD}. "
+            f"Was: {CLASSIFY_METHOD}",
         ),
         (
             lambda s: s.Classify(classify_request("nope")),
@@ -449,7 +422,7 @@ def test_grpc_classify_regress_errors(half, call, code, message):
     assert (e.code(), e.details()) == (code, message)
 
 
-# -- errors over REST --------------------------------------------------------------------------------
+# -- errors over REST ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -459,7 +432,7 @@ def test_grpc_classify_regress_errors(half, call, code, message):
             "/v1/models/half:classify",
             {"examples": [{"x": 1.0}]},
             400,
-            f"Expected classification signature method_name to be {CLASSIFY}. "
+            f"Expected classification signature method_name to be {CLASSIFY_METHOD}. "
             "Was: tensorflow/serving/predict",
         ),
         (
@@ -534,7 +507,7 @@ def test_grpc_version_label_and_metadata(half):
     assert (e.code(), e.details()) == (INVALID, "Unrecognized servable version label: stable")
 
 
-# -- warmup ------------------------------------------------------------------------------------------
+# -- warmup ----------------------------------------------------------------------------------------
 
 
 def test_warmup_replays_every_record_kind(half):

@@ -10,9 +10,9 @@ load shedding), ``per_model`` (``batching_params.pbtxt`` in the version director
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -26,17 +26,6 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
-sys.path.insert(0, str(Path(__file__).parent))
-import saved_models  # noqa: E402
-from test_serving import Server  # noqa: E402
-from test_serving_api import (
-    CLASSIFY,
-    REGRESS,
-    classify_request,  # noqa: E402
-    multi_request,
-    regress_request,
-)
-
 from serving import batching  # noqa: E402
 from serving.batching import (
     BATCH_INLINE_BUDGET_S,
@@ -47,6 +36,14 @@ from serving.batching import (
     read_parameters,
 )
 from serving.errors import ServingError  # noqa: E402
+from serving.model_format import CLASSIFY_METHOD, REGRESS_METHOD  # noqa: E402
+from tests import saved_models  # noqa: E402
+from tests.servers import (  # noqa: E402
+    Server,  # noqa: E402
+    classify_request,
+    multi_request,
+    regress_request,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -56,7 +53,7 @@ MODEL = "half"
 pytestmark = pytest.mark.timeout(120)
 
 
-# -- in-process: parameters, padding, merging -----------------------------------------------------
+# -- in-process: parameters, padding, merging ------------------------------------------------------
 
 
 def test_parameters_file_defaults_and_errors(tmp_path):
@@ -328,7 +325,7 @@ def test_cheap_batches_run_on_the_loop_and_expensive_ones_on_a_batch_thread():
     assert loop_thread not in [thread for _, thread in expensive.batches]
 
 
-# -- servers ------------------------------------------------------------------------------------
+# -- servers ---------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -357,7 +354,6 @@ def _start(
             f"--monitoring_config_file={directory / 'monitoring.config'}",
         ]
     server = Server(directory / "models", directory / "server.log", model_name=MODEL, extra=flags)
-    server.base_path = directory / "models"
     return server
 
 
@@ -436,9 +432,10 @@ def inputs(count: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.normal(size=int(rng.integers(1, 9))).astype(np.float32) * 100 for _ in range(count)]
 
 
-# -- batched answers ------------------------------------------------------------------------------
+# -- batched answers -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_concurrent_mixed_sizes_answer_as_without_batching(servers):
     """gRPC and REST at once, 1..8 rows each, merged and padded to 2/4/8: byte-identical to the
     server without batching, and batches of more than one request did form."""
@@ -451,7 +448,7 @@ def test_concurrent_mixed_sizes_answer_as_without_batching(servers):
     with ThreadPoolExecutor(32) as pool:
         grpc_answers = list(pool.map(lambda x: y_of(predict(batched, x)), requests))
         rest_answers = list(pool.map(lambda x: rest_y(batched, x), requests))
-    for x, want, got_grpc, got_rest in zip(requests, expected, grpc_answers, rest_answers):
+    for want, got_grpc, got_rest in zip(expected, grpc_answers, rest_answers):
         assert got_grpc.tobytes() == want.tobytes()
         np.testing.assert_allclose(got_rest, want, rtol=1e-6)
     total, count = histogram(batched, ":tensorflow:serving:batching_session:processed_batch_size")
@@ -460,6 +457,7 @@ def test_concurrent_mixed_sizes_answer_as_without_batching(servers):
     assert rows >= sum(len(x) for x in requests) * 2  # padding included
 
 
+@pytest.mark.slow
 def test_rest_and_grpc_share_a_batch(servers):
     """One REST and one gRPC request of one row, sent together: one batch of 2 (no padding);
     separate batchers would have run two batches, each padded from 1 to 2."""
@@ -480,6 +478,7 @@ def test_rest_and_grpc_share_a_batch(servers):
     assert (total - sum_before, count - count_before) == (2, 1)
 
 
+@pytest.mark.slow
 def test_classify_regress_and_multi_inference_are_batched_too(servers):
     """Batching is per session run, as TF Serving's BatchingSession: concurrent Classify, Regress
     and MultiInference calls (gRPC, and REST :classify / :regress) share batches, and answer
@@ -495,7 +494,9 @@ def test_classify_regress_and_multi_inference_are_batched_too(servers):
         ).result,
         "multi": lambda server, x: server.predict_stub.MultiInference(
             multi_request(
-                (MODEL, "classify_x_to_y", CLASSIFY), (MODEL, "regress_x_to_y", REGRESS), xs=x
+                (MODEL, "classify_x_to_y", CLASSIFY_METHOD),
+                (MODEL, "regress_x_to_y", REGRESS_METHOD),
+                xs=x,
             ),
             timeout=10,
         ).results,
@@ -515,12 +516,13 @@ def test_classify_regress_and_multi_inference_are_batched_too(servers):
         expected = [call(plain, x) for x in xs]
         _, count_before = histogram(batched, name)
         with ThreadPoolExecutor(16) as pool:
-            got = list(pool.map(lambda x: call(batched, x), xs))
+            got = list(pool.map(functools.partial(call, batched), xs))
         _, count = histogram(batched, name)
         assert got == expected, kind
         assert 0 < count - count_before < len(xs), kind  # batched, and requests shared batches
 
 
+@pytest.mark.slow
 def test_request_larger_than_a_batch_is_invalid_argument(servers):
     with pytest.raises(grpc.RpcError) as raised:
         predict(servers["tight"], np.zeros(5, np.float32))
@@ -532,6 +534,7 @@ def test_request_larger_than_a_batch_is_invalid_argument(servers):
     assert status == 400 and "larger than maximum input batch size" in body["error"]
 
 
+@pytest.mark.slow
 def test_full_queue_answers_unavailable_at_once(servers):
     """Queue of one batch of 4 rows that waits 1 s: of a burst of 3-row requests one opens the
     batch, the others find the queue full and are refused at once, never hang."""
@@ -559,7 +562,7 @@ def test_full_queue_answers_unavailable_at_once(servers):
         assert y.tolist() == [0.5 * i + 2] * 3
 
 
-# -- per-model parameters and swaps --------------------------------------------------------------
+# -- per-model parameters and swaps ----------------------------------------------------------------
 
 
 def _publish(server: Server, template: Path, version: int, params: str) -> None:
@@ -570,6 +573,7 @@ def _publish(server: Server, template: Path, version: int, params: str) -> None:
     saved_models._publish(server.base_path, version, fill)
 
 
+@pytest.mark.slow
 def test_per_model_parameters_and_swap_under_load(servers, half_template):
     """Version 1 has no batching_params.pbtxt (not batched: 3 rows pass); version 2 brings one
     with max_batch_size 2 (3 rows refused). Requests flow through the swap with no failure."""
@@ -622,6 +626,7 @@ def test_per_model_parameters_and_swap_under_load(servers, half_template):
     assert "maximum input batch size 2" in raised.value.details()
 
 
+@pytest.mark.slow
 def test_bad_per_model_file_fails_that_load_only(servers, half_template):
     server = servers["per_model"]
     _publish(server, half_template, 3, "max_batch_size { value: -1 }")
@@ -629,26 +634,3 @@ def test_bad_per_model_file_fails_that_load_only(servers, half_template):
     assert "batching_params.pbtxt" in server.states()[3][2]
     assert "max_batch_size" in server.states()[3][2]
     assert y_of(predict(server, np.ones(2, np.float32))).tolist() == [2.5, 2.5]  # v2 serves
-
-
-# -- flags ----------------------------------------------------------------------------------------
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PYTHON, "-m", "serving", "--model_base_path=/tmp/x", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-
-
-def test_parameters_file_needs_enable_batching_and_must_parse(tmp_path):
-    config = tmp_path / "batching.config"
-    config.write_text("max_batch_size { value: 8 } allowed_batch_sizes: 4")
-    done = _cli(f"--batching_parameters_file={config}")
-    assert done.returncode != 0 and "--enable_batching" in done.stderr
-    done = _cli("--enable_batching", f"--batching_parameters_file={config}")
-    assert done.returncode != 0
-    assert str(config) in done.stderr and "allowed_batch_sizes" in done.stderr

@@ -9,50 +9,38 @@ labels for unavailable versions, and takes the polling and RSS tests.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import grpc
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-import saved_models  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from google.protobuf import text_format  # noqa: E402
 from tensorflow_serving.apis import (  # noqa: E402
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_management_pb2,
     predict_pb2,
 )
-from test_serving import PYTHON, REPO, Server, images, rpc_error  # noqa: E402
 
+from tests import saved_models  # noqa: E402
 from tests.processes import rss_kib  # noqa: E402
+from tests.servers import (  # noqa: E402  # noqa: E402
+    AVAILABLE,
+    PYTHON,
+    REPO,
+    Server,
+    config_text,
+    images,
+    model_entry,
+    reload,
+    rpc_error,
+)
 
-AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 SWAP_MIB = 32  # weights of each version the RSS test swaps: a leaked version cannot hide
 # RSS growth allowed over 25 swaps after warm-up. Measured: +0.3 MiB with the release after unload
 # (gc.collect + malloc_trim), +8 MiB without it (glibc keeping freed small blocks).
 RSS_SLACK_MIB = 4
-
-
-def model_entry(
-    name: str, base: Path, policy: str = "", labels: dict[str, int] | None = None
-) -> str:
-    """One ``config { ... }`` of a ModelServerConfig in text format."""
-    text = f'config {{ name: "{name}" base_path: "{base}" model_platform: "tensorflow" '
-    if policy:
-        text += f"model_version_policy {{ {policy} }} "
-    for label, version in (labels or {}).items():
-        text += f'version_labels {{ key: "{label}" value: {version} }} '
-    return text + "}"
-
-
-def config_text(*entries: str) -> str:
-    return "model_config_list {\n  " + "\n  ".join(entries) + "\n}\n"
 
 
 def config_server(tmp: Path, config: str, extra: list[str] | None = None) -> Server:
@@ -91,12 +79,6 @@ def states(server: Server, name: str, label: str = "") -> dict[int, int]:
         request.model_spec.version_label = label
     response = server.model_stub.GetModelStatus(request, timeout=10)
     return {s.version: s.state for s in response.model_version_status}
-
-
-def reload(server: Server, text: str, timeout: float = 60):
-    request = model_management_pb2.ReloadConfigRequest()
-    text_format.Parse(text, request.config)
-    return server.model_stub.HandleReloadConfigRequest(request, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +123,7 @@ def multi(tmp_path_factory, templates):
         server.stop()
 
 
-# -- policies ------------------------------------------------------------------------------------
+# -- policies --------------------------------------------------------------------------------------
 
 
 def test_several_models_with_their_policies(multi):
@@ -159,7 +141,7 @@ def test_several_models_with_their_policies(multi):
     assert "model newest2 version 3: AVAILABLE" in log
 
 
-# -- labels --------------------------------------------------------------------------------------
+# -- labels ----------------------------------------------------------------------------------------
 
 
 def test_labels_over_grpc(multi):
@@ -192,7 +174,7 @@ def test_labels_over_rest(multi):
     assert status == 400 and body["error"] == "Unrecognized servable version label: nope"
 
 
-# -- HandleReloadConfigRequest -------------------------------------------------------------------
+# -- HandleReloadConfigRequest ---------------------------------------------------------------------
 
 
 def test_reload_adds_then_removes_a_model(multi):
@@ -277,7 +259,7 @@ def test_reload_without_model_list_is_invalid(multi):
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-# -- bad config files at startup -----------------------------------------------------------------
+# -- bad config files at startup -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -285,7 +267,8 @@ def test_reload_without_model_list_is_invalid(multi):
     [
         ("model_config_list { config { name: 'a' base_path: '/x' } ", "not a text-format"),
         (
-            "model_config_list { config { name: 'a' base_path: '/x' } config { name: 'a' base_path: '/y' } }",
+            "model_config_list { config { name: 'a' base_path: '/x' } "
+            "config { name: 'a' base_path: '/y' } }",
             "model a is configured more than once",
         ),
         ("model_config_list { config { name: 'a' base_path: '' } }", "model a: base_path is empty"),
@@ -333,7 +316,7 @@ def test_label_on_version_not_loaded_refused_at_startup(tmp_path, templates):
     assert "Request to assign label next to version 2 of model m" in done.stderr, done.stderr
 
 
-# -- config file polling, labels for unavailable versions, memory --------------------------------
+# -- config file polling, labels for unavailable versions, memory ----------------------------------
 
 
 @pytest.fixture(scope="module")

@@ -13,32 +13,37 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-import saved_models  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow_serving.apis import (  # noqa: E402
-    get_model_status_pb2,
     predict_pb2,
     prediction_service_pb2_grpc,
 )
-from test_serving import END, PYTHON, REPO, Load, Server, images  # noqa: E402
-from test_serving_models import config_text, model_entry, reload  # noqa: E402
-from test_serving_monitoring import parse_exposition, value  # noqa: E402
 
 from serving.worker import LOAD_NICENESS  # noqa: E402
+from tests import saved_models  # noqa: E402
 from tests.processes import free_port, worker_pids  # noqa: E402
+from tests.prometheus import parse_exposition, value  # noqa: E402
+from tests.servers import (  # noqa: E402  # noqa: E402
+    AVAILABLE,  # noqa: E402
+    END,
+    PYTHON,
+    REPO,
+    Load,
+    Server,
+    config_text,
+    images,
+    model_entry,
+    reload,
+)
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 WORKERS = 2
 CONNECTIONS = 24  # all on one worker by chance: 2 * 2^-24
 
@@ -106,17 +111,12 @@ def server(tmp_path, templates):
     saved_models.copy_version(templates[3], base, 1)
     config = tmp_path / "monitoring.config"
     config.write_text('prometheus_config { enable: true path: "/metrics" }\n')
-    server = Server(
+    with Server(
         base,
         tmp_path / "server.log",
         extra=[f"--num_workers={WORKERS}", f"--monitoring_config_file={config}"],
-    )
-    server.base = base
-    try:
-        server.wait_ready()
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_every_worker_serves_the_shared_ports(server):
@@ -142,7 +142,7 @@ def test_every_worker_serves_the_shared_ports(server):
 def test_swap_is_available_only_when_every_worker_serves_it(server, templates):
     with Load(server) as load:
         load.wait_for_answer((1, 3))
-        saved_models.copy_version(templates[5], server.base, 2)
+        saved_models.copy_version(templates[5], server.base_path, 2)
         server.wait_for(lambda s: s.get(2, (0,))[0] == AVAILABLE, "version 2 AVAILABLE")
         # AVAILABLE in the status: every worker routes it, on whichever connection.
         answers = [predict_on_fresh_connection(server.port, version=2) for _ in range(CONNECTIONS)]
@@ -168,10 +168,10 @@ def test_swap_is_available_only_when_every_worker_serves_it(server, templates):
 def test_reload_through_any_worker_reaches_all(server, tmp_path, templates):
     other = tmp_path / "other"
     saved_models.copy_version(templates[5], other, 7)
-    reload(server, config_text(model_entry("mnist", server.base), model_entry("other", other)))
+    reload(server, config_text(model_entry("mnist", server.base_path), model_entry("other", other)))
     answers = {predict_on_fresh_connection(server.port, "other") for _ in range(CONNECTIONS)}
     assert answers == {(7, 5)}
-    reload(server, config_text(model_entry("mnist", server.base)))
+    reload(server, config_text(model_entry("mnist", server.base_path)))
     answers = {predict_on_fresh_connection(server.port, "other") for _ in range(CONNECTIONS)}
     assert answers == {grpc.StatusCode.NOT_FOUND}
 
@@ -190,7 +190,7 @@ def test_metrics_page_sums_all_workers(server):
             value(samples, ":tensorflow:serving:request_count", model_name="mnist", status="OK")
             == CONNECTIONS
         )
-        path = str(server.base / "1")
+        path = str(server.base_path / "1")
         assert (
             value(
                 samples,

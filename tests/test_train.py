@@ -23,7 +23,6 @@ from tasks.tracking import RunTracker
 from tasks.train import (
     DeviceError,
     DevicePlan,
-    available_gpus,
     build_model,
     resolve_devices,
     train,
@@ -89,10 +88,14 @@ def test_strategy_matches_plan() -> None:
     assert isinstance(DevicePlan(("/CPU:0",)).strategy(), tf.distribute.OneDeviceStrategy)
 
 
-def test_available_gpus_names_every_physical_gpu() -> None:
-    assert available_gpus() == [
-        f"/GPU:{i}" for i in range(len(tf.config.list_physical_devices("GPU")))
-    ]
+def test_auto_trains_on_the_first_gpu_if_there_is_one_else_the_cpu(small_mnist: Mnist) -> None:
+    few = Mnist(
+        train=Split(small_mnist.train.images[:200], small_mnist.train.labels[:200]),
+        test=Split(small_mnist.test.images[:100], small_mnist.test.labels[:100]),
+    )
+    result = train.fn(few, ModelConfig(), TrainConfig(epochs=1, device="auto"))
+    has_gpu = bool(tf.config.list_physical_devices("GPU"))
+    assert result.device == ("/GPU:0" if has_gpu else "/CPU:0")
 
 
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="this machine has a GPU")
@@ -209,6 +212,7 @@ _MIRRORED_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a subprocess with two logical CPUs: imports TensorFlow afresh
 def test_mirrored_strategy_over_two_logical_cpus_then_export(tmp_path: Path) -> None:
     script = tmp_path / "mirrored.py"
     script.write_text(_MIRRORED_SCRIPT)

@@ -1,0 +1,271 @@
+"""Our model server under test: a ``python -m serving`` subprocess on free ports, with TF
+Serving's official gRPC stubs and a plain-HTTP REST helper, and the requests tests send it.
+
+``Server`` is a context manager (``with Server(base, log) as server``: started, ready, stopped);
+a test that starts one of its own takes the ``start_server`` fixture (``tests/conftest.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_status_pb2,
+    inference_pb2,
+    model_management_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+    regression_pb2,
+)
+
+from tests.processes import free_port, serving_command
+from tests.saved_models import x_example
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+END = get_model_status_pb2.ModelVersionStatus.END
+
+
+class Server:
+    """A ``python -m serving`` subprocess on free ports, with gRPC stubs and a REST helper."""
+
+    def __init__(
+        self,
+        base_path: Path,
+        log_path: Path,
+        model_name: str = "mnist",
+        extra: list[str] | None = None,
+    ) -> None:
+        self.port, self.rest_port = free_port(), free_port()
+        self.model_name = model_name
+        self.log_path = log_path
+        self.base_path = base_path
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            serving_command(self.port, self.rest_port, model_name, base_path, 0.2, extra or []),
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                grpc.channel_ready_future(self.channel).result(timeout=0.5)
+                return
+            except grpc.FutureTimeoutError:
+                continue
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log()}")
+
+    def __enter__(self) -> "Server":
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    # -- gRPC --
+    def predict(
+        self,
+        images: np.ndarray,
+        version: int | None = None,
+        signature: str = "",
+        inputs: dict | None = None,
+        model_name: str | None = None,
+        timeout: float = 10,
+    ):
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model_name or self.model_name
+        request.model_spec.signature_name = signature
+        if version is not None:
+            request.model_spec.version.value = version
+        for key, value in (inputs if inputs is not None else {"images": images}).items():
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        return self.predict_stub.Predict(request, timeout=timeout)
+
+    def status(self, version: int | None = None, model_name: str | None = None):
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = model_name or self.model_name
+        if version is not None:
+            request.model_spec.version.value = version
+        return self.model_stub.GetModelStatus(request, timeout=10)
+
+    def states(self) -> dict[int, tuple[int, int, str]]:
+        try:
+            response = self.status()
+        except grpc.RpcError:
+            return {}
+        return {
+            s.version: (s.state, s.status.error_code, s.status.error_message)
+            for s in response.model_version_status
+        }
+
+    def wait_for(self, predicate, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.states()):
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"timed out waiting for {what}; states {self.states()}\n{self.log()}")
+
+    # -- REST --
+    def http(self, method: str, path: str, body: object | None = None) -> tuple[int, dict]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.rest_port}{path}", data=data, method=method
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+
+def images(n: int = 1, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 784), dtype=np.float32)
+
+
+def rpc_error(fn, *args, **kwargs) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        fn(*args, **kwargs)
+    return info.value
+
+
+class Load:
+    """A client thread sending Predict continuously, recording versions seen and failures."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.failures: list[str] = []
+        self.answers: list[tuple[int, int]] = []  # (version, class)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        x = images(1)
+        while not self._stop.is_set():
+            try:
+                response = self.server.predict(x)
+                cls = int(tf.make_ndarray(response.outputs["classes"])[0])
+                self.answers.append((response.model_spec.version.value, cls))
+            except grpc.RpcError as e:
+                self.failures.append(f"{e.code().name}: {e.details()}")
+
+    def __enter__(self) -> "Load":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def wait_for_answer(self, answer: tuple[int, int], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and answer not in self.answers[-5:]:
+            time.sleep(0.05)
+        assert answer in self.answers[-5:], (answer, self.answers[-5:], self.server.log())
+
+
+# -- model config files and reloads ----------------------------------------------------------------
+
+
+def model_entry(
+    name: str, base: Path, policy: str = "", labels: dict[str, int] | None = None
+) -> str:
+    """One ``config { ... }`` of a ModelServerConfig in text format."""
+    text = f'config {{ name: "{name}" base_path: "{base}" model_platform: "tensorflow" '
+    if policy:
+        text += f"model_version_policy {{ {policy} }} "
+    for label, version in (labels or {}).items():
+        text += f'version_labels {{ key: "{label}" value: {version} }} '
+    return text + "}"
+
+
+def config_text(*entries: str) -> str:
+    return "model_config_list {\n  " + "\n  ".join(entries) + "\n}\n"
+
+
+def reload(server: Server, text: str, timeout: float = 60):
+    request = model_management_pb2.ReloadConfigRequest()
+    text_format.Parse(text, request.config)
+    return server.model_stub.HandleReloadConfigRequest(request, timeout=timeout)
+
+
+# -- half_plus_two's example requests --------------------------------------------------------------
+
+
+def examples(*xs: float) -> list[tf.train.Example]:
+    return [x_example(x) for x in xs]
+
+
+def classify_request(signature: str, xs=(1.0, 2.0), model: str = "half"):
+    request = classification_pb2.ClassificationRequest()
+    request.model_spec.name = model
+    request.model_spec.signature_name = signature
+    request.input.example_list.examples.extend(examples(*xs))
+    return request
+
+
+def regress_request(signature: str = "regress_x_to_y", xs=(1.0, 2.0)):
+    request = regression_pb2.RegressionRequest()
+    request.model_spec.name = "half"
+    request.model_spec.signature_name = signature
+    request.input.example_list.examples.extend(examples(*xs))
+    return request
+
+
+def multi_request(*tasks: tuple[str, str, str], xs=(1.0, 2.0)):
+    request = inference_pb2.MultiInferenceRequest()
+    for model, signature, method in tasks:
+        task = request.tasks.add()
+        task.model_spec.name = model
+        task.model_spec.signature_name = signature
+        task.method_name = method
+    request.input.example_list.examples.extend(examples(*xs))
+    return request
