@@ -262,6 +262,17 @@ def test_reload_without_model_list_is_invalid(multi):
 # -- bad config files at startup -------------------------------------------------------------------
 
 
+def _start_with_config(path) -> subprocess.CompletedProcess:
+    """``python -m serving --model_config_file=path`` run to its exit (a bad config stops it)."""
+    return subprocess.run(
+        [PYTHON, "-m", "serving", f"--model_config_file={path}", "--port=0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.mark.parametrize(
     "text, words",
     [
@@ -277,26 +288,14 @@ def test_reload_without_model_list_is_invalid(multi):
 def test_bad_config_file_at_startup_exits_nonzero(tmp_path, text, words):
     path = tmp_path / "bad.config"
     path.write_text(text)
-    done = subprocess.run(
-        [PYTHON, "-m", "serving", f"--model_config_file={path}", "--port=0"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _start_with_config(path)
     assert done.returncode != 0
     assert f"model config file {path}" in done.stderr and words in done.stderr, done.stderr
 
 
 def test_missing_config_file_exits_nonzero(tmp_path):
     path = tmp_path / "missing.config"
-    done = subprocess.run(
-        [PYTHON, "-m", "serving", f"--model_config_file={path}", "--port=0"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _start_with_config(path)
     assert done.returncode != 0
     assert f"model config file {path}: cannot read it" in done.stderr, done.stderr
 
@@ -305,13 +304,7 @@ def test_label_on_version_not_loaded_refused_at_startup(tmp_path, templates):
     base = publish(tmp_path / "m", templates, {1: 3})
     path = tmp_path / "labels.config"
     path.write_text(config_text(model_entry("m", base, "", {"stable": 1, "next": 2})))
-    done = subprocess.run(
-        [PYTHON, "-m", "serving", f"--model_config_file={path}", "--port=0"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _start_with_config(path)
     assert done.returncode != 0
     assert "Request to assign label next to version 2 of model m" in done.stderr, done.stderr
 

@@ -123,40 +123,21 @@ def test_requests_are_counted_by_status_and_timed_per_entrypoint(monitored):
         == 1
     )  # REST's 400, by its exact code
     latency = ":tensorflow:serving:request_latency"
-    assert (
-        check_histogram(
-            samples, latency, model_name="mnist", API="Predict", entrypoint="GRPC", status="OK"
-        )
-        == 3
-    )
-    assert (
-        check_histogram(
+    for entrypoint, status, count in (
+        ("GRPC", "OK", 3),
+        ("GRPC", "NOT_FOUND", 1),
+        ("REST", "OK", 1),
+        ("REST", "FAILED_PRECONDITION", 1),
+    ):
+        timed = check_histogram(
             samples,
             latency,
             model_name="mnist",
             API="Predict",
-            entrypoint="GRPC",
-            status="NOT_FOUND",
+            entrypoint=entrypoint,
+            status=status,
         )
-        == 1
-    )
-    assert (
-        check_histogram(
-            samples, latency, model_name="mnist", API="Predict", entrypoint="REST", status="OK"
-        )
-        == 1
-    )
-    assert (
-        check_histogram(
-            samples,
-            latency,
-            model_name="mnist",
-            API="Predict",
-            entrypoint="REST",
-            status="FAILED_PRECONDITION",
-        )
-        == 1
-    )
+        assert timed == count, (entrypoint, status)
     assert (
         check_histogram(
             samples,
