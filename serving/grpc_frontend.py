@@ -221,15 +221,7 @@ class _MultiInferenceCall:
         self.tasks: list[InferenceTask] = []
 
     def read(self) -> MultiInferenceInput:
-        self.tasks = [
-            InferenceTask(
-                t.model_spec.name,
-                *model_spec(t.model_spec)[1:],
-                t.model_spec.signature_name,
-                t.method_name,
-            )
-            for t in self.request.tasks
-        ]
+        self.tasks = [_inference_task(task) for task in self.request.tasks]
         return MultiInferenceInput(self.tasks, serialized_examples(self.request.input))
 
     def answer(self, results: list[InferenceResult]) -> Any:
@@ -242,6 +234,13 @@ class _MultiInferenceCall:
             else:
                 _fill_regressions(entry.regression_result, result.value)
         return response
+
+
+def _inference_task(task: inference_pb2.InferenceTask) -> InferenceTask:
+    spec = model_spec(task.model_spec)
+    return InferenceTask(
+        spec.name, spec.version, spec.label, task.model_spec.signature_name, task.method_name
+    )
 
 
 def _classification_response(spec: Any, result: InferenceResult) -> Any:
