@@ -421,7 +421,8 @@ def test_rest_predict_answers_read_back_the_same_whichever_writer(monkeypatch):
 def test_deadlines_fail_late_requests_only_and_pass_other_cancellations_through():
     """A request past its deadline gets DEADLINE_EXCEEDED within a slot of it; one that ends in
     time keeps its answer; a cancellation from elsewhere (the client went away) stays a
-    cancellation; nothing stays registered afterwards."""
+    cancellation; nothing stays registered afterwards: neither a task that answered in time nor
+    one whose deadline passed is taken for a request later."""
     import asyncio
 
     from serving.deadlines import SLOT_S, Deadlines
@@ -452,7 +453,33 @@ def test_deadlines_fail_late_requests_only_and_pass_other_cancellations_through(
         with pytest.raises(asyncio.CancelledError):
             await cancelled
         await asyncio.sleep(0.1)  # every slot timer has fired
-        assert not deadlines._slots and not deadlines._expired
+
+        # Nothing of a request stays registered once it has ended: the task that answered in
+        # time goes on past its deadline uncancelled ...
+        async def answer_then_go_on() -> str:
+            assert await deadlines.run(answer_after(0.01)) == "answer"
+            await asyncio.sleep(0.1)  # past the deadline of 0.05 s and its slot
+            return "went on"
+
+        assert await answer_then_go_on() == "went on"
+
+        # ... and the task whose deadline passed, when its next request is cancelled from
+        # elsewhere before that one's deadline, sees that cancellation, not a deadline.
+        longer = Deadlines(0.2)
+        first_expired = asyncio.Event()
+
+        async def expire_then_request_again() -> None:
+            with pytest.raises(ServingError):
+                await longer.run(answer_after(1.0))
+            first_expired.set()
+            await longer.run(answer_after(1.0))
+
+        task = asyncio.create_task(expire_then_request_again())
+        await first_expired.wait()
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
         assert await Deadlines(None).run(answer_after(0.01)) == "answer"
 
