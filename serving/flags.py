@@ -43,6 +43,10 @@ class Options:
     grpc_max_threads: int = DEFAULT_THREADS
     rest_api_num_threads: int = DEFAULT_THREADS
     enable_grpc_healthcheck_service: bool = False
+    # Response tensors in tensor_content instead of the typed fields (float_val, ...).
+    enable_serialization_as_tensor_content: bool = False
+    # Classify/Regress/MultiInference refuse a signature of another method_name only when set.
+    enable_signature_method_name_check: bool = False
     prometheus_path: str | None = None  # from --monitoring_config_file; None = no metrics page
     batching: BatchingConfig | None = None  # --enable_batching; None = no server-side batching
     num_workers: int = DEFAULT_WORKERS  # serving processes sharing the ports (an extension)
@@ -204,6 +208,19 @@ def _add_request_flags(parser: argparse.ArgumentParser) -> None:
         False,
         "serve grpc.health.v1.Health on the gRPC port (default false)",
     )
+    _add_switch(
+        parser,
+        "--enable_serialization_as_tensor_content",
+        False,
+        "write response tensors as tensor_content instead of the typed fields (default false)",
+    )
+    _add_switch(
+        parser,
+        "--enable_signature_method_name_check",
+        False,
+        "Classify, Regress and MultiInference accept only signatures of their method_name "
+        "(default false)",
+    )
     add(
         "--monitoring_config_file",
         default=None,
@@ -260,6 +277,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         grpc_max_threads=ns.grpc_max_threads,
         rest_api_num_threads=ns.rest_api_num_threads,
         enable_grpc_healthcheck_service=ns.enable_grpc_healthcheck_service,
+        enable_serialization_as_tensor_content=ns.enable_serialization_as_tensor_content,
+        enable_signature_method_name_check=ns.enable_signature_method_name_check,
         prometheus_path=_prometheus_path(parser, ns.monitoring_config_file),
         batching=_batching(parser, ns),
         num_workers=ns.num_workers,
