@@ -3,6 +3,8 @@
 Layout: ``<export.base_path>/<model_name>/<version>/`` with
   * ``serving_default``: ``images`` float32 [None, 784] in 0..1 -> ``scores`` float32 [None, 10]
     (softmax), ``classes`` int64 [None] (argmax), for TF Serving's Predict API;
+  * ``predict_images``: ``images`` -> ``scores`` alone, the Predict signature TF Serving's MNIST
+    tutorial exports and its ``mnist_client.py`` asks for by name (docs/tf-serving-compat.md);
   * ``classify``: ``inputs`` string [None] of serialized ``tf.Example`` with a float feature
     ``image`` of 784 values -> ``classes`` string [None, 10] ("0".."9") and ``scores`` float32
     [None, 10], with method name ``tensorflow/serving/classify`` so TF Serving's Classify API
@@ -45,6 +47,7 @@ from tasks.config import ExportConfig
 from tasks.logs import logger as _logger
 
 CLASSIFY_SIGNATURE = "classify"
+TUTORIAL_SIGNATURE = "predict_images"
 IMAGE_FEATURE = "image"
 CLASS_LABELS = tuple(str(digit) for digit in range(NUM_CLASSES))
 
@@ -121,6 +124,10 @@ class _ServingModule(tf.Module):
     def serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
         scores = self._scores(images)
         return {"scores": scores, "classes": tf.argmax(scores, axis=1, output_type=tf.int64)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_PIXELS], tf.float32, name="images")])
+    def predict_images(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"scores": self._scores(images)}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
     def classify(self, inputs: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -237,7 +244,11 @@ def export(
         tf.saved_model.save(
             module,
             str(staging),
-            signatures={DEFAULT_SIGNATURE: module.serve, CLASSIFY_SIGNATURE: module.classify},
+            signatures={
+                DEFAULT_SIGNATURE: module.serve,
+                TUTORIAL_SIGNATURE: module.predict_images,
+                CLASSIFY_SIGNATURE: module.classify,
+            },
         )
         _set_classify_method_name(staging)
         _write_warmup(staging, warmup_records(cfg.model_name, images, cfg.warmup_requests))

@@ -21,6 +21,7 @@ import tasks.export as export_module
 from serving.model_format import CLASSIFY_METHOD, WARMUP_FILE
 from tasks.config import ExportConfig, ModelConfig
 from tasks.export import (
+    TUTORIAL_SIGNATURE,
     ExportResult,
     claim_next_version,
     export,
@@ -178,6 +179,40 @@ def test_signatures_as_tf_serving_sees_them(exported: ExportResult) -> None:
     assert set(classify.inputs) == {"inputs"} and set(classify.outputs) == {"scores", "classes"}
     assert classify.inputs["inputs"].dtype == tf.string.as_datatype_enum
     assert classify.outputs["classes"].dtype == tf.string.as_datatype_enum
+
+
+def test_tutorial_signature_as_tf_serving_sees_it(exported: ExportResult) -> None:
+    """What TF Serving's mnist_saved_model.py exports as ``predict_images`` and its
+    mnist_client.py asks for: ``images`` float [-1, 784] -> ``scores`` float [-1, 10]."""
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((exported.path / "saved_model.pb").read_bytes())
+    (meta_graph,) = saved_model.meta_graphs
+    assert set(meta_graph.signature_def) >= {"serving_default", "classify", "predict_images"}
+    tutorial = meta_graph.signature_def[TUTORIAL_SIGNATURE]
+    assert TUTORIAL_SIGNATURE == "predict_images"
+    assert tutorial.method_name == "tensorflow/serving/predict"
+    assert set(tutorial.inputs) == {"images"} and set(tutorial.outputs) == {"scores"}
+    images, scores = tutorial.inputs["images"], tutorial.outputs["scores"]
+    assert images.dtype == scores.dtype == tf.float32.as_datatype_enum
+    assert [dim.size for dim in images.tensor_shape.dim] == [-1, 784]
+    assert [dim.size for dim in scores.tensor_shape.dim] == [-1, 10]
+
+
+def test_tutorial_signature_answers_like_serving_default(
+    exported: ExportResult, images: np.ndarray
+) -> None:
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(exported.path))
+        serving = meta_graph.signature_def["serving_default"]
+        tutorial = meta_graph.signature_def["predict_images"]
+        default_scores = session.run(
+            serving.outputs["scores"].name, {serving.inputs["images"].name: images}
+        )
+        tutorial_scores = session.run(
+            tutorial.outputs["scores"].name, {tutorial.inputs["images"].name: images}
+        )
+    np.testing.assert_array_equal(tutorial_scores, default_scores)
+    assert tutorial_scores.shape == (len(images), 10)
 
 
 def test_tf1_loader_serves_both_signatures(
