@@ -1,11 +1,11 @@
 """How the server uses TensorFlow's runtime beyond a plain ``import``: the two places that a
 TensorFlow upgrade, or a new process that imports TensorFlow, must be checked against.
 
-- ``import_tensorflow_for_serving`` imports TensorFlow and sets, for the whole process, the oneDNN
-  default, the garbage collector's view of TensorFlow's objects and its thresholds: what a serving
-  process wants, and what tools that import TensorFlow for other ends (training, export) must not
-  get. Each setting is its own function below, with the measurements that chose it. Call it once
-  per serving process, before the first version loads.
+- ``import_tensorflow_for_serving`` imports TensorFlow, registers TF Text's ops, and sets, for the
+  whole process, the oneDNN default, the garbage collector's view of TensorFlow's objects and its
+  thresholds: what a serving process wants, and what tools that import TensorFlow for other ends
+  (training, export) must not get. Each setting is its own function below, with the
+  measurements that chose it. Call it once per serving process, before the first version loads.
 - ``session_callable`` is the one use of a private TensorFlow API, the fast C++ session callable,
   with the public ``Session.make_callable`` as its fallback where the private method is gone or
   has changed: an upgrade then costs speed, not correctness.
@@ -28,17 +28,20 @@ SessionCallable = Callable[..., Sequence[np.ndarray]]
 
 
 def import_tensorflow_for_serving() -> None:
-    """Import TensorFlow once, and move its objects out of the garbage collector's sight.
+    """Import TensorFlow once with TF Text's ops, and move its objects out of the garbage
+    collector's sight.
 
     Sets process-global state, each setting with its reasons below: TensorFlow's own kernels
-    rather than oneDNN's (``_prefer_eigen_kernels``), TensorFlow's objects frozen out of the
-    collector (``_freeze_imported_objects``), the young generation collected less often
+    rather than oneDNN's (``_prefer_eigen_kernels``), TF Text's ops registered
+    (``_register_text_ops``), TensorFlow's objects frozen out of the collector
+    (``_freeze_imported_objects``), the young generation collected less often
     (``_collect_young_objects_less_often``). Call it before the first version loads, so no
     version's objects are frozen with TensorFlow's.
     """
     _prefer_eigen_kernels()
     import tensorflow  # noqa: F401
 
+    _register_text_ops()
     _freeze_imported_objects()
     _collect_young_objects_less_often()
 
@@ -50,6 +53,16 @@ def _prefer_eigen_kernels() -> None:
     130 -> 37 us, batch 128 175 -> 151 us without it). A model whose big kernels gain from oneDNN
     can have it back with the variable. Read when TensorFlow is imported: set before."""
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def _register_text_ops() -> None:
+    """TF Serving's binary links TF Text's ops in (its ``model_servers/BUILD``), so that a
+    SavedModel which tokenizes in its graph loads; without them its load fails with "Op type not
+    registered". Importing ``tensorflow_text`` registers them all before any load, rather than
+    only after a load failed on one (a second path, and a first load that fails for nothing); it
+    adds a small fraction to a worker's start time and memory (its op libraries' code is page
+    cache that the workers share)."""
+    import tensorflow_text  # noqa: F401
 
 
 def _freeze_imported_objects() -> None:
