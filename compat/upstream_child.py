@@ -7,13 +7,15 @@ test a hang or crash happened in.
 ``python upstream_child.py TEST_FILE GRPC_SOCKET_PATH EVENTS_FILE TEST_NAME...``
 
 The test module's UDS path (``GRPC_SOCKET_PATH``, the same constant in the test and its base)
-is set to the one given, so that runs side by side do not take each other's socket.
+is set to the one given, so that runs side by side do not take each other's socket; and
+TensorFlow's ``flags`` module gets back an attribute one test reads (``_flags_module_with_os``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import time
 import traceback
@@ -81,8 +83,19 @@ def _describe(error: BaseException) -> str:
     return traceback.format_exception_only(type(error), error)[-1].strip()
 
 
+def _flags_module_with_os() -> None:
+    """``test_tf_text`` reads ``flags.os.environ`` from ``tensorflow.python.platform.flags``,
+    which stopped importing ``os`` in later TensorFlow releases; put it back, so the test checks
+    the server rather than that import."""
+    from tensorflow.python.platform import flags
+
+    if not hasattr(flags, "os"):
+        flags.os = os
+
+
 def main() -> None:
     test_file, socket_path, events_path, *names = sys.argv[1:]
+    _flags_module_with_os()
     spec = importlib.util.spec_from_file_location("tensorflow_model_server_test", test_file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
