@@ -1,10 +1,14 @@
 """gRPC front end: TF Serving's ``PredictionService`` and ``ModelService`` on ``grpc.aio``.
 
-Only translation lives here: ``TensorProto`` <-> numpy and ``Input`` -> serialized examples
-(``serving.tensors``), ``ModelSpec`` -> ``core.ModelSpec``, results -> response protos,
-``ServingError`` -> gRPC status; and each call's request metrics. Behaviour is in ``serving.core``:
-each inference method hands the data plane a *call* (read the request, answer its result) and
-awaits the response.
+Only translation lives here: request bytes -> request protos, ``TensorProto`` <-> numpy and
+``Input`` -> serialized examples (``serving.tensors``), ``ModelSpec`` -> ``core.ModelSpec``,
+results -> response protos, ``ServingError`` -> gRPC status; and each call's request metrics.
+Behaviour is in ``serving.core``: each inference method hands the data plane a *call* (read the
+request, answer its result) and awaits the response.
+
+Requests arrive as bytes and are parsed by the method (``_rpc``), not by gRPC's deserializer: a
+deserializer's exception is gRPC's UNKNOWN, where bytes that are no request are the client's
+INVALID_ARGUMENT (TF Serving's C++ gRPC answers INTERNAL; neither tells the client what to fix).
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import operator
 import time
 from typing import Any, Awaitable, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2_grpc
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -23,9 +29,7 @@ from tensorflow_serving.apis import (
     get_model_status_pb2,
     inference_pb2,
     model_management_pb2,
-    model_service_pb2_grpc,
     predict_pb2,
-    prediction_service_pb2_grpc,
     regression_pb2,
 )
 
@@ -82,19 +86,31 @@ def _first_task_model_name(request: inference_pb2.MultiInferenceRequest) -> str:
 Method = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-def _rpc(model_name: Callable[[Any], str] = _model_name) -> Callable[[Method], Method]:
-    """A servicer method's status and metrics: ``ServingError`` becomes its gRPC status, a bug
-    INTERNAL; each call is counted and timed (API = the method's name, entrypoint GRPC) under
-    the model ``model_name(request)`` names."""
+def _parse(request_class: Any, data: bytes) -> Any:
+    try:
+        return request_class.FromString(data)
+    except DecodeError as e:
+        raise invalid(f"Failed to parse the {request_class.DESCRIPTOR.name}: {e}") from None
+
+
+def _rpc(
+    request_class: Any, model_name: Callable[[Any], str] = _model_name
+) -> Callable[[Method], Method]:
+    """A servicer method that takes the bytes of a ``request_class``, with its status and
+    metrics: ``ServingError`` becomes its gRPC status, a bug INTERNAL; each call is counted and
+    timed (API = the method's name, entrypoint GRPC) under the model ``model_name(request)``
+    names (none for bytes that are no request)."""
 
     def decorate(method: Method) -> Method:
         api = method.__name__
 
         @functools.wraps(method)
-        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def wrapper(self: Any, data: bytes, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
+            request = None
             try:
+                request = _parse(request_class, data)
                 return await method(self, request, context)
             except ServingError as e:
                 code = e.code
@@ -107,27 +123,46 @@ def _rpc(model_name: Callable[[Any], str] = _model_name) -> Callable[[Method], M
                 log.exception("%s failed", api)
                 await context.abort(code, f"{type(e).__name__}: {e}")
             finally:
-                metrics.observe_request(model_name(request), api, "GRPC", code, start)
+                name = "" if request is None else model_name(request)
+                metrics.observe_request(name, api, "GRPC", code, start)
 
         return wrapper
 
     return decorate
 
 
-class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+def _service(name: str, servicer: Any, methods: tuple[str, ...]) -> grpc.GenericRpcHandler:
+    """The handler of the service ``name``: each of ``methods`` gets the request's bytes (see
+    ``_rpc``) and returns a response proto."""
+    serialize = operator.methodcaller("SerializeToString")
+    return grpc.method_handlers_generic_handler(
+        name,
+        {
+            method: grpc.unary_unary_rpc_method_handler(
+                getattr(servicer, method), response_serializer=serialize
+            )
+            for method in methods
+        },
+    )
+
+
+class PredictionServicer:
     """Predict, Classify, Regress, MultiInference and GetModelMetadata."""
+
+    SERVICE = "tensorflow.serving.PredictionService"
+    METHODS = ("Predict", "Classify", "Regress", "MultiInference", "GetModelMetadata")
 
     def __init__(self, data_plane: DataPlane) -> None:
         self.data_plane = data_plane
 
-    @_rpc()
+    @_rpc(predict_pb2.PredictRequest)
     async def Predict(self, request: predict_pb2.PredictRequest, context: Any) -> Any:
         call = _PredictCall(request)
         return await self.data_plane.predict(
             model_spec(request.model_spec), request.ByteSize(), call
         )
 
-    @_rpc()
+    @_rpc(classification_pb2.ClassificationRequest)
     async def Classify(
         self, request: classification_pb2.ClassificationRequest, context: Any
     ) -> Any:
@@ -136,14 +171,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             model_spec(request.model_spec), request.ByteSize(), call
         )
 
-    @_rpc()
+    @_rpc(regression_pb2.RegressionRequest)
     async def Regress(self, request: regression_pb2.RegressionRequest, context: Any) -> Any:
         call = _ExamplesCall(request, _regression_response)
         return await self.data_plane.regress(
             model_spec(request.model_spec), request.ByteSize(), call
         )
 
-    @_rpc(_first_task_model_name)
+    @_rpc(inference_pb2.MultiInferenceRequest, _first_task_model_name)
     async def MultiInference(
         self, request: inference_pb2.MultiInferenceRequest, context: Any
     ) -> Any:
@@ -152,7 +187,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             _first_task_model_name(request), request.ByteSize(), call
         )
 
-    @_rpc()
+    @_rpc(get_model_metadata_pb2.GetModelMetadataRequest)
     async def GetModelMetadata(self, request: Any, context: Any) -> Any:
         fields = list(request.metadata_field)
         if not fields:
@@ -280,13 +315,16 @@ def _fill_regressions(result: Any, value: Regression) -> None:
         result.regressions.add(value=v)
 
 
-class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+class ModelServicer:
     """GetModelStatus + HandleReloadConfigRequest."""
+
+    SERVICE = "tensorflow.serving.ModelService"
+    METHODS = ("GetModelStatus", "HandleReloadConfigRequest")
 
     def __init__(self, data_plane: DataPlane) -> None:
         self.data_plane = data_plane
 
-    @_rpc()
+    @_rpc(get_model_status_pb2.GetModelStatusRequest)
     async def GetModelStatus(self, request: Any, context: Any) -> Any:
         statuses = await self.data_plane.model_status(model_spec(request.model_spec))
         response = get_model_status_pb2.GetModelStatusResponse()
@@ -298,7 +336,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             entry.status.error_message = s.error_message
         return response
 
-    @_rpc(_no_model)
+    @_rpc(model_management_pb2.ReloadConfigRequest, _no_model)
     async def HandleReloadConfigRequest(self, request: Any, context: Any) -> Any:
         """Apply the new model list; answer once its versions are AVAILABLE or failed.
 
@@ -338,10 +376,8 @@ async def start_grpc_server(
     because models load before it; the server turns it NOT_SERVING when shutting down.
     """
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionServicer(data_plane), server
-    )
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(data_plane), server)
+    for servicer in (PredictionServicer(data_plane), ModelServicer(data_plane)):
+        server.add_generic_rpc_handlers([_service(servicer.SERVICE, servicer, servicer.METHODS)])
     if health_servicer is not None:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

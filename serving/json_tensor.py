@@ -10,6 +10,12 @@ JSON is read by simdjson when the body is one numeric matrix or vector (no Pytho
 number), else by orjson with ``json.loads``'s semantics; numeric answers are written by orjson
 straight from the arrays, and by the json module where orjson cannot write them as TF Serving
 does (NaN and Infinity, which orjson makes null; strings; float16).
+
+A body that cannot be decoded is INVALID_ARGUMENT naming the problem, as TF Serving's messages
+do: not JSON, a number too big for a double, values of a type the input's dtype does not take
+(TF Serving's ``AddValueToTensor``: any number for a float, integers in range for an int,
+booleans for a bool), ragged arrays, and nesting too deep for Python's recursion, at whatever
+step it shows.
 """
 
 from __future__ import annotations
@@ -79,13 +85,47 @@ def to_array(info: TensorInfo, value: Any) -> np.ndarray:
             return np.array(_strings(value, info.alias), dtype=object)
         if _contains_b64(value):
             raise invalid(f'Input "{info.alias}" expects dtype {info.dtype_name}, got b64 data')
-        return np.asarray(value, dtype=info.dtype)
+        return _numbers(info, np.asarray(value))
     except ServingError:
         raise
     except (ValueError, TypeError, OverflowError) as e:
         raise invalid(
             f'Input "{info.alias}" cannot be converted to a {info.dtype_name} tensor: {e}'
         ) from None
+
+
+# The kinds of array numpy may read a JSON array as for each kind of input (by TF Serving's
+# rules above); and the names of the others in messages.
+_JSON_KINDS = {"f": "iuf", "c": "iuf", "i": "iu", "u": "iu", "b": "b"}
+_KIND_NAMES = {"b": "booleans", "U": "strings", "f": "non-integer numbers", "i": "integers"}
+# The integers TF Serving takes for each int dtype (rapidjson's IsInt, IsInt64, IsUint,
+# IsUint64): int32's for the narrower ones, whose values are then cast as TF casts them.
+_JSON_INT_RANGES = {
+    np.dtype(t): (
+        (int(np.iinfo(t).min), int(np.iinfo(t).max))
+        if t in (np.int64, np.uint64, np.uint32)
+        else (-(2**31), 2**31 - 1)
+    )
+    for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
+}
+
+
+def _numbers(info: TensorInfo, array: np.ndarray) -> np.ndarray:
+    """``array``, numpy's reading of the JSON values, as the input's dtype; INVALID_ARGUMENT for
+    values TF Serving would not take for it. One pass over the values at most, in numpy."""
+    dtype = info.dtype
+    if array.dtype == dtype or not array.size:
+        return array.astype(dtype, copy=False)
+    kind = array.dtype.kind
+    if kind == "O" and dtype.kind == "f" and all(type(v) in (int, float) for v in array.flat):
+        return array.astype(dtype)  # ints beyond 64 bits, which numpy keeps as Python ints
+    if kind not in _JSON_KINDS.get(dtype.kind, "iuf"):
+        got = _KIND_NAMES.get(kind, "values of mixed types")
+        raise invalid(f'Input "{info.alias}" expects {info.dtype_name} values but got {got}')
+    int_range = _JSON_INT_RANGES.get(dtype)
+    if int_range is not None and not int_range[0] <= array.min() <= array.max() <= int_range[1]:
+        raise invalid(f'Input "{info.alias}" has values out of range for {info.dtype_name}')
+    return array.astype(dtype)
 
 
 def _contains_b64(value: Any) -> bool:
@@ -335,7 +375,11 @@ class PredictBody:
         """Parse the body: its signature name, and how to make its arrays for the signature."""
         self.tensor, self.rows, signature_name = _numeric_tensor(self.data)
         if self.tensor is None:
-            self.body = parse_body(self.data)
+            try:
+                self.body = parse_body(self.data)
+                signature_name = _signature_name(self.body)
+            except RecursionError:
+                raise _too_deep() from None
             self.rows, has_cols = "instances" in self.body, "inputs" in self.body
             if self.rows == has_cols:
                 raise invalid(
@@ -343,7 +387,6 @@ class PredictBody:
                     if not self.rows
                     else "Not both 'inputs' and 'instances' may be specified"
                 )
-            signature_name = _signature_name(self.body)
         return PredictInput(signature_name, self.decode)
 
     def decode(self, sig: SignatureInfo) -> dict[str, np.ndarray]:
@@ -353,9 +396,12 @@ class PredictBody:
                 if info.dtype.kind == "f":
                     return {name: self.tensor.astype(info.dtype)}
             self.body = parse_body(self.data)
-        if self.rows:
-            return decode_instances(sig, self.body["instances"])
-        return decode_columns(sig, self.body["inputs"])
+        try:
+            if self.rows:
+                return decode_instances(sig, self.body["instances"])
+            return decode_columns(sig, self.body["inputs"])
+        except RecursionError:
+            raise _too_deep() from None
 
     def answer(self, result: PredictResult) -> bytes:
         key, encode = ("predictions", encode_rows) if self.rows else ("outputs", encode_columns)
@@ -378,8 +424,11 @@ class ExamplesBody:
         self.data = data
 
     def read(self) -> ExamplesInput:
-        body = parse_body(self.data)
-        return ExamplesInput(_signature_name(body), decode_examples(body))
+        try:
+            body = parse_body(self.data)
+            return ExamplesInput(_signature_name(body), decode_examples(body))
+        except RecursionError:
+            raise _too_deep() from None
 
     @staticmethod
     def answer(result: InferenceResult) -> bytes:
@@ -461,7 +510,20 @@ def _loads(data: bytes) -> Any:
             return orjson.loads(data)
         except orjson.JSONDecodeError:
             pass
-    return json.loads(data)
+    return json.loads(data, parse_float=_double)
+
+
+def _double(literal: str) -> float:
+    """A JSON number with a fraction or exponent; rapidjson's parse error where it overflows a
+    double (which ``json.loads`` makes Infinity; only the literal ``Infinity`` is)."""
+    value = float(literal)
+    if math.isinf(value):
+        raise invalid(f"JSON Parse error: Number too big to be stored in double: {literal}")
+    return value
+
+
+def _too_deep() -> ServingError:
+    return invalid("JSON Parse error: The document is nested too deeply")
 
 
 def parse_body(data: bytes) -> dict[str, Any]:

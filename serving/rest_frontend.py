@@ -4,7 +4,14 @@ Only translation lives here: the URL -> ``core.ModelSpec`` and verb, the body ->
 plane reads and answers (``serving.json_tensor``), ``ServingError`` -> HTTP status +
 ``{"error": ...}``; and each request's metrics. Behaviour is in ``serving.core``. The
 ``:predict`` verb shares a path segment with the model name, which aiohttp's ``{name}``
-placeholders cannot split, so one catch-all route parses the tail with a regex.
+placeholders cannot split, so one route per method parses the tail with a regex.
+
+Every request gets a JSON ``{"error": ...}`` unless it answers 200, whatever its path, method or
+body, with TF Serving's status (docs/tf-serving-compat.md): routes that take everything the two
+hot routes do not (``handle_other``) rather than a middleware, which every request would pay for.
+Bodies are read up to ``MAX_BODY_BYTES`` (413 beyond) and gunzipped as TF Serving's HTTP server
+does; requests aiohttp's HTTP parser rejects before any route (an unknown method token, broken
+framing) keep its plain-text 400.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import functools
 import logging
 import re
 import time
+import zlib
 from typing import Awaitable, Callable
 
 import grpc
@@ -27,11 +35,19 @@ from serving.json_tensor import ExamplesBody, PredictBody, json_bytes
 
 log = logging.getLogger("serving.rest")
 
+# TF Serving's path regexes (http_rest_api_util.cc), case-insensitive as theirs; the verb must
+# then be lower case. A version is digits: "/versions/x" is no route at all, as there.
 _PATH_RE = re.compile(
     r"^(?P<name>[^/:]+)"
-    r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
-    r"(?:(?P<metadata>/metadata)|:(?P<verb>[A-Za-z]+))?$"
+    r"(?:/versions/(?P<version>[0-9]+)|/labels/(?P<label>[^/:]+))?"
+    r"(?:(?P<metadata>/metadata)|:(?P<verb>[A-Za-z]+))?$",
+    re.IGNORECASE,
 )
+# The largest body read, as the gRPC front end's receive limit; TF Serving sets none.
+MAX_BODY_BYTES = 2**31 - 1
+# The methods TF Serving's HTTP server (libevent) takes: any other is 501 before routing.
+_SERVED_METHODS = frozenset({"GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH"})
+_CORS_ORIGIN = re.compile("https?://")
 
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200,
@@ -49,21 +65,18 @@ HTTP_STATUS = {
 _VERB_APIS = {"predict": "Predict", "classify": "Classify", "regress": "Regress"}
 
 
-def parse_version(text: str) -> int:
-    """A version from a URL; INVALID_ARGUMENT when it is not an int64."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise invalid(f"Invalid version: {text}") from None
-    if value < 0 or value > 2**63 - 1:
-        raise invalid(f"Invalid version: {text}")
+def parse_version(digits: str) -> int:
+    """The version of a URL (its digits); INVALID_ARGUMENT when it is not an int64."""
+    value = int(digits)
+    if value > 2**63 - 1:
+        raise invalid(f"Failed to convert version: {digits} to numeric.")
     return value
 
 
 @functools.lru_cache(maxsize=1024)  # clients repeat a few URLs
 def _parse_tail(tail: str) -> tuple[ModelSpec, str | None, bool] | None:
     """``/v1/models/<tail>`` -> (model, verb, metadata?); None when it is malformed;
-    INVALID_ARGUMENT for a version that is not an int64."""
+    INVALID_ARGUMENT for a version beyond int64."""
     match = _PATH_RE.match(tail)
     if match is None:
         return None
@@ -76,14 +89,55 @@ def _json_response(body: bytes, status: int = 200) -> web.Response:
     return web.Response(body=body, status=status, content_type="application/json")
 
 
+class BodyTooLarge(ServingError):
+    """A body over ``MAX_BODY_BYTES``: RESOURCE_EXHAUSTED, answered 413 (not the 429 of TF
+    Serving's mapping, which tells a client to retry the same request later)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"Request body larger than {MAX_BODY_BYTES} bytes",
+        )
+
+
 def error_response(e: ServingError) -> web.Response:
+    if isinstance(e, BodyTooLarge):
+        response = _json_response(json_bytes({"error": e.message}), 413)
+        response.force_close()  # rather than read the rest of the body
+        return response
     return _json_response(json_bytes({"error": e.message}), HTTP_STATUS.get(e.code, 500))
 
 
 def _malformed(request: web.Request) -> ServingError:
-    return ServingError(
-        grpc.StatusCode.NOT_FOUND, f"Malformed request: {request.method} {request.path}"
-    )
+    """TF Serving's answer to a request under ``/v1/`` that names no API."""
+    return invalid(f"Malformed request: {request.method} {request.path}")
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The body, gunzipped when its ``Content-Encoding`` is gzip (as TF Serving's HTTP server
+    does; any other encoding is read as it is). ``BodyTooLarge`` over ``MAX_BODY_BYTES``,
+    decided from ``Content-Length`` before reading when there is one; INVALID_ARGUMENT when it
+    cannot be read (broken chunks, a gzip body that is not)."""
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        raise BodyTooLarge()
+    try:
+        data = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge() from None
+    except web.RequestPayloadError as e:
+        raise invalid(f"Failed to read the request body: {e}") from None
+    if request.headers.get("Content-Encoding", "").lower() != "gzip":
+        return data
+    gunzip = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        data = gunzip.decompress(data, MAX_BODY_BYTES)
+    except zlib.error as e:
+        raise invalid(f"Failed to uncompress the gzipped body: {e}") from None
+    if gunzip.unconsumed_tail:
+        raise BodyTooLarge()
+    if not gunzip.eof:
+        raise invalid("Failed to uncompress the gzipped body: it is cut short")
+    return data
 
 
 class RestApi:
@@ -102,10 +156,43 @@ class RestApi:
         }
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 31)
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_route("GET", "/v1/models/{tail:.+}", self.handle_get)
         app.router.add_route("POST", "/v1/models/{tail:.+}", self.handle_post)
+        # Looked up after any route with a fixed prefix (the two above, the metrics page):
+        app.router.add_route("*", "/{v1:(?i:v1)}/{models:(?i:models)}/{tail:.+}", self.handle_v1)
+        app.router.add_route("*", "/{path:.*}", self.handle_other)
         return app
+
+    async def handle_v1(self, request: web.Request) -> web.Response:
+        """``/v1/models/<tail>`` in another case or by another method."""
+        if request.method == "GET":
+            return await self.handle_get(request)
+        if request.method == "POST":
+            return await self.handle_post(request)
+        return await self.handle_other(request)
+
+    async def handle_other(self, request: web.Request) -> web.Response:
+        """A request no API route takes, answered as TF Serving's HTTP server and handler answer
+        it: a method libevent does not take, 501; a path outside ``/v1/``, 404; a CORS
+        preflight, 200 with an http(s) ``Origin``, else FAILED_PRECONDITION; ``GET /v1/models``,
+        its "Missing model name"; anything else, INVALID_ARGUMENT "Malformed request"."""
+        method, path = request.method, request.path
+        if method not in _SERVED_METHODS:
+            error = ServingError(grpc.StatusCode.UNIMPLEMENTED, f"Method not implemented: {method}")
+        elif path[:4].lower() != "/v1/":
+            error = ServingError(grpc.StatusCode.NOT_FOUND, f"Not found: {method} {path}")
+        elif method == "OPTIONS":
+            if _CORS_ORIGIN.search(request.headers.get("Origin", "")):
+                return web.Response()
+            error = ServingError(
+                grpc.StatusCode.FAILED_PRECONDITION, "Origin header is missing in CORS preflight"
+            )
+        elif method == "GET" and path.lower() == "/v1/models":
+            error = invalid("Missing model name in request.")
+        else:
+            error = _malformed(request)
+        return error_response(error)
 
     async def handle_get(self, request: web.Request) -> web.Response:
         """Model status, or ``/metadata``."""
@@ -136,7 +223,7 @@ class RestApi:
             return error_response(e)
         api = _VERB_APIS[verb]
         try:
-            data = await request.read()
+            data = await read_body(request)
             body = await self.deadlines.run(run(model, data))
         except Exception as e:  # noqa: BLE001 -- answered, and counted, by its code
             return _failed(model, api, e, start)
@@ -185,7 +272,8 @@ class RestApi:
 
 
 def _parse(request: web.Request) -> tuple[ModelSpec, str | None, bool]:
-    """``(model, verb, metadata?)`` of ``/v1/models/<tail>``; NOT_FOUND when it is malformed."""
+    """``(model, verb, metadata?)`` of ``/v1/models/<tail>``; INVALID_ARGUMENT when it is
+    malformed."""
     parsed = _parse_tail(request.match_info["tail"])
     if parsed is None:
         raise _malformed(request)
@@ -231,7 +319,9 @@ async def start_rest_server(
     app = RestApi(data_plane, timeout_ms).app()
     if prometheus_path:
         app.router.add_routes([_prometheus_route(prometheus_path, data_plane.metrics_page)])
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # auto_decompress off: read_body gunzips as TF Serving does, where aiohttp would answer a
+    # corrupt compressed body from its parser, in plain text, or take encodings TF Serving does not
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
     await runner.setup()
     site = web.TCPSite(runner, address, port, reuse_port=True)  # shared by the worker processes
     await site.start()

@@ -17,6 +17,12 @@ from tensorflow.core.framework import tensor_pb2, types_pb2
 
 from serving.errors import invalid
 
+# The largest tensor a request may make, in bytes: as much as the largest tensor_content a gRPC
+# request can carry (its receive limit, ``grpc_frontend.GRPC_OPTIONS``), whichever way it is
+# encoded -- a typed field's one value fills any shape. TF would try to allocate more.
+MAX_TENSOR_BYTES = 2**31 - 1
+_OBJECT_BYTES = np.dtype(object).itemsize  # a string tensor's element: one pointer
+
 # dtype -> (numpy dtype of tensor_content, TensorProto typed field holding the values). Bool and
 # the narrow ints travel in wider typed fields (bool_val, int_val) but as 1-2 bytes in content.
 _LAYOUT: dict[int, tuple[np.dtype, str]] = {
@@ -34,6 +40,18 @@ _LAYOUT: dict[int, tuple[np.dtype, str]] = {
     types_pb2.DT_BOOL: (np.dtype("?"), "bool_val"),
 }
 _DT_OF = {np.dtype(v[0]).newbyteorder("="): k for k, v in _LAYOUT.items()}
+# Each typed field's own element type: its values always fit, and are then cast to the tensor's
+# dtype as TF casts them (int_val 300 is 44 in a uint8; half_val holds float16 bit patterns).
+_FIELD_DTYPE = {
+    "float_val": np.dtype(np.float32),
+    "double_val": np.dtype(np.float64),
+    "int_val": np.dtype(np.int32),
+    "int64_val": np.dtype(np.int64),
+    "uint32_val": np.dtype(np.uint32),
+    "uint64_val": np.dtype(np.uint64),
+    "half_val": np.dtype(np.int32),
+    "bool_val": np.dtype(np.bool_),
+}
 
 
 def to_ndarray(alias: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
@@ -42,35 +60,41 @@ def to_ndarray(alias: str, proto: tensor_pb2.TensorProto) -> np.ndarray:
     A typed field with fewer values than the shape holds is padded with its last value (so one
     value broadcasts), an empty one means zeros, extra values are ignored; ``tensor_content`` must
     be exactly the tensor's size. Anything malformed is TF Serving's INVALID_ARGUMENT
-    "tensor parsing error: <alias>".
+    "tensor parsing error: <alias>", and so is a tensor over ``MAX_TENSOR_BYTES`` or with more
+    dims than numpy holds, decided before anything is allocated.
     """
     dims = [d.size for d in proto.tensor_shape.dim]
     if proto.tensor_shape.unknown_rank or (dims and min(dims) < 0):
         raise _parse_error(alias)
     size = math.prod(dims)  # exact; np.prod costs ~3 us for a handful of dims
-    if size >= 2**63:  # more elements than TF's int64 count can hold
-        raise _parse_error(alias)
     if proto.dtype == types_pb2.DT_STRING:
-        if proto.tensor_content:
+        if proto.tensor_content or size * _OBJECT_BYTES > MAX_TENSOR_BYTES:
             raise _parse_error(alias)
         values = np.empty(len(proto.string_val), dtype=object)
         values[:] = list(proto.string_val)
-        return _fill(values, size, b"").reshape(dims)
+        return _shaped(alias, _fill(values, size, b""), dims)
     layout = _LAYOUT.get(proto.dtype)
-    if layout is None:
+    if layout is None or size * layout[0].itemsize > MAX_TENSOR_BYTES:
         raise _parse_error(alias)
     np_dtype, field = layout
     native = np_dtype.newbyteorder("=")
     if proto.tensor_content:
         if len(proto.tensor_content) != size * np_dtype.itemsize:
             raise _parse_error(alias)
-        return np.frombuffer(proto.tensor_content, dtype=np_dtype).astype(native).reshape(dims)
-    repeated = getattr(proto, field)
-    if proto.dtype == types_pb2.DT_HALF:  # half_val holds the float16 bit patterns
-        values = np.asarray(repeated, dtype=np.uint16).view(np.float16)
-    else:
-        values = np.asarray(repeated, dtype=native)
-    return _fill(values, size, native.type(0)).reshape(dims)
+        return _shaped(alias, np.frombuffer(proto.tensor_content, np_dtype).astype(native), dims)
+    values = np.asarray(getattr(proto, field), dtype=_FIELD_DTYPE[field])
+    if proto.dtype == types_pb2.DT_HALF:
+        values = values.astype(np.uint16).view(np.float16)
+    elif values.dtype != native:
+        values = values.astype(native)
+    return _shaped(alias, _fill(values, size, native.type(0)), dims)
+
+
+def _shaped(alias: str, flat: np.ndarray, dims: list[int]) -> np.ndarray:
+    try:
+        return flat.reshape(dims)
+    except ValueError:  # more dims than numpy's maximum (TF's is 254)
+        raise _parse_error(alias) from None
 
 
 def _fill(values: np.ndarray, size: int, zero: Any) -> np.ndarray:
