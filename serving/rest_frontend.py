@@ -101,10 +101,16 @@ class RestApi:
             "regress": lambda model, data: data_plane.regress(model, len(data), ExamplesBody(data)),
         }
 
-    def app(self) -> web.Application:
+    def app(self, cors: bool = False) -> web.Application:
+        """The routes; ``cors`` (``--rest_api_enable_cors_support``) adds TF Serving's CORS
+        headers to every ``/v1/`` response. A CORS preflight (OPTIONS) is answered either way,
+        as TF Serving does."""
         app = web.Application(client_max_size=1 << 31)
         app.router.add_route("GET", "/v1/models/{tail:.+}", self.handle_get)
         app.router.add_route("POST", "/v1/models/{tail:.+}", self.handle_post)
+        app.router.add_route("OPTIONS", "/v1/{tail:.*}", handle_preflight)
+        if cors:
+            app.on_response_prepare.append(_add_cors_headers)
         return app
 
     async def handle_get(self, request: web.Request) -> web.Response:
@@ -205,6 +211,32 @@ def _failed(model: ModelSpec, api: str, error: Exception, start: float) -> web.R
     return response
 
 
+# TF Serving's CORS headers (http_rest_api_util.cc AddCORSHeaders).
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, GET",
+    "Access-Control-Allow-Headers": "Content-Type",
+}
+_PREFLIGHT_ORIGIN = re.compile(r"https?://")
+
+
+async def handle_preflight(request: web.Request) -> web.Response:
+    """OPTIONS: 200 with an empty body when the Origin header names an http(s) origin, else
+    TF Serving's FAILED_PRECONDITION (400)."""
+    if _PREFLIGHT_ORIGIN.search(request.headers.get("Origin", "")):
+        return web.Response()
+    return error_response(
+        ServingError(
+            grpc.StatusCode.FAILED_PRECONDITION, "Origin header is missing in CORS preflight"
+        )
+    )
+
+
+async def _add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if request.path.startswith("/v1/"):  # the API's paths, not the metrics page
+        response.headers.update(CORS_HEADERS)
+
+
 def _prometheus_route(path: str, page: Callable[[], Awaitable[str]]) -> web.RouteDef:
     """The scrape endpoint; ``page`` gathers the text from every worker process."""
 
@@ -222,13 +254,14 @@ async def start_rest_server(
     timeout_ms: int,
     *,
     prometheus_path: str | None = None,
+    cors: bool = False,
 ) -> web.AppRunner:
     """Start the REST server; returns the runner (``await runner.cleanup()`` to stop).
 
     ``prometheus_path`` (from ``--monitoring_config_file``) adds the metrics page, as TF Serving
-    serves it on the REST port.
+    serves it on the REST port; ``cors``: ``RestApi.app``.
     """
-    app = RestApi(data_plane, timeout_ms).app()
+    app = RestApi(data_plane, timeout_ms).app(cors)
     if prometheus_path:
         app.router.add_routes([_prometheus_route(prometheus_path, data_plane.metrics_page)])
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
