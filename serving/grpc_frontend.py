@@ -18,7 +18,7 @@ import functools
 import logging
 import operator
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -362,30 +362,49 @@ class ModelServicer:
         return response
 
 
+def grpc_options(channel_arguments: Sequence[tuple[str, int | str]] = ()) -> list[tuple]:
+    """The server's options: ours (no message size limit, a port shared by the workers), then
+    ``--grpc_channel_arguments``, which win where they set the same key."""
+    return list({**dict(GRPC_OPTIONS), **dict(channel_arguments)}.items())
+
+
 async def start_grpc_server(
     data_plane: DataPlane,
-    address: str,
-    port: int,
+    targets: Sequence[str],
     *,
+    credentials: grpc.ServerCredentials | None = None,
+    channel_arguments: Sequence[tuple[str, int | str]] = (),
     health_servicer: health.aio.HealthServicer | None = None,
+    handlers: Sequence[grpc.GenericRpcHandler] = (),
 ) -> grpc.aio.Server:
-    """Create, bind and start the gRPC server; raises when the port cannot be bound.
+    """Create, bind and start the gRPC server on ``targets`` (``host:port``, ``unix:path``);
+    raises when one cannot be bound.
 
-    ``health_servicer`` (``--enable_grpc_healthcheck_service``) answers ``grpc.health.v1.Health``:
-    SERVING for the whole server (service "") from the start, which is true once the port opens
-    because models load before it; the server turns it NOT_SERVING when shutting down.
+    ``credentials`` (``--ssl_config_file``) secure every target, as TF Serving's; ``handlers``
+    serve further services (the profiler's). ``health_servicer``
+    (``--enable_grpc_healthcheck_service``) answers ``grpc.health.v1.Health``: SERVING for the
+    whole server (service "") from the start, which is true once the port opens because models
+    load before it; the server turns it NOT_SERVING when shutting down.
     """
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server = grpc.aio.server(options=grpc_options(channel_arguments))
     for servicer in (PredictionServicer(data_plane), ModelServicer(data_plane)):
         server.add_generic_rpc_handlers([_service(servicer.SERVICE, servicer, servicer.METHODS)])
     if health_servicer is not None:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-    bound = server.add_insecure_port(target)
-    if bound == 0:
-        raise OSError(f"cannot bind gRPC server to {target}")
+    server.add_generic_rpc_handlers(handlers)
+    for target in targets:
+        try:
+            bound = (
+                server.add_insecure_port(target)
+                if credentials is None
+                else server.add_secure_port(target, credentials)
+            )
+        except RuntimeError:  # grpcio raises for some targets, returns 0 for others
+            bound = 0
+        if bound == 0:
+            raise OSError(f"cannot bind gRPC server to {target}")
     await server.start()
-    log.info("gRPC server listening on %s", target)
+    log.info("gRPC server listening on %s", ", ".join(targets))
     return server
 
 

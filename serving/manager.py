@@ -5,8 +5,11 @@ Shape of TF Serving's ``AspiredVersionsManager``: a source says which versions *
 
 * a new version is loaded and warmed up (START -> LOADING -> AVAILABLE) before any old version
   leaves routing (UNLOADING) -- there is never a moment with nothing to serve;
-* a version that fails to load ends as END with its error; whatever served before keeps serving,
-  and the failure is not retried on every poll -- only when its directory changes;
+* a load that fails is retried (``max_load_retries`` times, ``load_retry_interval_s`` apart,
+  TF Serving's ``--max_num_load_retries`` / ``--load_retry_interval_micros``) while the version
+  stays aspired, staying LOADING meanwhile; then it ends as END with its error; whatever served
+  before keeps serving, and the failure is not tried again on every poll -- only when its
+  directory changes;
 * if the newest version disappears from disk, the next newest becomes aspired again and is loaded
   before the removed one is unloaded (rollback without a gap);
 * a model removed from the config has all its versions unloaded, then is forgotten (NOT_FOUND);
@@ -16,8 +19,10 @@ Shape of TF Serving's ``AspiredVersionsManager``: a source says which versions *
 The manager runs in the supervisor and loads nothing itself: ``load_fn`` loads a version into
 every worker (``serving.workers``) and returns once all of them route it, so AVAILABLE means every
 worker serves it; closing what it returned unloads it everywhere, each worker waiting for its own
-requests in flight. Loads run one at a time on the loader thread, so that on a small machine one
-load competes with serving rather than several at once.
+requests in flight. By default models are reconciled one at a time on the loader thread, so that
+on a small machine one load competes with serving rather than several at once;
+``load_threads`` > 1 (``--num_load_threads``) reconciles up to that many models at once (each
+model's own versions still load in order, newest first).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -70,7 +76,9 @@ class _Model:
 class Manager:
     """Owns all models' versions. Thread-safe; ``start()`` launches the loader thread.
 
-    ``publish_labels`` tells the workers a model's version labels whenever they change.
+    ``publish_labels`` tells the workers a model's version labels whenever they change. The
+    defaults of the load settings are a test's (one attempt); the server passes TF Serving's
+    flags.
     """
 
     def __init__(
@@ -78,10 +86,21 @@ class Manager:
         load_fn: LoadFn,
         enable_warmup: bool = True,
         publish_labels: LabelsFn = lambda name, labels: None,
+        *,
+        max_load_retries: int = 0,
+        load_retry_interval_s: float = 0.0,
+        load_threads: int = 1,
     ) -> None:
         self._enable_warmup = enable_warmup
         self._load_fn = load_fn
         self._publish_labels = publish_labels
+        self._max_load_retries = max_load_retries
+        self._load_retry_interval_s = load_retry_interval_s
+        self._pool = (
+            ThreadPoolExecutor(load_threads, thread_name_prefix="version-loader")
+            if load_threads > 1
+            else None
+        )
         self._models: dict[str, _Model] = {}
         self._lock = threading.Lock()
         self._work = threading.Condition(threading.Lock())
@@ -160,6 +179,8 @@ class Manager:
             self._work.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=60)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
         with self._lock:
             entries = [
                 (m.name, e)
@@ -224,14 +245,20 @@ class Manager:
                 generation = self._requested
             with self._lock:
                 names = list(self._models)
-            for name in names:
-                try:
-                    self._reconcile(name)
-                except Exception:  # a bug here must not kill the loader thread
-                    log.exception("model %s: error while applying aspired versions", name)
+            if self._pool is None:
+                for name in names:
+                    self._reconcile_logging_bugs(name)
+            else:  # every model once, up to load_threads at a time, all done before the next pass
+                list(self._pool.map(self._reconcile_logging_bugs, names))
             with self._work:
                 self._done = max(self._done, generation)
                 self._work.notify_all()
+
+    def _reconcile_logging_bugs(self, name: str) -> None:
+        try:
+            self._reconcile(name)
+        except Exception:  # a bug here must not kill the loader thread
+            log.exception("model %s: error while applying aspired versions", name)
 
     def _reconcile(self, name: str) -> None:
         with self._lock:
@@ -283,31 +310,63 @@ class Manager:
         with self._lock:
             entry.state = State.LOADING
         start = time.monotonic()
-        try:
-            loaded = self._load_fn(name, version, entry.directory.path, self._enable_warmup)
-        except Exception as e:  # noqa: BLE001 -- any load failure is reported, never raised
-            error = (
-                e
-                if isinstance(e, ServingError)
-                else ServingError(grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}".strip())
-            )
-            with self._lock:
-                entry.state = State.END
-                entry.error = error
-                model.failed[version] = entry.directory.fingerprint
-            log.error(
-                "model %s version %d: load FAILED after %.2f s: %s",
+        attempt = 0
+        while True:
+            try:
+                loaded = self._load_fn(name, version, entry.directory.path, self._enable_warmup)
+                break
+            except Exception as e:  # noqa: BLE001 -- any load failure is reported, never raised
+                error = (
+                    e
+                    if isinstance(e, ServingError)
+                    else ServingError(grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}".strip())
+                )
+            if attempt >= self._max_load_retries or not self._wait_to_retry(model, entry):
+                self._fail(model, entry, error, time.monotonic() - start)
+                return
+            attempt += 1
+            log.warning(
+                "model %s version %d: load failed (%s); retry %d of %d",
                 name,
                 version,
-                time.monotonic() - start,
                 error.message,
+                attempt,
+                self._max_load_retries,
             )
-            return
         with self._lock:
             entry.loaded = loaded
             entry.state = State.AVAILABLE
             model.failed.pop(version, None)
         log.info("model %s version %d: AVAILABLE (%.2f s)", name, version, time.monotonic() - start)
+
+    def _wait_to_retry(self, model: _Model, entry: _Version) -> bool:
+        """Wait the retry interval; False when the load should not be retried: the manager is
+        stopping, or the version is no longer aspired from the same directory (TF Serving
+        cancels the retries of a version no longer aspired)."""
+        deadline = time.monotonic() + self._load_retry_interval_s
+        while True:
+            with self._lock:
+                still_aspired = model.aspired.get(entry.version) == entry.directory
+            if self._stopping or model.removed or not still_aspired:
+                return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            with self._work:  # woken by any change of aspired versions, or by stop()
+                self._work.wait(remaining)
+
+    def _fail(self, model: _Model, entry: _Version, error: ServingError, took_s: float) -> None:
+        with self._lock:
+            entry.state = State.END
+            entry.error = error
+            model.failed[entry.version] = entry.directory.fingerprint
+        log.error(
+            "model %s version %d: load FAILED after %.2f s: %s",
+            model.name,
+            entry.version,
+            took_s,
+            error.message,
+        )
 
     def _unload(self, name: str, entry: _Version) -> None:
         """Unload an UNLOADING version everywhere (each worker lets its requests finish) -> END."""

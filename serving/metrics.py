@@ -28,7 +28,17 @@ import bisect
 import functools
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
+from typing import (
+    Any,
+    Callable,
+    Concatenate,
+    Iterable,
+    Iterator,
+    ParamSpec,
+    Protocol,
+    Sequence,
+    TypeVar,
+)
 
 import grpc
 
@@ -303,17 +313,20 @@ class _Loadable(Protocol):
 
 
 Loadable = TypeVar("Loadable", bound=_Loadable)
+P = ParamSpec("P")
 
 
-def saved_model_load_observed(load: Callable[[Loadable], None]) -> Callable[[Loadable], None]:
+def saved_model_load_observed(
+    load: Callable[Concatenate[Loadable, P], None],
+) -> Callable[Concatenate[Loadable, P], None]:
     """Wrap ``Servable.load``: TF's load attempt (success/fail) and latency per model path."""
 
     @functools.wraps(load)
-    def wrapper(servable: Loadable) -> None:
+    def wrapper(servable: Loadable, *args: P.args, **kwargs: P.kwargs) -> None:
         start = time.perf_counter()
         status = "fail"
         try:
-            load(servable)
+            load(servable, *args, **kwargs)
             status = "success"
         finally:
             LOAD_ATTEMPT_COUNT.inc(servable.path, status)
@@ -322,7 +335,9 @@ def saved_model_load_observed(load: Callable[[Loadable], None]) -> Callable[[Loa
     return wrapper
 
 
-def warmup_observed(warmup: Callable[[Loadable], int]) -> Callable[[Loadable], int]:
+def warmup_observed(
+    warmup: Callable[Concatenate[Loadable, P], int],
+) -> Callable[Concatenate[Loadable, P], int]:
     """Wrap ``warmup.replay_warmup`` (returns the records replayed): TF Serving's warmup latency.
 
     Like TF Serving, a version without warmup data records nothing; a failed warmup records its
@@ -330,10 +345,10 @@ def warmup_observed(warmup: Callable[[Loadable], int]) -> Callable[[Loadable], i
     """
 
     @functools.wraps(warmup)
-    def wrapper(servable: Loadable) -> int:
+    def wrapper(servable: Loadable, *args: P.args, **kwargs: P.kwargs) -> int:
         start = time.perf_counter()
         try:
-            count = warmup(servable)
+            count = warmup(servable, *args, **kwargs)
         except ServingError as e:
             MODEL_WARMUP_LATENCY.observe(_micros_since(start), servable.path, e.code.name)
             raise

@@ -23,12 +23,11 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
-from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
+from serving import textproto
 from serving.errors import ServingError, invalid
 from serving.manager import Manager
 from serving.source import DEFAULT_POLICY, FileSystemSource, VersionPolicy
@@ -56,27 +55,17 @@ def single_model(name: str, base_path: str) -> list[ModelConfig]:
     return [ModelConfig(name, base_path)]
 
 
-def parse_text(text: str, origin: str) -> ModelServerConfig:
-    """A text-format ``ModelServerConfig``; INVALID_ARGUMENT naming ``origin`` when malformed."""
-    try:
-        return text_format.Parse(text, ModelServerConfig())
-    except text_format.ParseError as e:
-        raise invalid(f"{origin}: not a text-format ModelServerConfig: {e}") from None
-
-
 def read_file(path: str) -> ModelServerConfig:
-    """Read, parse and validate ``--model_config_file``; INVALID_ARGUMENT naming the file and the
-    problem (unreadable, not a ModelServerConfig, an invalid model list)."""
-    origin = f"model config file {path}"
+    """Read, parse and validate ``--model_config_file``; INVALID_ARGUMENT naming the flag, the file
+    and the problem (unreadable, not a text-format ModelServerConfig, an invalid model list)."""
     try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise invalid(f"{origin}: cannot read it: {e}") from None
-    config = parse_text(text, origin)
+        config = textproto.read(path, ModelServerConfig())
+    except ValueError as e:
+        raise invalid(f"--model_config_file: {e}") from None
     try:
         model_configs(config)
     except ServingError as e:
-        raise invalid(f"{origin}: {e.message}") from None
+        raise invalid(f"--model_config_file: {path}: {e.message}") from None
     return config
 
 

@@ -155,13 +155,18 @@ class RestApi:
             "regress": lambda model, data: data_plane.regress(model, len(data), ExamplesBody(data)),
         }
 
-    def app(self) -> web.Application:
+    def app(self, cors: bool = False) -> web.Application:
+        """The routes; ``cors`` (``--rest_api_enable_cors_support``) adds TF Serving's CORS
+        headers to every ``/v1/`` response. A CORS preflight (OPTIONS) is answered either way
+        (``handle_other``), as TF Serving does."""
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_route("GET", "/v1/models/{tail:.+}", self.handle_get)
         app.router.add_route("POST", "/v1/models/{tail:.+}", self.handle_post)
         # Looked up after any route with a fixed prefix (the two above, the metrics page):
         app.router.add_route("*", "/{v1:(?i:v1)}/{models:(?i:models)}/{tail:.+}", self.handle_v1)
         app.router.add_route("*", "/{path:.*}", self.handle_other)
+        if cors:
+            app.on_response_prepare.append(_add_cors_headers)
         return app
 
     async def handle_v1(self, request: web.Request) -> web.Response:
@@ -293,6 +298,19 @@ def _failed(model: ModelSpec, api: str, error: Exception, start: float) -> web.R
     return response
 
 
+# TF Serving's CORS headers (http_rest_api_util.cc AddCORSHeaders).
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, GET",
+    "Access-Control-Allow-Headers": "Content-Type",
+}
+
+
+async def _add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if request.path.startswith("/v1/"):  # the API's paths, not the metrics page
+        response.headers.update(CORS_HEADERS)
+
+
 def _prometheus_route(path: str, page: Callable[[], Awaitable[str]]) -> web.RouteDef:
     """The scrape endpoint; ``page`` gathers the text from every worker process."""
 
@@ -310,13 +328,14 @@ async def start_rest_server(
     timeout_ms: int,
     *,
     prometheus_path: str | None = None,
+    cors: bool = False,
 ) -> web.AppRunner:
     """Start the REST server; returns the runner (``await runner.cleanup()`` to stop).
 
     ``prometheus_path`` (from ``--monitoring_config_file``) adds the metrics page, as TF Serving
-    serves it on the REST port.
+    serves it on the REST port; ``cors``: ``RestApi.app``.
     """
-    app = RestApi(data_plane, timeout_ms).app()
+    app = RestApi(data_plane, timeout_ms).app(cors)
     if prometheus_path:
         app.router.add_routes([_prometheus_route(prometheus_path, data_plane.metrics_page)])
     # auto_decompress off: read_body gunzips as TF Serving does, where aiohttp would answer a

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import grpc
@@ -37,7 +38,8 @@ from serving.inference import (
 )
 from serving.model_format import CLASSIFY_METHOD, DEFAULT_SIGNATURE, REGRESS_METHOD
 from serving.signatures import SignatureInfo, signature_info, validate_predict
-from serving.tf_runtime import SessionCallable, session_callable
+from serving.tf_runtime import SessionCallable, session_callable, session_config
+from serving.types import SessionSettings
 from serving.warmup import replay_warmup
 
 if TYPE_CHECKING:
@@ -46,6 +48,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("serving.servable")
 
 _INIT_OP_SIGNATURE = "__saved_model_init_op"
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How a worker loads every version: TF Serving's ``--saved_model_tags``, session flags
+    (``tf_runtime.session_config``) and ``--num_request_iterations_for_warmup``."""
+
+    tags: tuple[str, ...] = ("serve",)
+    session: SessionSettings = SessionSettings()
+    warmup_iterations: int = 1
+
+
+DEFAULT_LOAD = LoadSettings()
 
 
 class Servable:
@@ -68,22 +83,18 @@ class Servable:
     # -- lifecycle -----------------------------------------------------------------------------
 
     @metrics.saved_model_load_observed
-    def load(self) -> None:
-        """Load the SavedModel (tag ``serve``) into a fresh graph/session; raise on any failure."""
+    def load(self, settings: LoadSettings = DEFAULT_LOAD) -> None:
+        """Load the SavedModel's meta graph of ``settings.tags`` into a fresh graph/session, with
+        ``settings.session``'s ConfigProto; raise on any failure."""
         import tensorflow as tf
 
         graph = tf.Graph()
-        # Ops run in the calling thread (negative inter-op parallelism): every call already comes
-        # from a thread of ours (the data plane's pool or a batch thread), and handing the graph
-        # to TF's inter-op pool and waiting for it costs thread wake-ups per call: batch-1 MNIST
-        # 46 -> 18 us, batch 64 200 -> 140 us. Intra-op parallelism (one op on several cores)
-        # stays TensorFlow's choice.
-        session = tf.compat.v1.Session(
-            graph=graph, config=tf.compat.v1.ConfigProto(inter_op_parallelism_threads=-1)
-        )
+        session = tf.compat.v1.Session(graph=graph, config=session_config(settings.session))
         try:
             with graph.as_default():
-                meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], self.path)
+                meta_graph = tf.compat.v1.saved_model.loader.load(
+                    session, list(settings.tags), self.path
+                )
         except BaseException:
             session.close()
             raise
@@ -222,11 +233,13 @@ def status_code(value: int) -> grpc.StatusCode:
 LoadServable = Callable[[str, int, str, bool], "Servable"]
 
 
-def load_servable(model_name: str, version: int, path: str, warmup: bool) -> Servable:
+def load_servable(
+    model_name: str, version: int, path: str, warmup: bool, settings: LoadSettings = DEFAULT_LOAD
+) -> Servable:
     """Load (and optionally warm up) one version, logging timings; raises on failure."""
     servable = Servable(model_name, version, path)
     start = time.monotonic()
-    servable.load()
+    servable.load(settings)
     loaded = time.monotonic()
     log.info(
         "model %s version %d: loaded from %s in %.2f s (signatures: %s)",
@@ -238,7 +251,7 @@ def load_servable(model_name: str, version: int, path: str, warmup: bool) -> Ser
     )
     if warmup:
         try:
-            n = replay_warmup(servable)
+            n = replay_warmup(servable, settings.warmup_iterations)
         except Exception:
             servable.close()
             raise

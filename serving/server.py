@@ -22,7 +22,7 @@ import socket
 from typing import TYPE_CHECKING, Callable
 
 from serving.errors import ServingError
-from serving.flags import Options
+from serving.flags import IGNORED, Options
 from serving.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -70,7 +70,12 @@ class Supervisor:
             on_lost=self._worker_lost,
         )
         self.manager = Manager(
-            self.workers.load, options.enable_model_warmup, publish_labels=self.workers.set_labels
+            self.workers.load,
+            options.enable_model_warmup,
+            publish_labels=self.workers.set_labels,
+            max_load_retries=options.max_num_load_retries,
+            load_retry_interval_s=options.load_retry_interval_s,
+            load_threads=options.num_load_threads,
         )
         self.controller = ModelConfigController(
             self.manager,
@@ -103,6 +108,8 @@ async def serve(options: Options) -> int:
         loop.add_signal_handler(sig, stop.set)
     if options.file_system_poll_wait_seconds < 0:
         log.warning("--file_system_poll_wait_seconds < 0: the file system is never polled")
+    for flag, value in options.ignored_flags:
+        log.warning("%s=%s ignored: %s", flag, value, IGNORED[flag.removeprefix("--")])
     try:
         if not await _start_unless_stopped(supervisor, configs):
             return 1 if supervisor.lost_worker else 0
@@ -153,10 +160,13 @@ async def _start_unless_stopped(supervisor: Supervisor, configs: list[ModelConfi
 
 
 def _log_ready(options: Options, configs: list[ModelConfig]) -> None:
+    grpc_on = [f"{options.bind_address}:{options.port}"] if options.port else []
+    if options.grpc_socket_path:
+        grpc_on.append(f"unix:{options.grpc_socket_path}")
     log.info(
-        "gRPC on %s:%d, REST on %s, %d worker process(es)",
-        options.bind_address,
-        options.port,
+        "gRPC%s on %s, REST on %s, %d worker process(es)",
+        " (TLS)" if options.ssl else "",
+        " and ".join(grpc_on),
         options.rest_api_port or "none",
         options.num_workers,
     )
@@ -202,9 +212,11 @@ def check_ports_free(options: Options) -> None:
     The workers bind with ``SO_REUSEPORT``, which would silently share a port with another
     server that set it too; this probe binds without it (``SO_REUSEADDR`` only, so connections
     of a previous run in TIME_WAIT do not count)."""
-    ports = [("gRPC", options.port)] + (
-        [("REST", options.rest_api_port)] if options.rest_api_port else []
-    )
+    ports = [
+        (what, port)
+        for what, port in (("gRPC", options.port), ("REST", options.rest_api_port))
+        if port
+    ]
     family = socket.AF_INET6 if ":" in options.bind_address else socket.AF_INET
     for what, port in ports:
         with socket.socket(family, socket.SOCK_STREAM) as probe:

@@ -1,4 +1,7 @@
-"""Text-format protobuf files (batching parameters, monitoring config), as TF Serving reads them."""
+"""Text-format protobuf files (model config, batching parameters, monitoring, SSL and session
+configs), as TF Serving reads them, with its wording for a file that does not parse: upstream's
+tests look for ``Error parsing text-format tensorflow.serving.ModelServerConfig`` (protobuf's C++
+message) in the server's output."""
 
 from __future__ import annotations
 
@@ -10,16 +13,27 @@ from google.protobuf.message import Message
 M = TypeVar("M", bound=Message)
 
 
-def read(path: str, message: M) -> M:
-    """Parse the file at ``path`` into ``message``; ``ValueError`` naming the file otherwise."""
+def parse(text: str, message: M, origin: str) -> M:
+    """Parse ``text`` into ``message``; ``ValueError`` naming ``origin`` otherwise."""
+    try:
+        return text_format.Parse(text, message)
+    except text_format.ParseError as e:
+        raise ValueError(
+            f"{origin}: Error parsing text-format {message.DESCRIPTOR.full_name}: {e}"
+        ) from None
+
+
+def read_text(path: str) -> str:
+    """The file's text; ``ValueError`` naming the file when it cannot be read."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"cannot read {path}: {e}") from None
-    try:
-        return text_format.Parse(text, message)
-    except text_format.ParseError as e:
-        raise ValueError(f"{path}: not a {message.DESCRIPTOR.name}: {e}") from None
+
+
+def read(path: str, message: M) -> M:
+    """Parse the file at ``path`` into ``message``; ``ValueError`` naming the file otherwise."""
+    return parse(read_text(path), message, path)

@@ -6,6 +6,8 @@ TensorFlow upgrade, or a new process that imports TensorFlow, must be checked ag
   thresholds: what a serving process wants, and what tools that import TensorFlow for other ends
   (training, export) must not get. Each setting is its own function below, with the
   measurements that chose it. Call it once per serving process, before the first version loads.
+- ``session_config`` is the ConfigProto every version's session runs with: TF Serving's session
+  flags over our default of running a graph's ops in the calling thread.
 - ``session_callable`` is the one use of a private TensorFlow API, the fast C++ session callable,
   with the public ``Session.make_callable`` as its fallback where the private method is gone or
   has changed: an upgrade then costs speed, not correctness.
@@ -21,7 +23,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from serving import textproto
+from serving.types import SessionSettings
+
 log = logging.getLogger("serving.tf_runtime")
+
+DEFAULT_SESSION = SessionSettings()
 
 # Runs the session: the feed arrays positionally, the fetched arrays back in fetch order.
 SessionCallable = Callable[..., Sequence[np.ndarray]]
@@ -81,6 +88,40 @@ def _collect_young_objects_less_often() -> None:
     younger's collections instead of 10). Cyclic garbage lives a little longer; unloads still
     collect in full."""
     gc.set_threshold(20_000, 20, 20)
+
+
+@functools.cache  # one parse per worker: every load asks with the same settings
+def session_config(settings: SessionSettings = DEFAULT_SESSION) -> Any:
+    """The ``tf.compat.v1.ConfigProto`` of a version's session; ``ValueError`` naming
+    ``--tensorflow_session_config_file`` when its text does not parse (the worker asks once at
+    startup, so that a bad file stops the server).
+
+    Built as TF Serving builds it: the config file, then the flags over it (a GPU memory fraction,
+    the thread counts), except that a thread flag left at 0 keeps the file's value instead of
+    resetting it to "auto", and that inter-op parallelism defaults to -1: the graph's ops run in
+    the calling thread. Every call already comes from a thread of ours (the data plane's pool or
+    a batch), and handing the graph to TensorFlow's inter-op pool and waiting for it costs thread
+    wake-ups on every call; intra-op parallelism (one op on several cores) stays TensorFlow's.
+    The answer is shared: callers must not change it.
+    """
+    from tensorflow.core.protobuf import config_pb2
+
+    config = textproto.parse(
+        settings.config_text,
+        config_pb2.ConfigProto(),
+        f"--tensorflow_session_config_file: {settings.config_file}",
+    )
+    if not config.inter_op_parallelism_threads:  # unset in the file (or 0, "auto")
+        config.inter_op_parallelism_threads = -1
+    if settings.intra_op_parallelism:
+        config.intra_op_parallelism_threads = settings.intra_op_parallelism
+    if settings.inter_op_parallelism:
+        config.inter_op_parallelism_threads = settings.inter_op_parallelism
+    if settings.per_process_gpu_memory_fraction:
+        config.gpu_options.per_process_gpu_memory_fraction = (
+            settings.per_process_gpu_memory_fraction
+        )
+    return config
 
 
 def session_callable(session: Any, feeds: Sequence[str], fetches: Sequence[str]) -> SessionCallable:

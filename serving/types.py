@@ -1,6 +1,7 @@
 """The vocabulary every layer of the server shares: a version's state and status, version labels,
 and the time bounds that more than one layer must agree on, and the parameters a version is batched
-with (the loader sets them on the servable, the batcher reads them).
+with (the loader sets them on the servable, the batcher reads them), and the settings of each
+version's TensorFlow session (the flags set them, the servable's loader reads them).
 
 It imports nothing of the server, so the control plane (manager, config) and the data plane
 (routing, core, front ends) can both use it without importing each other.
@@ -65,4 +66,26 @@ class BatchingParameters:
     pad_variable_length_inputs: bool = False
 
 
-__all__ = ["RELOAD_TIMEOUT_S", "BatchingParameters", "State", "VersionStatus", "resolve_label"]
+@dataclass(frozen=True)
+class SessionSettings:
+    """What each version's TensorFlow session is configured from: TF Serving's session flags
+    (``serving.flags`` sets them, ``tf_runtime.session_config`` builds the ConfigProto).
+
+    Parallelism 0 is TF Serving's "auto"; ``--tensorflow_session_parallelism`` is resolved into
+    both values by the flags."""
+
+    config_file: str = ""  # --tensorflow_session_config_file, for messages
+    config_text: str = ""  # its text-format ConfigProto, parsed where TensorFlow is imported
+    intra_op_parallelism: int = 0
+    inter_op_parallelism: int = 0
+    per_process_gpu_memory_fraction: float = 0.0
+
+
+__all__ = [
+    "RELOAD_TIMEOUT_S",
+    "BatchingParameters",
+    "SessionSettings",
+    "State",
+    "VersionStatus",
+    "resolve_label",
+]

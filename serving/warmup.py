@@ -49,8 +49,10 @@ class Replayable(Protocol):
 
 
 @metrics.warmup_observed
-def replay_warmup(servable: Replayable) -> int:
-    """Replay ``assets.extra/tf_serving_warmup_requests`` (<= 1000 records); return the count.
+def replay_warmup(servable: Replayable, iterations: int = 1) -> int:
+    """Replay ``assets.extra/tf_serving_warmup_requests`` (<= 1000 records), each record
+    ``iterations`` times in a row (``--num_request_iterations_for_warmup``); return the count of
+    records.
 
     Predict, Classify, Regress and MultiInference records run through the same code as live
     requests. Any failure raises, which fails the load: a version whose warmup data does not
@@ -64,7 +66,9 @@ def replay_warmup(servable: Replayable) -> int:
 
     records = read_tfrecords(path, MAX_WARMUP_RECORDS)
     for record in records:
-        _replay(servable, prediction_log_pb2.PredictionLog.FromString(record))
+        entry = prediction_log_pb2.PredictionLog.FromString(record)
+        for _ in range(iterations):
+            _replay(servable, entry)
     return len(records)
 
 

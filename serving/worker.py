@@ -9,9 +9,14 @@ decides nothing about versions; the supervisor (``serving.server``) calls it thr
 ``route``  route requests to a loaded version (sent once *every* worker has loaded it);
 ``unload`` take a version out of routing, let its requests finish, close it;
 ``labels`` a model's version labels;
-``open``   bind the ports (after the first loads, as TF Serving opens them);
+``open``   bind the ports (after the first loads, as TF Serving opens them): gRPC on the TCP port
+         and, in worker 0 only, on ``--grpc_socket_path`` (a Unix socket has one listener:
+         binding it again would take it from the worker that has it);
 ``metrics`` this process's metric values, summed by the supervisor for a scrape;
 ``stop``   stop accepting requests, let those in flight finish, unload, exit.
+
+``ping`` answers once the worker is up, or with the reason it cannot serve (a session config that
+does not parse), which stops the server at startup.
 
 Requests that only the supervisor can answer -- model status, config reload, the metrics page --
 go the other way through ``SupervisorLink``. SIGINT and SIGTERM are ignored: Ctrl-C and a stop of
@@ -22,6 +27,7 @@ stopped on its own would look like a crash to it). A worker whose supervisor is 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -36,7 +42,7 @@ from serving.flags import Options
 from serving.ipc import Channel
 from serving.logs import setup_logging
 from serving.routing import RoutingTable, close_servable
-from serving.servable import Servable
+from serving.servable import LoadServable, Servable
 from serving.types import VersionStatus
 
 # Loads and unloads run at this niceness (see ``_yield_cpu_to_serving``).
@@ -71,10 +77,11 @@ class Worker:
         self.index = index
         self.routing = RoutingTable()
         self.loaded: dict[tuple[str, int], Servable] = {}  # loaded, not routed yet
+        self.startup_error: ServingError | None = None
         self.channel = Channel(
             connection,
             {
-                "ping": lambda: None,
+                "ping": self.ping,
                 "load": self.load,
                 "route": self.route,
                 "unload": self.unload,
@@ -90,28 +97,48 @@ class Worker:
     async def run(self) -> None:
         from serving import batching
         from serving.core import DataPlane
-        from serving.servable import load_servable
         from serving.tf_runtime import import_tensorflow_for_serving
 
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         await self.loop.run_in_executor(None, import_tensorflow_for_serving)
         batcher = None
-        self.load_fn = load_servable
+        self.load_fn = self._load_function()
         if self.options.batching is not None:
             batcher = batching.start(self.options.batching)
-            self.load_fn = batching.batching_loader(self.options.batching, load_servable)
+            self.load_fn = batching.batching_loader(self.options.batching, self.load_fn)
         self.data_plane = DataPlane(
             self.routing, SupervisorLink(self.channel), self.options.num_threads, batcher
         )
         self.grpc_server: grpc.aio.Server | None = None
         self.rest_runner = None
         self.health = None
+        self.profiler = None
         self.channel.start()
         await self.stopping.wait()
         await self._shutdown()
 
+    def _load_function(self) -> LoadServable:
+        """``load_servable`` with this server's load settings; their session config is parsed
+        now, so that a bad one is the answer to the supervisor's first ping."""
+        from serving.servable import LoadSettings, load_servable
+        from serving.tf_runtime import session_config
+
+        options = self.options
+        try:
+            session_config(options.session)
+        except ValueError as e:
+            self.startup_error = ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        settings = LoadSettings(
+            options.saved_model_tags, options.session, options.num_request_iterations_for_warmup
+        )
+        return functools.partial(load_servable, settings=settings)
+
     # -- calls from the supervisor (on the channel's threads) ----------------------------------
+
+    def ping(self) -> None:
+        if self.startup_error is not None:
+            raise self.startup_error
 
     def load(self, name: str, version: int, path: str, warmup: bool) -> None:
         _yield_cpu_to_serving()
@@ -154,14 +181,25 @@ class Worker:
         from grpc_health.v1 import health
 
         from serving.grpc_frontend import start_grpc_server
+        from serving.profiler import ProfilerForwarder
         from serving.rest_frontend import start_rest_server
+        from serving.transport import server_credentials
 
         options = self.options
         if options.enable_grpc_healthcheck_service:
             self.health = health.aio.HealthServicer()  # SERVING for "" from the start
-        self.grpc_server = await start_grpc_server(
-            self.data_plane, options.bind_address, options.port, health_servicer=self.health
-        )
+        if options.enable_profiler:
+            self.profiler = ProfilerForwarder()
+        targets = self._grpc_targets()
+        if targets:  # none in workers > 0 with --port=0 and a Unix socket
+            self.grpc_server = await start_grpc_server(
+                self.data_plane,
+                targets,
+                credentials=server_credentials(options.ssl) if options.ssl else None,
+                channel_arguments=options.grpc_channel_arguments,
+                health_servicer=self.health,
+                handlers=[self.profiler] if self.profiler else [],
+            )
         if options.rest_api_port:
             self.rest_runner = await start_rest_server(
                 self.data_plane,
@@ -169,7 +207,16 @@ class Worker:
                 options.rest_api_port,
                 options.rest_api_timeout_in_ms,
                 prometheus_path=options.prometheus_path,
+                cors=options.rest_api_enable_cors_support,
             )
+
+    def _grpc_targets(self) -> list[str]:
+        """The TCP port (every worker) and the Unix socket (worker 0: see the module's doc)."""
+        address, port = self.options.bind_address, self.options.port
+        targets = [f"[{address}]:{port}" if ":" in address else f"{address}:{port}"] if port else []
+        if self.options.grpc_socket_path and self.index == 0:
+            targets.append(f"unix:{self.options.grpc_socket_path}")
+        return targets
 
     async def _shutdown(self) -> None:
         log.info("worker %d: shutting down", self.index)
@@ -179,6 +226,8 @@ class Worker:
             await self.rest_runner.cleanup()
         if self.grpc_server is not None:
             await self.grpc_server.stop(GRACE_S)
+        if self.profiler is not None:
+            await self.profiler.close()
         await self.loop.run_in_executor(None, self.routing.remove_all, GRACE_S)
         for servable in self.loaded.values():
             close_servable(servable)

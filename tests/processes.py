@@ -21,6 +21,9 @@ BIN = Path(sys.executable).parent
 # default): the multi-process paths are always exercised and memory stays bounded (each worker
 # holds every model). A later --num_workers in extra flags overrides it.
 TEST_WORKERS = 2
+# Servers under test give up a failed load at once: TF Serving's 5 retries a minute apart would
+# hold every test of a broken version for 5 minutes (test_flags_serving covers the retries).
+TEST_LOAD_RETRIES = 0
 
 
 def free_port() -> int:
@@ -131,7 +134,8 @@ def serving_command(
     poll_s: float = 0.2,
     extra_flags: tuple[str, ...] | list[str] = (),
 ) -> list[str]:
-    """The command line of a ``python -m serving`` under test (``TEST_WORKERS`` workers)."""
+    """The command line of a ``python -m serving`` under test (``TEST_WORKERS`` workers,
+    ``TEST_LOAD_RETRIES``)."""
     return [
         sys.executable,
         "-m",
@@ -142,6 +146,7 @@ def serving_command(
         f"--model_base_path={model_base_path}",
         f"--file_system_poll_wait_seconds={poll_s:g}",
         f"--num_workers={TEST_WORKERS}",
+        f"--max_num_load_retries={TEST_LOAD_RETRIES}",
         *extra_flags,
     ]
 

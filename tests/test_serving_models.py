@@ -23,7 +23,7 @@ from tensorflow_serving.apis import (  # noqa: E402
 )
 
 from tests import saved_models  # noqa: E402
-from tests.processes import rss_kib  # noqa: E402
+from tests.processes import free_port, rss_kib  # noqa: E402
 from tests.servers import (  # noqa: E402  # noqa: E402
     AVAILABLE,
     PYTHON,
@@ -265,7 +265,7 @@ def test_reload_without_model_list_is_invalid(multi):
 def _start_with_config(path) -> subprocess.CompletedProcess:
     """``python -m serving --model_config_file=path`` run to its exit (a bad config stops it)."""
     return subprocess.run(
-        [PYTHON, "-m", "serving", f"--model_config_file={path}", "--port=0"],
+        [PYTHON, "-m", "serving", f"--model_config_file={path}", f"--port={free_port()}"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -276,7 +276,10 @@ def _start_with_config(path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "text, words",
     [
-        ("model_config_list { config { name: 'a' base_path: '/x' } ", "not a text-format"),
+        (
+            "model_config_list { config { name: 'a' base_path: '/x' } ",
+            "Error parsing text-format tensorflow.serving.ModelServerConfig",
+        ),
         (
             "model_config_list { config { name: 'a' base_path: '/x' } "
             "config { name: 'a' base_path: '/y' } }",
@@ -290,14 +293,14 @@ def test_bad_config_file_at_startup_exits_nonzero(tmp_path, text, words):
     path.write_text(text)
     done = _start_with_config(path)
     assert done.returncode != 0
-    assert f"model config file {path}" in done.stderr and words in done.stderr, done.stderr
+    assert f"--model_config_file: {path}: " in done.stderr and words in done.stderr, done.stderr
 
 
 def test_missing_config_file_exits_nonzero(tmp_path):
     path = tmp_path / "missing.config"
     done = _start_with_config(path)
     assert done.returncode != 0
-    assert f"model config file {path}: cannot read it" in done.stderr, done.stderr
+    assert f"--model_config_file: cannot read {path}" in done.stderr, done.stderr
 
 
 def test_label_on_version_not_loaded_refused_at_startup(tmp_path, templates):
@@ -369,7 +372,9 @@ def test_config_file_polling_applies_edits(polled):
     # A bad file at a re-read: logged, the current models keep serving.
     polled.config_path.write_text("model_config_list { config { name: ")
     wait_until(
-        lambda: "not a text-format ModelServerConfig" in polled.log(), "error logged", polled
+        lambda: "Error parsing text-format tensorflow.serving.ModelServerConfig" in polled.log(),
+        "error logged",
+        polled,
     )
     assert predict(polled, "a") == (1, 3) and predict(polled, "b") == (1, 5)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -180,6 +182,160 @@ def test_warmup_runs_unless_disabled(tmp_path):
     servable = load_servable("m", 1, str(path), warmup=False)
     try:
         assert "serving_default" in servable.signatures
+    finally:
+        servable.close()
+
+
+# -- load settings: retries, parallel loads, tags, warmup iterations -------------------------------
+
+
+def _publish_without_variables_index(template: Path, base: Path, version: int) -> Path:
+    """A copy of ``template`` as ``<base>/<version>`` whose variables index is kept aside (beside
+    the base path): its loads fail until ``_restore_index`` puts it back, which leaves the version
+    directory itself, and so its fingerprint, unchanged."""
+    staging = base.parent / f".staging-{version}"
+    shutil.copytree(template, staging)
+    os.rename(staging / "variables" / "variables.index", base.parent / f"index-{version}")
+    base.mkdir(parents=True, exist_ok=True)
+    os.rename(staging, base / str(version))
+    return base / str(version)
+
+
+def _restore_index(base: Path, version: int) -> None:
+    os.rename(
+        base.parent / f"index-{version}", base / str(version) / "variables" / "variables.index"
+    )
+
+
+def _states(manager, name: str):
+    return {s.version: s.state for s in manager.statuses(name)}
+
+
+def test_manager_retries_a_failed_load_until_it_loads(tmp_path, template):
+    from serving.manager import Manager
+    from serving.types import State
+
+    base = tmp_path / "m"
+    _publish_without_variables_index(template, base, 1)
+    worker = OneWorkerInProcess()
+    manager = Manager(worker.load, max_load_retries=5, load_retry_interval_s=0.3)
+    manager.start()
+    try:
+        manager.set_aspired_versions("m", list_versions(base))
+        deadline = time.monotonic() + 60
+        while worker.attempts.count(("m", 1)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _states(manager, "m") == {1: State.LOADING}  # retrying, not END
+        _restore_index(base, 1)
+        assert manager.wait_until_idle(timeout=60)
+        assert _states(manager, "m") == {1: State.AVAILABLE}
+        assert 2 <= worker.attempts.count(("m", 1)) <= 6
+    finally:
+        manager.stop()
+
+
+def test_manager_gives_up_after_the_retries_or_when_no_longer_aspired(tmp_path, template):
+    from serving.manager import Manager
+    from serving.types import State
+
+    base = tmp_path / "m"
+    _publish_without_variables_index(template, base, 1)
+    worker = OneWorkerInProcess()
+    manager = Manager(worker.load, max_load_retries=2, load_retry_interval_s=0.0)
+    manager.start()
+    try:
+        manager.set_aspired_versions("m", list_versions(base))
+        assert manager.wait_until_idle(timeout=60)
+        assert _states(manager, "m") == {1: State.END}
+        assert worker.attempts.count(("m", 1)) == 3  # the first attempt and two retries
+        assert "variables" in manager.statuses("m", 1)[0].error_message
+    finally:
+        manager.stop()
+
+    # A minute between retries: the retries end as soon as the version is no longer aspired,
+    # and a stop does not wait for them either.
+    for cancel in ("unaspire", "stop"):
+        worker = OneWorkerInProcess()
+        manager = Manager(worker.load, max_load_retries=5, load_retry_interval_s=60.0)
+        manager.start()
+        start = time.monotonic()
+        try:
+            manager.set_aspired_versions("m", list_versions(base))
+            while not worker.attempts and time.monotonic() - start < 30:
+                time.sleep(0.02)
+            if cancel == "unaspire":
+                manager.set_aspired_versions("m", {})
+                assert manager.wait_until_idle(timeout=30)
+                assert _states(manager, "m") == {1: State.END}
+        finally:
+            manager.stop()
+        assert worker.attempts.count(("m", 1)) == 1
+        assert time.monotonic() - start < 30, cancel
+
+
+def test_manager_loads_models_in_parallel_with_load_threads(tmp_path, template):
+    """With ``load_threads=2`` two models' loads run at once: each waits for the other to start."""
+    from serving.manager import Manager
+    from serving.types import State
+
+    worker = OneWorkerInProcess()
+    both_loading = threading.Barrier(2, timeout=20)
+
+    def load(name: str, version: int, path: str, warmup: bool):
+        both_loading.wait()
+        return worker.load(name, version, path, warmup)
+
+    manager = Manager(load, load_threads=2)
+    for name in ("a", "b"):  # both known before the first pass
+        saved_models.copy_version(template, tmp_path / name, 1)
+        manager.set_aspired_versions(name, list_versions(tmp_path / name))
+    manager.start()
+    try:
+        assert manager.wait_until_idle(timeout=60)
+        assert _states(manager, "a") == _states(manager, "b") == {1: State.AVAILABLE}
+    finally:
+        manager.stop()
+
+
+def test_saved_model_tags_choose_the_meta_graph(tmp_path):
+    from serving.servable import LoadSettings, load_servable
+
+    path = saved_models.write_half_plus_two(tmp_path, 1, warmup=False)
+    with pytest.raises(RuntimeError, match="tags 'serve', 'gpu' could not be found"):
+        load_servable("half", 1, str(path), False, LoadSettings(tags=("serve", "gpu")))
+    load_servable("half", 1, str(path), False, LoadSettings(tags=("serve",))).close()
+
+
+class CountingReplays:
+    """A loaded version whose API methods count the calls warmup makes to them."""
+
+    def __init__(self, servable) -> None:
+        self._servable = servable
+        self.path = servable.path
+        self.signature = servable.signature
+        self.validate = servable.validate
+        self.calls: dict[str, int] = {}
+        for api in ("run", "classify", "regress", "multi_inference"):
+            setattr(self, api, self._counted(api, getattr(servable, api)))
+
+    def _counted(self, api, method):
+        def counted(*args):
+            self.calls[api] = self.calls.get(api, 0) + 1
+            return method(*args)
+
+        return counted
+
+
+def test_each_warmup_record_is_replayed_the_given_number_of_times(tmp_path):
+    from serving.servable import load_servable
+    from serving.warmup import replay_warmup
+
+    path = saved_models.write_half_plus_two(tmp_path, 1)  # one record of each of the 4 kinds
+    servable = load_servable("half", 1, str(path), warmup=False)
+    try:
+        counting = CountingReplays(servable)
+        assert replay_warmup(counting, 3) == 4
+        assert counting.calls == {"run": 3, "classify": 3, "regress": 3, "multi_inference": 3}
     finally:
         servable.close()
 
