@@ -115,14 +115,19 @@ def _rpc(model_name: Callable[[Any], str] = _model_name) -> Callable[[Method], M
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """Predict, Classify, Regress, MultiInference and GetModelMetadata."""
+    """Predict, Classify, Regress, MultiInference and GetModelMetadata.
 
-    def __init__(self, data_plane: DataPlane) -> None:
+    ``tensor_content``: Predict's outputs as raw ``tensor_content`` rather than the typed fields
+    (``--enable_serialization_as_tensor_content``).
+    """
+
+    def __init__(self, data_plane: DataPlane, tensor_content: bool = False) -> None:
         self.data_plane = data_plane
+        self.tensor_content = tensor_content
 
     @_rpc()
     async def Predict(self, request: predict_pb2.PredictRequest, context: Any) -> Any:
-        call = _PredictCall(request)
+        call = _PredictCall(request, self.tensor_content)
         return await self.data_plane.predict(
             model_spec(request.model_spec), request.ByteSize(), call
         )
@@ -175,10 +180,11 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
 
 class _PredictCall:
-    __slots__ = ("request",)
+    __slots__ = ("request", "tensor_content")
 
-    def __init__(self, request: predict_pb2.PredictRequest) -> None:
+    def __init__(self, request: predict_pb2.PredictRequest, tensor_content: bool) -> None:
         self.request = request
+        self.tensor_content = tensor_content
 
     def read(self) -> PredictInput:
         request = self.request
@@ -191,7 +197,7 @@ class _PredictCall:
             response.model_spec, self.request.model_spec.name, result.version, result.signature_name
         )
         for alias, value in result.outputs.items():
-            fill_tensor_proto(response.outputs[alias], value)
+            fill_tensor_proto(response.outputs[alias], value, self.tensor_content)
         return response
 
 
@@ -330,8 +336,11 @@ async def start_grpc_server(
     port: int,
     *,
     health_servicer: health.aio.HealthServicer | None = None,
+    tensor_content: bool = False,
 ) -> grpc.aio.Server:
     """Create, bind and start the gRPC server; raises when the port cannot be bound.
+
+    ``tensor_content``: ``--enable_serialization_as_tensor_content`` (``PredictionServicer``).
 
     ``health_servicer`` (``--enable_grpc_healthcheck_service``) answers ``grpc.health.v1.Health``:
     SERVING for the whole server (service "") from the start, which is true once the port opens
@@ -339,7 +348,7 @@ async def start_grpc_server(
     """
     server = grpc.aio.server(options=GRPC_OPTIONS)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionServicer(data_plane), server
+        PredictionServicer(data_plane, tensor_content), server
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(data_plane), server)
     if health_servicer is not None:

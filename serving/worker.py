@@ -160,7 +160,11 @@ class Worker:
         if options.enable_grpc_healthcheck_service:
             self.health = health.aio.HealthServicer()  # SERVING for "" from the start
         self.grpc_server = await start_grpc_server(
-            self.data_plane, options.bind_address, options.port, health_servicer=self.health
+            self.data_plane,
+            options.bind_address,
+            options.port,
+            health_servicer=self.health,
+            tensor_content=options.enable_serialization_as_tensor_content,
         )
         if options.rest_api_port:
             self.rest_runner = await start_rest_server(
