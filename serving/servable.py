@@ -173,8 +173,9 @@ class Servable:
         """The session callable for these (sorted) graph tensors, built once (building one costs
         more than a call). Sorted names make one callable serve every API that runs the same
         tensors (Predict and Classify of a signature, say). The fast C++ callable
-        (``tf_runtime.session_callable``) takes feeds of exactly the placeholder's dtype and shape,
-        which ``validate`` has checked against the signature.
+        (``tf_runtime.session_callable``) takes a feed of any shape, as TF Serving's session does
+        (the graph's ops then take it or fail with INVALID_ARGUMENT), and of another dtype than
+        the placeholder's only to fail: ``validate`` checks dtypes first, in TF Serving's words.
         """
         key = (feeds, fetches)
         fn = self._callables.get(key)
@@ -208,6 +209,10 @@ class Servable:
             raise invalid(e.message) from None
         except tf.errors.OpError as e:
             raise ServingError(status_code(e.error_code), e.message) from None
+        except ValueError as e:
+            # A feed the callable cannot take: with the public fallback callable
+            # (``tf_runtime.session_callable``), Session.run's own check of its shape.
+            raise invalid(str(e)) from None
 
 
 def status_code(value: int) -> grpc.StatusCode:
