@@ -35,7 +35,12 @@ from serving.inference import (
     predict_outputs,
     predict_tensors,
 )
-from serving.model_format import CLASSIFY_METHOD, DEFAULT_SIGNATURE, REGRESS_METHOD
+from serving.model_format import (
+    CLASSIFY_METHOD,
+    DEFAULT_SIGNATURE,
+    PREDICT_METHOD,
+    REGRESS_METHOD,
+)
 from serving.signatures import SignatureInfo, signature_info, validate_predict
 from serving.tf_runtime import SessionCallable, session_callable
 from serving.warmup import replay_warmup
@@ -46,15 +51,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("serving.servable")
 
 _INIT_OP_SIGNATURE = "__saved_model_init_op"
+_PREDICTABLE_METHODS = (PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD)
 
 
 class Servable:
     """A loaded version. Thread-safe: ``run`` may be called from many threads at once."""
 
-    def __init__(self, model_name: str, version: int, path: str) -> None:
+    def __init__(
+        self, model_name: str, version: int, path: str, method_name_check: bool = False
+    ) -> None:
         self.model_name = model_name
         self.version = version
         self.path = path
+        # --enable_signature_method_name_check: each API takes only signatures of its methods.
+        self.method_name_check = method_name_check
         self._graph: Any = None
         self._session: Any = None
         self.signature_defs: dict[str, Any] = {}  # name -> SignatureDef proto (for metadata)
@@ -110,12 +120,20 @@ class Servable:
     # -- predict -------------------------------------------------------------------------------
 
     def signature(self, name: str) -> SignatureInfo:
-        """The signature ``name`` (empty = serving_default) or FAILED_PRECONDITION (Predict's)."""
+        """Predict's signature ``name`` (empty = serving_default), or TF Serving's errors: none
+        such, FAILED_PRECONDITION; with the method-name check on, one that is not predict,
+        classify or regress, INTERNAL."""
         key = name or DEFAULT_SIGNATURE
         sig = self.signatures.get(key)
         if sig is None:
             raise ServingError(
                 grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{key}" not found.'
+            )
+        if self.method_name_check and sig.method_name not in _PREDICTABLE_METHODS:
+            raise ServingError(
+                grpc.StatusCode.INTERNAL,
+                "Expected prediction signature method_name to be one of "
+                f"{{{', '.join(_PREDICTABLE_METHODS)}}}. Was: {sig.method_name}",
             )
         return sig
 
@@ -155,11 +173,11 @@ class Servable:
 
     def example_tasks(self, signature_name: str, method: str) -> list[SignatureTask]:
         """Classify's or Regress's one task (``inference.example_tasks``)."""
-        return example_tasks(self.signatures, signature_name, method)
+        return example_tasks(self.signatures, signature_name, method, self.method_name_check)
 
     def multi_inference_tasks(self, tasks: Sequence[tuple[str, str]]) -> list[SignatureTask]:
         """MultiInference's tasks (``inference.multi_inference_tasks``)."""
-        return multi_inference_tasks(self.signatures, tasks)
+        return multi_inference_tasks(self.signatures, tasks, self.method_name_check)
 
     def infer(
         self, tasks: list[SignatureTask], examples: Sequence[bytes]
@@ -227,9 +245,12 @@ def status_code(value: int) -> grpc.StatusCode:
 LoadServable = Callable[[str, int, str, bool], "Servable"]
 
 
-def load_servable(model_name: str, version: int, path: str, warmup: bool) -> Servable:
-    """Load (and optionally warm up) one version, logging timings; raises on failure."""
-    servable = Servable(model_name, version, path)
+def load_servable(
+    model_name: str, version: int, path: str, warmup: bool, method_name_check: bool = False
+) -> Servable:
+    """Load (and optionally warm up) one version, logging timings; raises on failure.
+    ``method_name_check``: ``--enable_signature_method_name_check`` (its warmup replay too)."""
+    servable = Servable(model_name, version, path, method_name_check)
     start = time.monotonic()
     servable.load()
     loaded = time.monotonic()

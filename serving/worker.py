@@ -22,6 +22,7 @@ stopped on its own would look like a crash to it). A worker whose supervisor is 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -97,10 +98,12 @@ class Worker:
         self.stopping = asyncio.Event()
         await self.loop.run_in_executor(None, import_tensorflow_for_serving)
         batcher = None
-        self.load_fn = load_servable
+        self.load_fn = functools.partial(
+            load_servable, method_name_check=self.options.enable_signature_method_name_check
+        )
         if self.options.batching is not None:
             batcher = batching.start(self.options.batching)
-            self.load_fn = batching.batching_loader(self.options.batching, load_servable)
+            self.load_fn = batching.batching_loader(self.options.batching, self.load_fn)
         self.data_plane = DataPlane(
             self.routing, SupervisorLink(self.channel), self.options.num_threads, batcher
         )
