@@ -159,6 +159,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     @_rpc()
     async def GetModelMetadata(self, request: Any, context: Any) -> Any:
+        if not request.HasField("model_spec"):
+            raise invalid("Missing ModelSpec")
         fields = list(request.metadata_field)
         if not fields:
             raise invalid("GetModelMetadataRequest must specify at least one metadata_field")
