@@ -214,11 +214,13 @@ class DataPlane:
         )
 
     def classify(self, model: ModelSpec, size: int, call: ExamplesCall[R]) -> Awaitable[R]:
-        """Classify serialized ``tf.Example``s with a ``tensorflow/serving/classify`` signature."""
+        """Classify serialized ``tf.Example``s with a classification-shaped signature (its
+        method_name checked only with ``--enable_signature_method_name_check``)."""
         return self._examples(CLASSIFY_METHOD, "Classify", model, size, call)
 
     def regress(self, model: ModelSpec, size: int, call: ExamplesCall[R]) -> Awaitable[R]:
-        """Regress serialized ``tf.Example``s with a ``tensorflow/serving/regress`` signature."""
+        """Regress serialized ``tf.Example``s with a regression-shaped signature (its
+        method_name checked only with ``--enable_signature_method_name_check``)."""
         return self._examples(REGRESS_METHOD, "Regress", model, size, call)
 
     def multi_inference(
@@ -302,7 +304,7 @@ class DataPlane:
             values = handle.servable.infer(tasks, inference.examples)
             version = handle.version
         return inference.answer(
-            [InferenceResult(version, sig.name, value) for (sig, _), value in zip(tasks, values)]
+            [InferenceResult(version, task.sig.name, value) for task, value in zip(tasks, values)]
         )
 
     def _infer_batched(self, inference: _Inference[R]) -> Awaitable[R]:
@@ -318,11 +320,11 @@ class DataPlane:
             handle,
             feeds,
             fetches,
-            all(sig.batchable for sig, _ in tasks),
+            all(task.sig.batchable for task in tasks),
             lambda values: inference.answer(
                 [
-                    InferenceResult(version, sig.name, value)
-                    for (sig, _), value in zip(tasks, inference_results(tasks, count, values))
+                    InferenceResult(version, task.sig.name, value)
+                    for task, value in zip(tasks, inference_results(tasks, count, values))
                 ]
             ),
         )

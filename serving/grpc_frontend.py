@@ -147,17 +147,22 @@ def _service(name: str, servicer: Any, methods: tuple[str, ...]) -> grpc.Generic
 
 
 class PredictionServicer:
-    """Predict, Classify, Regress, MultiInference and GetModelMetadata."""
+    """Predict, Classify, Regress, MultiInference and GetModelMetadata.
+
+    ``tensor_content``: Predict's outputs as raw ``tensor_content`` rather than the typed fields
+    (``--enable_serialization_as_tensor_content``).
+    """
 
     SERVICE = "tensorflow.serving.PredictionService"
     METHODS = ("Predict", "Classify", "Regress", "MultiInference", "GetModelMetadata")
 
-    def __init__(self, data_plane: DataPlane) -> None:
+    def __init__(self, data_plane: DataPlane, tensor_content: bool = False) -> None:
         self.data_plane = data_plane
+        self.tensor_content = tensor_content
 
     @_rpc(predict_pb2.PredictRequest)
     async def Predict(self, request: predict_pb2.PredictRequest, context: Any) -> Any:
-        call = _PredictCall(request)
+        call = _PredictCall(request, self.tensor_content)
         return await self.data_plane.predict(
             model_spec(request.model_spec), request.ByteSize(), call
         )
@@ -189,6 +194,8 @@ class PredictionServicer:
 
     @_rpc(get_model_metadata_pb2.GetModelMetadataRequest)
     async def GetModelMetadata(self, request: Any, context: Any) -> Any:
+        if not request.HasField("model_spec"):
+            raise invalid("Missing ModelSpec")
         fields = list(request.metadata_field)
         if not fields:
             raise invalid("GetModelMetadataRequest must specify at least one metadata_field")
@@ -210,10 +217,11 @@ class PredictionServicer:
 
 
 class _PredictCall:
-    __slots__ = ("request",)
+    __slots__ = ("request", "tensor_content")
 
-    def __init__(self, request: predict_pb2.PredictRequest) -> None:
+    def __init__(self, request: predict_pb2.PredictRequest, tensor_content: bool) -> None:
         self.request = request
+        self.tensor_content = tensor_content
 
     def read(self) -> PredictInput:
         request = self.request
@@ -226,7 +234,7 @@ class _PredictCall:
             response.model_spec, self.request.model_spec.name, result.version, result.signature_name
         )
         for alias, value in result.outputs.items():
-            fill_tensor_proto(response.outputs[alias], value)
+            fill_tensor_proto(response.outputs[alias], value, self.tensor_content)
         return response
 
 
@@ -376,6 +384,7 @@ async def start_grpc_server(
     channel_arguments: Sequence[tuple[str, int | str]] = (),
     health_servicer: health.aio.HealthServicer | None = None,
     handlers: Sequence[grpc.GenericRpcHandler] = (),
+    tensor_content: bool = False,
 ) -> grpc.aio.Server:
     """Create, bind and start the gRPC server on ``targets`` (``host:port``, ``unix:path``);
     raises when one cannot be bound.
@@ -384,10 +393,11 @@ async def start_grpc_server(
     serve further services (the profiler's). ``health_servicer``
     (``--enable_grpc_healthcheck_service``) answers ``grpc.health.v1.Health``: SERVING for the
     whole server (service "") from the start, which is true once the port opens because models
-    load before it; the server turns it NOT_SERVING when shutting down.
+    load before it; the server turns it NOT_SERVING when shutting down. ``tensor_content``:
+    ``--enable_serialization_as_tensor_content`` (``PredictionServicer``).
     """
     server = grpc.aio.server(options=grpc_options(channel_arguments))
-    for servicer in (PredictionServicer(data_plane), ModelServicer(data_plane)):
+    for servicer in (PredictionServicer(data_plane, tensor_content), ModelServicer(data_plane)):
         server.add_generic_rpc_handlers([_service(servicer.SERVICE, servicer, servicer.METHODS)])
     if health_servicer is not None:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

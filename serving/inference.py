@@ -1,20 +1,21 @@
 """The four inference APIs' semantics over a version's signatures, apart from running the session.
 
 Each API is split into what TF Serving's predict_util / classifier / regressor / multi_inference
-do around one session run: resolving the tasks and checking their signatures (Predict's input
-checks are ``serving.signatures``'), the session feeds and fetches
-(``predict_tensors``, ``inference_tensors``), and the answers read back from the fetched arrays
-with TF Serving's post-processing checks (``predict_outputs``, ``inference_results``). The run
-between them is the caller's: the servable's own API methods run it at once, the data plane
-(``serving.core``) may hand it to the batcher to merge with others. So these are plain functions
-of signatures and arrays, shared by both: a batched and an unbatched request are checked and
-answered alike. Errors are TF Serving's codes and words.
+do around one session run: resolving the tasks and checking their signatures (``example_tasks``,
+``multi_inference_tasks``; Predict's input checks are ``serving.signatures``'), the session feeds
+and fetches (``predict_tensors``, ``inference_tensors``), and the answers read back from the
+fetched arrays with TF Serving's post-processing checks (``predict_outputs``,
+``inference_results``). The run between them is the caller's: the servable's own API methods
+run it at once, the data plane (``serving.core``) may hand it to the batcher to merge with
+others. So these are plain functions of signatures and arrays, shared by both: a batched and an
+unbatched request are checked and answered alike. Errors are TF Serving's codes and words; the
+one setting, ``--enable_signature_method_name_check``, comes in as ``method_name_check``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import grpc
 import numpy as np
@@ -39,7 +40,14 @@ class Regression:
     values: np.ndarray
 
 
-SignatureTask = tuple[SignatureInfo, str]  # a signature and the method it runs as
+class SignatureTask(NamedTuple):
+    """A signature to run as ``method`` (classify or regress), once TF Serving's checks of its
+    shape passed: the graph tensor fed the examples, and the output aliases it answers from."""
+
+    sig: SignatureInfo
+    method: str
+    input_name: str
+    outputs: tuple[str, ...]
 
 
 # -- predict -------------------------------------------------------------------------------------
@@ -66,22 +74,25 @@ def predict_outputs(
 
 
 def example_tasks(
-    signatures: dict[str, SignatureInfo], signature_name: str, method: str
+    signatures: dict[str, SignatureInfo], signature_name: str, method: str, method_name_check: bool
 ) -> list[SignatureTask]:
-    """Classify's or Regress's one task; INVALID_ARGUMENT (not Predict's
-    FAILED_PRECONDITION) for a signature that does not exist."""
+    """Classify's or Regress's one task; INVALID_ARGUMENT (not Predict's FAILED_PRECONDITION) for
+    a signature that does not exist."""
     key = signature_name or DEFAULT_SIGNATURE
     sig = signatures.get(key)
     if sig is None:
         raise invalid(f"No signature was found with the name: {key}")
-    return [(sig, method)]
+    return [_task(sig, method, method_name_check)]
 
 
 def multi_inference_tasks(
-    signatures: dict[str, SignatureInfo], tasks: Sequence[tuple[str, str]]
+    signatures: dict[str, SignatureInfo],
+    tasks: Sequence[tuple[str, str]],
+    method_name_check: bool,
 ) -> list[SignatureTask]:
-    """As TF Serving: signatures must be distinct; only classify and regress are supported
-    (that they share their input tensor is checked by ``inference_tensors``)."""
+    """As TF Serving: signatures must be distinct; only classify and regress are supported; each
+    task checked in turn. Their input tensors may differ (separate ``tf.function`` signatures of
+    a TF2 export each have their own): every one is fed the same examples."""
     resolved: list[SignatureTask] = []
     seen: set[str] = set()
     for signature_name, method_name in tasks:
@@ -97,18 +108,17 @@ def multi_inference_tasks(
                 grpc.StatusCode.UNIMPLEMENTED,
                 f"Unsupported signature method_name: {method_name}",
             )
-        resolved.append((sig, method_name))
+        resolved.append(_task(sig, method_name, method_name_check))
     return resolved
 
 
-# -- classify / regress / multi-inference: feeds, fetches, results -------------------------------
-
-
-def _preprocess(sig: SignatureInfo, method: str) -> tuple[str, tuple[str, ...]]:
-    """TF Serving's PreProcessClassification / PreProcessRegression: the input tensor name and the
-    output aliases to fetch, or its error for a signature of the wrong shape."""
+def _task(sig: SignatureInfo, method: str, method_name_check: bool) -> SignatureTask:
+    """TF Serving's PreProcessClassification / PreProcessRegression: the signature's method name
+    only with ``--enable_signature_method_name_check`` (a TF2 export marks every signature
+    predict), its shape always: one input ``inputs``; ``classes`` and/or ``scores`` (one or two
+    outputs) or the one output ``outputs``."""
     kind = "classification" if method == CLASSIFY_METHOD else "regression"
-    if sig.method_name != method:
+    if method_name_check and sig.method_name != method:
         raise invalid(
             f"Expected {kind} signature method_name to be {method}. Was: {sig.method_name}"
         )
@@ -120,43 +130,32 @@ def _preprocess(sig: SignatureInfo, method: str) -> tuple[str, tuple[str, ...]]:
         raise invalid("Expected one output Tensor.")
     info = sig.inputs.get("inputs")
     if info is None:
-        raise ServingError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"No {kind} inputs found in SignatureDef: {sig.name}",
-        )
+        raise invalid(f"No {kind} inputs found in SignatureDef: {sig.debug_string()}")
     if method == CLASSIFY_METHOD:
         outputs = tuple(a for a in ("classes", "scores") if a in sig.outputs)
         if not outputs:
-            raise ServingError(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            raise invalid(
                 'Expected classification signature outputs to contain at least one of "classes" '
-                f'or "scores". Signature was: {sig.name}',
+                f'or "scores". Signature was: {sig.debug_string()}'
             )
     else:
         if "outputs" not in sig.outputs:
-            raise ServingError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"No regression outputs found in SignatureDef: {sig.name}",
-            )
+            raise invalid(f"No regression outputs found in SignatureDef: {sig.debug_string()}")
         outputs = ("outputs",)
-    return info.tensor_name, outputs
+    return SignatureTask(sig, method, info.tensor_name, outputs)
 
 
 def inference_tensors(
     tasks: list[SignatureTask], examples: Sequence[bytes]
 ) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
-    """Check each task's signature shape; the examples feed and all the tasks' fetches."""
-    input_name = ""
-    fetches: list[str] = []  # graph tensor names
-    for sig, method in tasks:
-        name, outputs = _preprocess(sig, method)
-        if input_name and name != input_name:
-            raise invalid("Input tensor must be the same for all Signatures.")
-        input_name = name
-        fetches.extend(sig.outputs[a].tensor_name for a in outputs)
+    """The session feeds (the examples, into every task's input tensor) and all the tasks'
+    fetches; INVALID_ARGUMENT "Input is empty." without examples."""
     if not examples:
         raise invalid("Input is empty.")
-    return {input_name: _string_tensor(examples)}, tuple(fetches)
+    serialized = _string_tensor(examples)
+    feeds = {task.input_name: serialized for task in tasks}
+    fetches = [task.sig.outputs[a].tensor_name for task in tasks for a in task.outputs]
+    return feeds, tuple(fetches)
 
 
 def inference_results(
@@ -164,9 +163,9 @@ def inference_results(
 ) -> list[Classification | Regression]:
     """Each task's Classification or Regression from the fetched tensors (TF Serving's checks)."""
     results: list[Classification | Regression] = []
-    for sig, method in tasks:
-        got = {a: values[i.tensor_name] for a, i in sig.outputs.items() if i.tensor_name in values}
-        if method == CLASSIFY_METHOD:
+    for task in tasks:
+        got = {a: values[task.sig.outputs[a].tensor_name] for a in task.outputs}
+        if task.method == CLASSIFY_METHOD:
             results.append(_classification(n, got.get("classes"), got.get("scores")))
         else:
             results.append(_regression(n, got["outputs"]))

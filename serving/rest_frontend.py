@@ -21,7 +21,7 @@ import logging
 import re
 import time
 import zlib
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import grpc
 from aiohttp import web
@@ -254,26 +254,29 @@ class RestApi:
         )
 
     async def _metadata(self, model: ModelSpec) -> bytes:
-        from tensorflow_serving.apis import get_model_metadata_pb2
+        """GetModelMetadataResponse as TF Serving prints it (http_rest_api_util's ToJsonString):
+        its model_spec and the unpacked SignatureDefMap, proto field names, every field without
+        presence printed at its default (``"signature_name": ""``, ``"dim": []``, ...)."""
+        from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2
 
         metadata = await self.data_plane.model_metadata(model)
+        spec = model_pb2.ModelSpec(name=model.name)
+        spec.version.value = metadata.version
         sig_map = get_model_metadata_pb2.SignatureDefMap()
         for key, sig in metadata.signature_defs.items():
             sig_map.signature_def[key].CopyFrom(sig)
         return json_bytes(
             {
-                "model_spec": {
-                    "name": model.name,
-                    "signature_name": "",
-                    "version": str(metadata.version),
-                },
-                "metadata": {
-                    "signature_def": json_format.MessageToDict(
-                        sig_map, preserving_proto_field_name=True
-                    )
-                },
+                "model_spec": _proto_json(spec),
+                "metadata": {"signature_def": _proto_json(sig_map)},
             }
         )
+
+
+def _proto_json(message: Any) -> Any:
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 def _parse(request: web.Request) -> tuple[ModelSpec, str | None, bool]:

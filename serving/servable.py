@@ -36,7 +36,12 @@ from serving.inference import (
     predict_outputs,
     predict_tensors,
 )
-from serving.model_format import CLASSIFY_METHOD, DEFAULT_SIGNATURE, REGRESS_METHOD
+from serving.model_format import (
+    CLASSIFY_METHOD,
+    DEFAULT_SIGNATURE,
+    PREDICT_METHOD,
+    REGRESS_METHOD,
+)
 from serving.signatures import SignatureInfo, signature_info, validate_predict
 from serving.tf_runtime import SessionCallable, session_callable, session_config
 from serving.types import SessionSettings
@@ -48,16 +53,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("serving.servable")
 
 _INIT_OP_SIGNATURE = "__saved_model_init_op"
+_PREDICTABLE_METHODS = (PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD)
 
 
 @dataclass(frozen=True)
 class LoadSettings:
     """How a worker loads every version: TF Serving's ``--saved_model_tags``, session flags
-    (``tf_runtime.session_config``) and ``--num_request_iterations_for_warmup``."""
+    (``tf_runtime.session_config``), ``--num_request_iterations_for_warmup`` and
+    ``--enable_signature_method_name_check`` (which the warmup replay obeys too)."""
 
     tags: tuple[str, ...] = ("serve",)
     session: SessionSettings = SessionSettings()
     warmup_iterations: int = 1
+    method_name_check: bool = False
 
 
 DEFAULT_LOAD = LoadSettings()
@@ -66,10 +74,14 @@ DEFAULT_LOAD = LoadSettings()
 class Servable:
     """A loaded version. Thread-safe: ``run`` may be called from many threads at once."""
 
-    def __init__(self, model_name: str, version: int, path: str) -> None:
+    def __init__(
+        self, model_name: str, version: int, path: str, method_name_check: bool = False
+    ) -> None:
         self.model_name = model_name
         self.version = version
         self.path = path
+        # --enable_signature_method_name_check: each API takes only signatures of its methods.
+        self.method_name_check = method_name_check
         self._graph: Any = None
         self._session: Any = None
         self.signature_defs: dict[str, Any] = {}  # name -> SignatureDef proto (for metadata)
@@ -121,12 +133,20 @@ class Servable:
     # -- predict -------------------------------------------------------------------------------
 
     def signature(self, name: str) -> SignatureInfo:
-        """The signature ``name`` (empty = serving_default) or FAILED_PRECONDITION (Predict's)."""
+        """Predict's signature ``name`` (empty = serving_default), or TF Serving's errors: none
+        such, FAILED_PRECONDITION; with the method-name check on, one that is not predict,
+        classify or regress, INTERNAL."""
         key = name or DEFAULT_SIGNATURE
         sig = self.signatures.get(key)
         if sig is None:
             raise ServingError(
                 grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{key}" not found.'
+            )
+        if self.method_name_check and sig.method_name not in _PREDICTABLE_METHODS:
+            raise ServingError(
+                grpc.StatusCode.INTERNAL,
+                "Expected prediction signature method_name to be one of "
+                f"{{{', '.join(_PREDICTABLE_METHODS)}}}. Was: {sig.method_name}",
             )
         return sig
 
@@ -166,11 +186,11 @@ class Servable:
 
     def example_tasks(self, signature_name: str, method: str) -> list[SignatureTask]:
         """Classify's or Regress's one task (``inference.example_tasks``)."""
-        return example_tasks(self.signatures, signature_name, method)
+        return example_tasks(self.signatures, signature_name, method, self.method_name_check)
 
     def multi_inference_tasks(self, tasks: Sequence[tuple[str, str]]) -> list[SignatureTask]:
         """MultiInference's tasks (``inference.multi_inference_tasks``)."""
-        return multi_inference_tasks(self.signatures, tasks)
+        return multi_inference_tasks(self.signatures, tasks, self.method_name_check)
 
     def infer(
         self, tasks: list[SignatureTask], examples: Sequence[bytes]
@@ -184,8 +204,9 @@ class Servable:
         """The session callable for these (sorted) graph tensors, built once (building one costs
         more than a call). Sorted names make one callable serve every API that runs the same
         tensors (Predict and Classify of a signature, say). The fast C++ callable
-        (``tf_runtime.session_callable``) takes feeds of exactly the placeholder's dtype and shape,
-        which ``validate`` has checked against the signature.
+        (``tf_runtime.session_callable``) takes a feed of any shape, as TF Serving's session does
+        (the graph's ops then take it or fail with INVALID_ARGUMENT), and of another dtype than
+        the placeholder's only to fail: ``validate`` checks dtypes first, in TF Serving's words.
         """
         key = (feeds, fetches)
         fn = self._callables.get(key)
@@ -219,6 +240,10 @@ class Servable:
             raise invalid(e.message) from None
         except tf.errors.OpError as e:
             raise ServingError(status_code(e.error_code), e.message) from None
+        except ValueError as e:
+            # A feed the callable cannot take: with the public fallback callable
+            # (``tf_runtime.session_callable``), Session.run's own check of its shape.
+            raise invalid(str(e)) from None
 
 
 def status_code(value: int) -> grpc.StatusCode:
@@ -237,7 +262,7 @@ def load_servable(
     model_name: str, version: int, path: str, warmup: bool, settings: LoadSettings = DEFAULT_LOAD
 ) -> Servable:
     """Load (and optionally warm up) one version, logging timings; raises on failure."""
-    servable = Servable(model_name, version, path)
+    servable = Servable(model_name, version, path, settings.method_name_check)
     start = time.monotonic()
     servable.load(settings)
     loaded = time.monotonic()

@@ -2,8 +2,9 @@
 
 ``TensorInfo`` / ``SignatureInfo`` are built once per load from the ``SignatureDef`` protos, so
 that the hot path reads plain attributes instead of protobufs. The checks here are TF Serving's
-Predict input validation (predict_util): the exact input set, each input's dtype and shape, the
-output filter; every failure is INVALID_ARGUMENT naming the input or alias, in TF Serving's words.
+Predict input validation (predict_util): the exact input set, each input's dtype (not its shape:
+the graph checks that), the output filter; every failure is INVALID_ARGUMENT naming the input or
+alias, in TF Serving's words.
 TensorFlow is imported only to read a proto's dtype (at load), never per request.
 """
 
@@ -43,11 +44,18 @@ class SignatureInfo:
     # Every input and output has a leading dim of any size (or an unknown rank), so requests can
     # be concatenated along dim 0 and the answers split back: what server-side batching needs.
     batchable: bool = False
+    proto: Any = None  # the SignatureDef, for TF Serving's errors that print it
 
     @cached_property
     def output_aliases(self) -> tuple[str, ...]:
         """Every output alias, sorted: what a request without an output filter fetches."""
         return tuple(sorted(self.outputs))
+
+    def debug_string(self) -> str:
+        """The SignatureDef as TF Serving's errors print it (``DebugString``: text format)."""
+        from google.protobuf import text_format
+
+        return text_format.MessageToString(self.proto) if self.proto is not None else ""
 
 
 def signature_info(name: str, proto: Any) -> SignatureInfo:
@@ -60,6 +68,7 @@ def signature_info(name: str, proto: Any) -> SignatureInfo:
         inputs=inputs,
         outputs=outputs,
         batchable=bool(inputs) and all(map(_batch_dim, [*inputs.values(), *outputs.values()])),
+        proto=proto,
     )
 
 
@@ -77,30 +86,17 @@ def _tensor_info(alias: str, proto: Any) -> TensorInfo:
     return TensorInfo(alias, proto.name, np_dtype, tf_dtype.name, shape)
 
 
-def _shape_str(shape: tuple[int, ...] | None) -> str:
-    return "<unknown>" if shape is None else "[" + ",".join(str(d) for d in shape) + "]"
-
-
 def check_input(info: TensorInfo, value: np.ndarray) -> None:
-    """INVALID_ARGUMENT naming the input unless ``value`` has the signature's dtype and shape."""
+    """INVALID_ARGUMENT naming the input unless ``value`` has the signature's dtype.
+
+    Not its shape: TF Serving feeds the tensor as it came and lets the graph take it or fail
+    (``half_plus_two``'s ``[-1,1]`` input takes a ``[3]``); that failure is TensorFlow's
+    INVALID_ARGUMENT, raised by the session run.
+    """
     dtype = value.dtype
-    strings = dtype.kind in "OSU"  # bytes objects, or numpy's fixed-width bytes / str
-    if dtype != info.dtype and not (info.is_string() and strings):
-        got = "string" if strings else dtype.name
+    if dtype != info.dtype and not (info.is_string() and dtype.kind in "OSU"):
+        got = "string" if dtype.kind in "OSU" else dtype.name  # bytes objects, numpy bytes / str
         raise invalid(f'Input "{info.alias}" expects dtype {info.dtype_name} but got {got}')
-    if info.shape is None:
-        return
-    shape = value.shape
-    if len(info.shape) == len(shape):
-        for want, got_dim in zip(info.shape, shape):  # a loop: no generator on the hot path
-            if want != -1 and want != got_dim:
-                break
-        else:
-            return
-    raise invalid(
-        f'Input "{info.alias}" expects shape {_shape_str(info.shape)} '
-        f"but got {_shape_str(tuple(shape))}"
-    )
 
 
 def validate_predict(
@@ -122,7 +118,14 @@ def validate_predict(
         check_input(sig.inputs[alias], value)
     if not output_filter:
         return sig.output_aliases
+    seen: set[str] = set()
     for alias in output_filter:
         if alias not in sig.outputs:
-            raise invalid(f"output tensor alias not found in signature: {alias}")
-    return tuple(sorted(set(output_filter)))
+            raise invalid(
+                f"output tensor alias not found in signature: {alias} "
+                f"Outputs expected to be in the set {{{','.join(sig.output_aliases)}}}."
+            )
+        if alias in seen:
+            raise invalid(f"duplicate output tensor alias: {alias}")
+        seen.add(alias)
+    return tuple(sorted(seen))

@@ -10,7 +10,8 @@ TensorFlow upgrade, or a new process that imports TensorFlow, must be checked ag
   flags over our default of running a graph's ops in the calling thread.
 - ``session_callable`` is the one use of a private TensorFlow API, the fast C++ session callable,
   with the public ``Session.make_callable`` as its fallback where the private method is gone or
-  has changed: an upgrade then costs speed, not correctness.
+  has changed: an upgrade then costs speed, and the feeds of a shape their placeholder does not
+  admit (which TF Serving runs, and the fast callable too) fail with INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -132,8 +133,10 @@ def session_callable(session: Any, feeds: Sequence[str], fetches: Sequence[str])
     backend uses), not the public ``make_callable``: with a feed list, that one goes through
     all of ``Session.run``'s Python feed and fetch handling each call (~150 us under the GIL
     at batch 1, several times the graph itself). Feeds must then be arrays of the placeholder's
-    dtype and shape. Where the private method is missing or takes other arguments (a TensorFlow
-    upgrade), the public one answers the same, slower; logged once, as a WARNING.
+    dtype; their shape is the graph's to take or refuse, as in TF Serving. Where the private
+    method is missing or takes other arguments (a TensorFlow upgrade), the public one answers the
+    same, slower, except that its ``Session.run`` refuses (``ValueError``) a feed whose shape the
+    placeholder's does not admit; logged once, as a WARNING.
     """
     from tensorflow.core.protobuf import config_pb2
 

@@ -130,7 +130,10 @@ class Worker:
         except ValueError as e:
             self.startup_error = ServingError(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         settings = LoadSettings(
-            options.saved_model_tags, options.session, options.num_request_iterations_for_warmup
+            options.saved_model_tags,
+            options.session,
+            options.num_request_iterations_for_warmup,
+            options.enable_signature_method_name_check,
         )
         return functools.partial(load_servable, settings=settings)
 
@@ -199,6 +202,7 @@ class Worker:
                 channel_arguments=options.grpc_channel_arguments,
                 health_servicer=self.health,
                 handlers=[self.profiler] if self.profiler else [],
+                tensor_content=options.enable_serialization_as_tensor_content,
             )
         if options.rest_api_port:
             self.rest_runner = await start_rest_server(

@@ -137,11 +137,10 @@ def copy_version(template: str | Path, base: str | Path, version: int | str) -> 
 
 def _export_half_plus_two(path: Path) -> None:
     """``y = 0.5 * x + 2`` the way TF Serving's own test model is built (a TF1 graph through
-    ``SavedModelBuilder``), so that every example signature reads the same ``tf_example``
-    placeholder -- MultiInference requires one input tensor for all its tasks, which separate
-    ``tf.function`` signatures of a TF2 export never share.
+    ``SavedModelBuilder``): ``x`` [-1,1] is parsed from the ``tf_example`` placeholder that every
+    example signature reads, and Predict feeds it directly.
 
-    Signatures: ``serving_default`` (predict, ``x`` float [N] -> ``y``), ``classify_x_to_y``
+    Signatures: ``serving_default`` (predict, ``x`` float [-1,1] -> ``y``), ``classify_x_to_y``
     (classify, scores only), ``classify_with_labels`` (classes + scores), ``regress_x_to_y``
     (regress), ``mixed`` (predict over float, double, int32, int64, string and bool inputs).
     """
@@ -152,12 +151,11 @@ def _export_half_plus_two(path: Path) -> None:
     with graph.as_default():
         a = v1.Variable(0.5, name="a")
         b = v1.Variable(2.0, name="b")
-        x = v1.placeholder(tf.float32, [None], name="x")
-        y = tf.add(a * x, b, name="y")
         serialized = v1.placeholder(tf.string, [None], name="tf_example")
         parsed = tf.io.parse_example(serialized, {"x": tf.io.FixedLenFeature([1], tf.float32)})
-        y_ex = tf.add(a * parsed["x"], b, name="y_ex")  # [N, 1]
-        labels = tf.tile(tf.constant([["half_plus_two"]]), [tf.shape(y_ex)[0], 1])
+        x = tf.identity(parsed["x"], name="x")  # [-1, 1]
+        y = tf.add(a * x, b, name="y")
+        labels = tf.tile(tf.constant([["half_plus_two"]]), [tf.shape(y)[0], 1])
         mixed = {
             "f": v1.placeholder(tf.float32, [None], name="f"),
             "d": v1.placeholder(tf.float64, [None], name="d"),
@@ -182,9 +180,9 @@ def _export_half_plus_two(path: Path) -> None:
         sigs = v1.saved_model.signature_def_utils
         signature_defs = {
             "serving_default": sigs.predict_signature_def({"x": x}, {"y": y}),
-            "classify_x_to_y": sigs.classification_signature_def(serialized, None, y_ex),
-            "classify_with_labels": sigs.classification_signature_def(serialized, labels, y_ex),
-            "regress_x_to_y": sigs.regression_signature_def(serialized, y_ex),
+            "classify_x_to_y": sigs.classification_signature_def(serialized, None, y),
+            "classify_with_labels": sigs.classification_signature_def(serialized, labels, y),
+            "regress_x_to_y": sigs.regression_signature_def(serialized, y),
             "mixed": sigs.predict_signature_def(mixed, mixed_out),
         }
         with v1.Session(graph=graph) as session:
@@ -267,3 +265,88 @@ def write_half_plus_two(base: str | Path, version: int | str, warmup: bool = Tru
             _write_half_plus_two_warmup(path)
 
     return _publish(Path(base), version, fill)
+
+
+# -- TF2 exports: signatures all marked predict, as tf.saved_model.save marks them -----------------
+
+
+def _export_half_plus_two_tf2(path: Path) -> None:
+    """TF Serving's ``saved_model_half_plus_two_tf2``, written as its test data script writes it:
+    a ``tf.Module`` saved by ``tf.saved_model.save``, so every signature's method_name is
+    ``tensorflow/serving/predict`` and each has its own input tensor.
+
+    Signatures: ``serving_default`` (``x`` float [1] -> ``y``), ``regress_x_to_y`` /
+    ``regress_x_to_y2`` (``inputs`` serialized examples -> ``outputs`` = 0.5 x + 2 / + 3),
+    ``classify_x_to_y`` (``inputs`` -> ``scores``), ``regress_x2_to_y3`` (``inputs`` float [1]:
+    not examples).
+    """
+    import tensorflow as tf
+
+    def parse_x(serialized):
+        return tf.io.parse_example(serialized, {"x": tf.io.FixedLenFeature([1], tf.float32)})["x"]
+
+    examples_spec = tf.TensorSpec([None], tf.string, name="inputs")
+
+    class HalfPlusTwo(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = tf.Variable(0.5, name="a")
+            self.b = tf.Variable(2.0, name="b")
+            self.c = tf.Variable(3.0, name="c")
+
+        @tf.function(input_signature=[tf.TensorSpec([1], tf.float32)])
+        def predict(self, x):
+            return {"y": self.a * x + self.b}
+
+        @tf.function(input_signature=[examples_spec])
+        def regress_xy(self, serialized):
+            return {"outputs": self.a * parse_x(serialized) + self.b}
+
+        @tf.function(input_signature=[examples_spec])
+        def regress_xy2(self, serialized):
+            return {"outputs": self.a * parse_x(serialized) + self.c}
+
+        @tf.function(input_signature=[examples_spec])
+        def classify_xy(self, serialized):
+            return {"scores": self.a * parse_x(serialized) + self.b}
+
+        @tf.function(input_signature=[tf.TensorSpec([1], tf.float32, name="inputs")])
+        def regress_x2y3(self, x2):
+            return {"outputs": self.a * x2 + self.c}
+
+    model = HalfPlusTwo()
+    tf.saved_model.save(
+        model,
+        str(path),
+        signatures={
+            "serving_default": model.predict,
+            "regress_x_to_y": model.regress_xy,
+            "regress_x_to_y2": model.regress_xy2,
+            "classify_x_to_y": model.classify_xy,
+            "regress_x2_to_y3": model.regress_x2y3,
+        },
+    )
+
+
+def write_half_plus_two_tf2(base: str | Path, version: int | str) -> Path:
+    """Publish the TF2 half_plus_two (``_export_half_plus_two_tf2``) as ``<base>/<version>``."""
+    return _publish(Path(base), version, _export_half_plus_two_tf2)
+
+
+KERAS_WEIGHTS = np.array([[1.0, -1.0], [2.0, 0.5], [0.0, 3.0]], np.float32)  # Dense(2) on 3 inputs
+KERAS_BIAS = np.array([0.5, -0.5], np.float32)
+
+
+def _export_keras_sequential(path: Path) -> None:
+    """A Keras ``Sequential`` ([-1,3] -> Dense(2) with ``KERAS_WEIGHTS`` and ``KERAS_BIAS``),
+    exported the way Keras 3 exports for TF Serving (``model.export``)."""
+    import keras
+
+    model = keras.Sequential([keras.Input((3,), name="features"), keras.layers.Dense(2)])
+    model.layers[-1].set_weights([KERAS_WEIGHTS, KERAS_BIAS])
+    model.export(str(path), format="tf_saved_model", verbose=False)
+
+
+def write_keras_sequential(base: str | Path, version: int | str) -> Path:
+    """Publish the Keras model (``_export_keras_sequential``) as ``<base>/<version>``."""
+    return _publish(Path(base), version, _export_keras_sequential)

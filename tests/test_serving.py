@@ -217,8 +217,9 @@ def test_unknown_signature_failed_precondition(served):
         ({"pixels": np.zeros((1, 784), np.float32)}, "pixels"),  # wrong name
         ({"images": np.zeros((1, 784), np.float32), "extra": np.zeros(1, np.float32)}, "extra"),
         ({"images": np.zeros((1, 784), np.float64)}, "images"),  # wrong dtype
-        ({"images": np.zeros((1, 783), np.float32)}, "images"),  # wrong shape
-        ({"images": np.zeros((784,), np.float32)}, "images"),  # wrong rank
+        # Shapes are the graph's to check, as in TF Serving: its error comes back as it is.
+        ({"images": np.zeros((1, 783), np.float32)}, "Matrix size-incompatible: In[0]: [1,783]"),
+        ({"images": np.zeros((784,), np.float32)}, "In[0] and In[1] has different ndims"),
     ],
 )
 def test_bad_input_invalid_argument_grpc(served, inputs, named):
@@ -233,7 +234,7 @@ def test_bad_input_invalid_argument_grpc(served, inputs, named):
         ({"inputs": {"pixels": [[0.0] * 784]}}, "pixels"),
         ({"instances": [{"pixels": [0.0] * 784}]}, "pixels"),
         ({"instances": [["a"] * 784]}, "images"),  # not numbers
-        ({"instances": [[0.0] * 783]}, "images"),  # wrong shape
+        ({"instances": [[0.0] * 783]}, "Matrix size-incompatible"),  # the graph's error
     ],
 )
 def test_bad_input_400_rest(served, body, named):

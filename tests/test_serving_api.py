@@ -256,14 +256,18 @@ def test_grpc_predict_output_filter(half):
     assert sorted(response.outputs) == ["i64_twice", "not_bool"]
     e = rpc_error(half.predict_stub.Predict, predict_request("mixed", tensors, ["nope"]))
     assert e.code() == INVALID
-    assert e.details() == "output tensor alias not found in signature: nope"
+    assert e.details() == (
+        "output tensor alias not found in signature: nope Outputs expected to be in the set "
+        "{i64_twice,not_bool,s_bytes,s_upper,total}."
+    )
+    e = rpc_error(half.predict_stub.Predict, predict_request("mixed", tensors, ["total"] * 2))
+    assert (e.code(), e.details()) == (INVALID, "duplicate output tensor alias: total")
 
 
 @pytest.mark.parametrize(
     "tensors, named",
     [
         ({"x": tf.make_tensor_proto(np.zeros(2, np.float64))}, 'Input "x"'),  # wrong dtype
-        ({"x": tf.make_tensor_proto(np.zeros((2, 2), np.float32))}, 'Input "x"'),  # wrong shape
         ({}, "Missing but required: {x}"),
         (
             {
@@ -374,8 +378,8 @@ def test_grpc_multi_inference(half):
         (
             (("half", "regress_x_to_y", CLASSIFY_METHOD),),
             INVALID,
-            f"Expected classification signature method_name to be {CLASSIFY_METHOD}. "
-            f"Was: {REGRESS_METHOD}",
+            'Expected classification signature outputs to contain at least one of "classes" or '
+            '"scores". Signature was: ',
         ),
         (
             (("nope", "regress_x_to_y", REGRESS_METHOD),),
@@ -386,7 +390,15 @@ def test_grpc_multi_inference(half):
 )
 def test_grpc_multi_inference_errors(half, tasks, code, message):
     e = rpc_error(half.predict_stub.MultiInference, multi_request(*tasks))
-    assert (e.code(), e.details()) == (code, message)
+    assert e.code() == code and said(e.details(), message)
+
+
+def said(details: str, message: str) -> bool:
+    """Whether an error's ``details`` are ``message``; one that ends with ": " is TF Serving's
+    start of a SignatureDef printed whole (its DebugString), which must follow."""
+    if message.endswith(": "):
+        return details.startswith(message) and 'method_name: "tensorflow/serving/' in details
+    return details == message
 
 
 @pytest.mark.parametrize(
@@ -395,14 +407,17 @@ def test_grpc_multi_inference_errors(half, tasks, code, message):
         (
             lambda s: s.Classify(classify_request("")),
             INVALID,
-            f"Expected classification signature method_name to be {CLASSIFY_METHOD}. "
-            "Was: tensorflow/serving/predict",
+            "No classification inputs found in SignatureDef: ",
         ),
         (
             lambda s: s.Regress(regress_request("classify_x_to_y")),
             INVALID,
-            f"Expected regression signature method_name to be {REGRESS_METHOD}. "
-            f"Was: {CLASSIFY_METHOD}",
+            "No regression outputs found in SignatureDef: ",
+        ),
+        (
+            lambda s: s.Regress(regress_request("mixed")),
+            INVALID,
+            "Expected one input Tensor.",
         ),
         (
             lambda s: s.Classify(classify_request("nope")),
@@ -419,7 +434,7 @@ def test_grpc_multi_inference_errors(half, tasks, code, message):
 )
 def test_grpc_classify_regress_errors(half, call, code, message):
     e = rpc_error(call, half.predict_stub)
-    assert (e.code(), e.details()) == (code, message)
+    assert e.code() == code and said(e.details(), message)
 
 
 # -- errors over REST ------------------------------------------------------------------------------
@@ -432,8 +447,7 @@ def test_grpc_classify_regress_errors(half, call, code, message):
             "/v1/models/half:classify",
             {"examples": [{"x": 1.0}]},
             400,
-            f"Expected classification signature method_name to be {CLASSIFY_METHOD}. "
-            "Was: tensorflow/serving/predict",
+            "No classification inputs found in SignatureDef: ",
         ),
         (
             "/v1/models/half:regress",
@@ -474,7 +488,8 @@ def test_grpc_classify_regress_errors(half, call, code, message):
     ],
 )
 def test_rest_errors(half, path, body, status, message):
-    assert half.http("POST", path, body) == (status, {"error": message})
+    got_status, got = half.http("POST", path, body)
+    assert got_status == status and set(got) == {"error"} and said(got["error"], message)
 
 
 def test_rest_error_messages_name_the_problem(half):

@@ -458,6 +458,26 @@ def test_concurrent_mixed_sizes_answer_as_without_batching(servers):
 
 
 @pytest.mark.slow
+def test_requests_of_other_shapes_are_batched_apart(servers):
+    """Predict does not check shapes against the signature (x is [-1,1]): concurrent requests of
+    shapes [k], [k,1] and [] each get their own answer, as from the server without batching --
+    same-shaped tails batch together, the scalar (no dim 0) runs alone -- and batches formed."""
+    plain, batched = servers["plain"], servers["batched"]
+    rows = [x.reshape(-1, 1) if i % 3 == 1 else x for i, x in enumerate(inputs(60, seed=2))]
+    requests = [*rows, np.float32(7.0), np.float32(-1.0)]
+    expected = [y_of(predict(plain, x)) for x in requests]
+    assert [e.ndim for e in expected[:2]] == [1, 2] and expected[-1].shape == ()  # as x's
+    name = ":tensorflow:serving:batching_session:processed_batch_size"
+    _, count_before = histogram(batched, name)
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(lambda x: y_of(predict(batched, x)), requests))
+    for x, want, answer in zip(requests, expected, got):
+        assert answer.shape == want.shape and answer.tobytes() == want.tobytes(), x
+    _, count = histogram(batched, name)
+    assert count - count_before < len(rows)  # requests shared batches
+
+
+@pytest.mark.slow
 def test_rest_and_grpc_share_a_batch(servers):
     """One REST and one gRPC request of one row, sent together: one batch of 2 (no padding);
     separate batchers would have run two batches, each padded from 1 to 2."""

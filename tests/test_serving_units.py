@@ -363,13 +363,14 @@ def test_session_callable_falls_back_to_the_public_api_with_the_same_answers(
     tmp_path, monkeypatch, caplog, private
 ):
     """A TensorFlow without the private callable API costs speed, not answers: Predict and
-    Classify through ``Session.make_callable`` give exactly what the fast path gives."""
+    Classify through ``Session.make_callable`` give exactly what the fast path gives -- but for
+    a feed whose shape the placeholder does not admit, which ``Session.run`` refuses."""
     from serving import servable as servable_module
     from serving import tf_runtime
     from serving.servable import load_servable
 
     path = saved_models.write_half_plus_two(tmp_path, 1, warmup=False)
-    x = {"x": np.array([1.0, 2.0, 5.0], np.float32)}
+    x = {"x": np.array([[1.0], [2.0], [5.0]], np.float32)}
     examples = [saved_models.x_example(v).SerializeToString() for v in (1.0, 2.0, 5.0)]
 
     def answers() -> list[np.ndarray]:
@@ -377,6 +378,13 @@ def test_session_callable_falls_back_to_the_public_api_with_the_same_answers(
         try:
             sig = servable.signature("serving_default")
             y = servable.run(sig, x, servable.validate(sig, x))["y"]
+            try:
+                servable.run(sig, {"x": x["x"].ravel()}, ("y",))
+                lenient = True
+            except ServingError as e:
+                assert e.code == grpc.StatusCode.INVALID_ARGUMENT
+                lenient = False
+            assert lenient == (servable_module.session_callable is tf_runtime.session_callable)
             classified = servable.classify("classify_with_labels", examples)
             return [y, classified.classes, classified.scores]
         finally:
@@ -399,6 +407,192 @@ def test_session_callable_falls_back_to_the_public_api_with_the_same_answers(
     for want, got in zip(fast, slow, strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape
         assert got.tolist() == want.tolist()
+
+
+# -- response tensors ------------------------------------------------------------------------------
+
+# numpy dtype -> the TensorProto field TF's Tensor::AsProtoField writes its values in
+AS_PROTO_FIELD = {
+    np.float32: "float_val",
+    np.float64: "double_val",
+    np.int32: "int_val",
+    np.int16: "int_val",
+    np.int8: "int_val",
+    np.uint8: "int_val",
+    np.uint16: "int_val",
+    np.int64: "int64_val",
+    np.uint32: "uint32_val",
+    np.uint64: "uint64_val",
+    np.float16: "half_val",
+    np.bool_: "bool_val",
+}
+
+
+def _extremes(dtype) -> np.ndarray:
+    if dtype == np.bool_:
+        return np.array([[True, False, True]])
+    info = np.finfo(dtype) if np.issubdtype(dtype, np.floating) else np.iinfo(dtype)
+    return np.array([[info.min, 0, info.max], [1, 2, 3]], dtype)
+
+
+@pytest.mark.parametrize("dtype", list(AS_PROTO_FIELD), ids=lambda d: np.dtype(d).name)
+def test_response_tensors_in_the_typed_field_or_tensor_content(dtype):
+    import tensorflow as tf
+
+    from serving.tensors import to_ndarray, to_tensor_proto
+
+    array = _extremes(dtype)
+    proto = to_tensor_proto(array)
+    field = AS_PROTO_FIELD[dtype]
+    assert [f.name for f, _ in proto.ListFields()] == ["dtype", "tensor_shape", field]
+    assert [d.size for d in proto.tensor_shape.dim] == list(array.shape)
+    # the same message as one filled value by value (the packed-bytes path for floats and bools)
+    expected = type(proto)(dtype=proto.dtype, tensor_shape=proto.tensor_shape)
+    values = array.view(np.uint16) if dtype == np.float16 else array
+    getattr(expected, field).extend(values.ravel().tolist())
+    assert proto == expected
+    for encoded in (proto, to_tensor_proto(array, tensor_content=True)):
+        for decoded in (tf.make_ndarray(encoded), to_ndarray("x", encoded)):
+            assert decoded.dtype == array.dtype and decoded.tolist() == array.tolist()
+    assert to_tensor_proto(array, tensor_content=True).ListFields()[-1][0].name == "tensor_content"
+
+
+def test_response_strings_scalars_and_empty_tensors():
+    from serving.tensors import to_tensor_proto
+
+    strings = to_tensor_proto(np.array([b"a", "\u00e9"], object), tensor_content=True)
+    assert list(strings.string_val) == [b"a", "\u00e9".encode()] and not strings.tensor_content
+    scalar = to_tensor_proto(np.float32(2.5))
+    assert scalar.HasField("tensor_shape") and not scalar.tensor_shape.dim
+    assert list(scalar.float_val) == [2.5]
+    empty = to_tensor_proto(np.zeros((0, 3), np.float32))
+    assert [d.size for d in empty.tensor_shape.dim] == [0, 3] and not empty.float_val
+
+
+def test_api_client_reads_typed_fields_and_tensor_content():
+    from tensorflow_serving.apis import predict_pb2
+
+    from serving.api_client import response_scores
+    from serving.tensors import fill_tensor_proto
+
+    scores = np.random.default_rng(0).random((4, 10), dtype=np.float32)
+    for tensor_content in (False, True):
+        response = predict_pb2.PredictResponse()
+        fill_tensor_proto(response.outputs["scores"], scores, tensor_content)
+        assert response_scores(response).tobytes() == scores.tobytes()
+
+
+# -- signatures: Predict's checks, the example APIs' tasks ----------------------------------------
+
+
+def _signatures() -> dict[str, SignatureInfo]:
+    """half_plus_two's signatures as TF1 and TF2 exporters mark them (TF2: all predict)."""
+    import tensorflow as tf
+
+    from serving.signatures import signature_info
+
+    def info(name: str, dtype, shape) -> object:
+        return tf.compat.v1.saved_model.utils.build_tensor_info(
+            tf.compat.v1.placeholder(dtype, shape, name=name)
+        )
+
+    utils = tf.compat.v1.saved_model.signature_def_utils
+    with tf.Graph().as_default():
+        examples = info("ex", tf.string, [None])
+        x, y = info("x", tf.float32, [None, 1]), info("y", tf.float32, [None, 1])
+        protos = {
+            "predict": utils.build_signature_def({"x": x}, {"y": y}, "tensorflow/serving/predict"),
+            "classify": utils.build_signature_def(
+                {"inputs": examples}, {"scores": y}, "tensorflow/serving/classify"
+            ),
+            "classify_tf2": utils.build_signature_def(
+                {"inputs": examples}, {"scores": y}, "tensorflow/serving/predict"
+            ),
+            "regress_tf2": utils.build_signature_def(
+                {"inputs": examples}, {"outputs": y}, "tensorflow/serving/predict"
+            ),
+        }
+    return {name: signature_info(name, proto) for name, proto in protos.items()}
+
+
+def test_predict_checks_names_and_dtypes_not_shapes():
+    from serving.signatures import validate_predict
+
+    sig = _signatures()["predict"]
+    for shape in [(3,), (2, 1), (), (1, 7, 2)]:
+        assert validate_predict(sig, {"x": np.zeros(shape, np.float32)}) == ("y",)
+    with pytest.raises(ServingError, match='Input "x" expects dtype float32 but got float64'):
+        validate_predict(sig, {"x": np.zeros(3)})
+    x = {"x": np.zeros(3, np.float32)}
+    with pytest.raises(ServingError, match="duplicate output tensor alias: y"):
+        validate_predict(sig, x, ["y", "y"])
+    with pytest.raises(ServingError) as e:
+        validate_predict(sig, x, ["z"])
+    assert e.value.message == (
+        "output tensor alias not found in signature: z Outputs expected to be in the set {y}."
+    )
+
+
+def test_example_tasks_check_method_names_only_when_asked():
+    from serving.inference import example_tasks, inference_tensors, multi_inference_tasks
+    from serving.model_format import CLASSIFY_METHOD, REGRESS_METHOD
+
+    sigs = _signatures()
+    for name in ("classify", "classify_tf2"):
+        (task,) = example_tasks(sigs, name, CLASSIFY_METHOD, method_name_check=False)
+        assert (task.input_name, task.outputs) == ("ex:0", ("scores",))
+    example_tasks(sigs, "classify", CLASSIFY_METHOD, method_name_check=True)
+    with pytest.raises(ServingError) as e:
+        example_tasks(sigs, "classify_tf2", CLASSIFY_METHOD, method_name_check=True)
+    assert (e.value.code, e.value.message) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "Expected classification signature method_name to be tensorflow/serving/classify. "
+        "Was: tensorflow/serving/predict",
+    )
+    with pytest.raises(ServingError) as e:  # the shape is checked whatever the flag
+        example_tasks(sigs, "predict", CLASSIFY_METHOD, method_name_check=False)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.message.startswith("No classification inputs found in SignatureDef: inputs {")
+    tasks = multi_inference_tasks(
+        sigs,
+        [("regress_tf2", REGRESS_METHOD), ("classify_tf2", CLASSIFY_METHOD)],
+        method_name_check=False,
+    )
+    feeds, fetches = inference_tensors(tasks, [b"e1", b"e2"])
+    assert list(feeds) == ["ex:0"] and feeds["ex:0"].tolist() == [b"e1", b"e2"]
+    assert fetches == ("y:0", "y:0")
+
+
+# -- REST /metadata --------------------------------------------------------------------------------
+
+
+def test_metadata_json_prints_unset_fields_as_tf_serving_does():
+    from serving.rest_frontend import _proto_json
+
+    sig = _signatures()["classify"].proto
+    sig.inputs["inputs"].tensor_shape.Clear()
+    sig.inputs["inputs"].tensor_shape.unknown_rank = True
+    assert _proto_json(sig) == {
+        "inputs": {
+            "inputs": {
+                "dtype": "DT_STRING",
+                "tensor_shape": {"dim": [], "unknown_rank": True},
+                "name": "ex:0",
+            }
+        },
+        "outputs": {
+            "scores": {
+                "dtype": "DT_FLOAT",
+                "tensor_shape": {
+                    "dim": [{"size": "-1", "name": ""}, {"size": "1", "name": ""}],
+                    "unknown_rank": False,
+                },
+                "name": "y:0",
+            }
+        },
+        "method_name": "tensorflow/serving/classify",
+        "defaults": {},
+    }
 
 
 # -- REST JSON -------------------------------------------------------------------------------------
