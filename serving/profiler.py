@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import socket
+from typing import Awaitable, Callable
 
 import grpc
 
@@ -29,27 +30,34 @@ from serving.errors import ServingError
 
 log = logging.getLogger("serving.profiler")
 
-SERVICE_PREFIX = "/tensorflow.ProfilerService/"
+SERVICE = "tensorflow.ProfilerService"
+METHODS = ("Profile", "Terminate", "Monitor")
 START_TIMEOUT_S = 10.0
 _MARK_POLL_S = 0.02
 # A trace carries the whole XSpace when the client asks for it back rather than on disk.
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
 
-class ProfilerForwarder(grpc.GenericRpcHandler):
-    """A generic handler: the profiler service's methods, forwarded to TensorFlow's server."""
+class ProfilerForwarder:
+    """The profiler service's methods, forwarded to TensorFlow's server; ``handler()`` is what
+    the gRPC server registers."""
 
     def __init__(self) -> None:
         self._channel: grpc.aio.Channel | None = None
         self._starting = asyncio.Lock()
 
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        method = details.method
-        if not method.startswith(SERVICE_PREFIX):
-            return None
+    def handler(self) -> grpc.GenericRpcHandler:
+        """A handler of the service's methods by name, like the generated services' (a
+        catch-all handler would be asked about every RPC the others do not take first)."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE, {m: grpc.unary_unary_rpc_method_handler(self._forward(m)) for m in METHODS}
+        )
+
+    def _forward(self, name: str) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
+        method = f"/{SERVICE}/{name}"
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            marker = asyncio.create_task(_mark_profiled()) if method.endswith("/Profile") else None
+            marker = asyncio.create_task(_mark_profiled()) if name == "Profile" else None
             try:
                 channel = await self._profiler_channel()
                 return await channel.unary_unary(method)(request, timeout=context.time_remaining())
@@ -61,7 +69,7 @@ class ProfilerForwarder(grpc.GenericRpcHandler):
                 if marker is not None:
                     marker.cancel()
 
-        return grpc.unary_unary_rpc_method_handler(forward)
+        return forward
 
     async def _profiler_channel(self) -> grpc.aio.Channel:
         async with self._starting:

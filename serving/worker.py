@@ -201,7 +201,7 @@ class Worker:
                 credentials=server_credentials(options.ssl) if options.ssl else None,
                 channel_arguments=options.grpc_channel_arguments,
                 health_servicer=self.health,
-                handlers=[self.profiler] if self.profiler else [],
+                handlers=[self.profiler.handler()] if self.profiler else [],
                 tensor_content=options.enable_serialization_as_tensor_content,
             )
         if options.rest_api_port:
