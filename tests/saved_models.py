@@ -194,6 +194,17 @@ def _export_half_plus_two(path: Path) -> None:
             builder.save()
 
 
+# A request's values for half_plus_two's ``mixed`` signature: two of each of its input dtypes.
+MIXED_INPUTS = {
+    "f": np.array([1.5, -1], np.float32),
+    "d": np.array([0.25, 0], np.float64),
+    "i32": np.array([2, 3], np.int32),
+    "i64": np.array([2**40, -5], np.int64),
+    "s": np.array([b"ab", b"\xff"], object),
+    "bool": np.array([True, False]),
+}
+
+
 def x_example(value: float):
     """A tf.Example with the float feature ``x`` the example signatures parse."""
     import tensorflow as tf

@@ -208,14 +208,6 @@ def test_grpc_predict_typed_field_content_and_broadcast(half):
     assert tf.make_ndarray(response.outputs["y"]).tolist() == [3.5] * 4
 
 
-MIXED = {
-    "f": np.array([1.5, -1], np.float32),
-    "d": np.array([0.25, 0], np.float64),
-    "i32": np.array([2, 3], np.int32),
-    "i64": np.array([2**40, -5], np.int64),
-    "s": np.array([b"ab", b"\xff"], object),
-    "bool": np.array([True, False]),
-}
 TYPED_FIELDS = {
     "f": "float_val",
     "d": "double_val",
@@ -229,7 +221,7 @@ TYPED_FIELDS = {
 @pytest.mark.parametrize("encoding", ["tensor_content", "typed_fields"])
 def test_grpc_predict_every_dtype(half, encoding):
     tensors = {}
-    for alias, value in MIXED.items():
+    for alias, value in saved_models.MIXED_INPUTS.items():
         dtype = tf.as_dtype(value.dtype if value.dtype != object else tf.string)
         if encoding == "typed_fields" or alias == "s":  # strings never use tensor_content
             tensors[alias] = typed(dtype.as_datatype_enum, TYPED_FIELDS[alias], value.tolist(), [2])
@@ -249,7 +241,7 @@ def test_grpc_predict_every_dtype(half, encoding):
 
 
 def test_grpc_predict_output_filter(half):
-    tensors = {alias: tf.make_tensor_proto(v) for alias, v in MIXED.items()}
+    tensors = {alias: tf.make_tensor_proto(v) for alias, v in saved_models.MIXED_INPUTS.items()}
     response = half.predict_stub.Predict(
         predict_request("mixed", tensors, ["i64_twice", "not_bool"]), timeout=10
     )

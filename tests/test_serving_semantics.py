@@ -183,14 +183,6 @@ def test_dtypes_and_names_are_still_checked(plain):
 
 # -- response tensors ------------------------------------------------------------------------------
 
-MIXED = {
-    "f": np.array([1.5, -1], np.float32),
-    "d": np.array([0.25, 0], np.float64),
-    "i32": np.array([2, 3], np.int32),
-    "i64": np.array([2**40, -5], np.int64),
-    "s": np.array([b"ab", b"\xff"], object),
-    "bool": np.array([True, False]),
-}
 # output alias -> the typed field TF's AsProtoField writes it in
 MIXED_FIELDS = {
     "total": "double_val",
@@ -202,7 +194,7 @@ MIXED_FIELDS = {
 
 
 def test_response_tensors_are_in_the_typed_fields(plain):
-    response = predict(plain, "half", MIXED, signature="mixed")
+    response = predict(plain, "half", saved_models.MIXED_INPUTS, signature="mixed")
     for alias, field in MIXED_FIELDS.items():
         tensor = response.outputs[alias]
         assert not tensor.tensor_content, alias
@@ -215,7 +207,7 @@ def test_response_tensors_are_in_the_typed_fields(plain):
 
 
 def test_tensor_content_with_the_flag(strict):
-    response = predict(strict, "half", MIXED, signature="mixed")
+    response = predict(strict, "half", saved_models.MIXED_INPUTS, signature="mixed")
     for alias, field in MIXED_FIELDS.items():
         tensor = response.outputs[alias]
         if field == "string_val":  # TF writes strings in string_val either way
