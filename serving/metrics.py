@@ -366,35 +366,14 @@ def warmup_observed(
 
 
 def _monitoring_config_class() -> Any:
-    """``tensorflow.serving.MonitoringConfig``, built from its .proto definition.
-
-    The tensorflow-serving-api wheel ships no ``monitoring_config_pb2``; the message is two
-    fields deep, so it is declared here in a private descriptor pool (no clash should TF or a
-    later wheel register the same name).
-    """
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    F = descriptor_pb2.FieldDescriptorProto
-    proto = descriptor_pb2.FileDescriptorProto(
-        name="tensorflow_serving/config/monitoring_config.proto",
-        package="tensorflow.serving",
-        syntax="proto3",
-    )
-    prometheus = proto.message_type.add(name="PrometheusConfig")
-    prometheus.field.add(name="enable", number=1, type=F.TYPE_BOOL, label=F.LABEL_OPTIONAL)
-    prometheus.field.add(name="path", number=2, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
-    monitoring = proto.message_type.add(name="MonitoringConfig")
-    monitoring.field.add(
-        name="prometheus_config",
-        number=1,
-        type=F.TYPE_MESSAGE,
-        label=F.LABEL_OPTIONAL,
-        type_name=".tensorflow.serving.PrometheusConfig",
-    )
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(proto)
-    return message_factory.GetMessageClass(
-        pool.FindMessageTypeByName("tensorflow.serving.MonitoringConfig")
+    """``tensorflow.serving.MonitoringConfig`` (the tensorflow-serving-api wheel ships no
+    ``monitoring_config_pb2``)."""
+    messages = {
+        "PrometheusConfig": (("enable", 1, "bool"), ("path", 2, "string")),
+        "MonitoringConfig": (("prometheus_config", 1, "PrometheusConfig"),),
+    }
+    return textproto.declared_message(
+        "tensorflow_serving/config/monitoring_config.proto", messages, "MonitoringConfig"
     )
 
 

@@ -77,27 +77,14 @@ def server_credentials(config: SslConfig) -> Any:
 
 @functools.cache
 def _ssl_config_class() -> Any:
-    """``tensorflow.serving.SSLConfig``, declared in a private descriptor pool: the
-    tensorflow-serving-api wheel ships no ``ssl_config_pb2`` (as ``metrics`` does for
-    MonitoringConfig)."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    F = descriptor_pb2.FieldDescriptorProto
-    proto = descriptor_pb2.FileDescriptorProto(
-        name="tensorflow_serving/config/ssl_config.proto",
-        package="tensorflow.serving",
-        syntax="proto3",
+    """``tensorflow.serving.SSLConfig`` (the tensorflow-serving-api wheel ships no
+    ``ssl_config_pb2``)."""
+    fields = (
+        ("server_key", 1, "string"),
+        ("server_cert", 2, "string"),
+        ("custom_ca", 3, "string"),
+        ("client_verify", 4, "bool"),
     )
-    message = proto.message_type.add(name="SSLConfig")
-    for number, name, kind in (
-        (1, "server_key", F.TYPE_STRING),
-        (2, "server_cert", F.TYPE_STRING),
-        (3, "custom_ca", F.TYPE_STRING),
-        (4, "client_verify", F.TYPE_BOOL),
-    ):
-        message.field.add(name=name, number=number, type=kind, label=F.LABEL_OPTIONAL)
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(proto)
-    return message_factory.GetMessageClass(
-        pool.FindMessageTypeByName("tensorflow.serving.SSLConfig")
+    return textproto.declared_message(
+        "tensorflow_serving/config/ssl_config.proto", {"SSLConfig": fields}, "SSLConfig"
     )
