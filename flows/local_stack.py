@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.config import REPO_ROOT, load_config
+from tasks.config import CONCURRENCY_LIMIT, REPO_ROOT, load_config
 
 STACK = REPO_ROOT / ".stack"
 BIN = Path(sys.executable).parent
@@ -191,19 +191,30 @@ def prefect(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def ensure(what: str, inspect: list[str], create: list[str]) -> None:
+    """Create a Prefect object (work pool, concurrency limit) unless it exists."""
+    if prefect(*inspect).returncode != 0:
+        created = prefect(*create)
+        if created.returncode != 0:
+            sys.exit(f"could not create {what}: {created.stdout}{created.stderr}")
+
+
 def up() -> None:
     pending = [service for service in services() if service.pid() is None]
     for service in pending:
-        if (
-            service.name == "prefect-worker"
-            and prefect("work-pool", "inspect", WORK_POOL).returncode != 0
-        ):
-            created = prefect("work-pool", "create", WORK_POOL, "--type", "process")
-            if created.returncode != 0:
-                sys.exit(
-                    f"could not create work pool {WORK_POOL}: {created.stdout}{created.stderr}"
-                )
+        if service.name == "prefect-worker":
+            ensure(
+                f"work pool {WORK_POOL}",
+                ["work-pool", "inspect", WORK_POOL],
+                ["work-pool", "create", WORK_POOL, "--type", "process"],
+            )
         start(service)
+    # The deployments share it: one run at a time trains and pushes, the others wait their turn.
+    ensure(
+        f"concurrency limit {CONCURRENCY_LIMIT}",
+        ["gcl", "inspect", CONCURRENCY_LIMIT],
+        ["gcl", "create", CONCURRENCY_LIMIT, "--limit", "1"],
+    )
     deployed = prefect("--no-prompt", "deploy", "--all")
     if deployed.returncode != 0:
         sys.exit(f"prefect deploy failed:\n{deployed.stdout}{deployed.stderr}")

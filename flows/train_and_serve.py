@@ -1,9 +1,16 @@
-"""The flow ``train-and-serve``: train → export → validate → push.
+"""The flow ``train-and-serve``: data → train → export → validate → push.
 
-One MLflow run per flow run records what each stage did. A failed gate ends the flow run Failed,
-with the reason as its message, and pushes nothing: a nightly run that did not ship is visible.
+One run at a time trains and pushes (the global concurrency limit ``train-and-serve``, which
+every deployment shares; a run that finds it taken waits). A run whose snapshot, configuration
+and code are the serving champion's ends Completed without training ("nothing new since version
+N"), unless ``force``. One MLflow run per training run records what each stage did. A failed gate
+ends the flow run Failed, with the reason as its message, and pushes nothing.
 
-    python -m flows.train_and_serve [--config FILE] [--set section.key=value ...]
+A run started by new data (deployment ``on-new-data``) gets ``landed_at``, when the first batch
+landed, and first waits until ``landing_window_s`` after it, so that the batches of one burst,
+which the trigger coalesces into this run, are all in its snapshot.
+
+    python -m flows.train_and_serve [--config FILE] [--set section.key=value ...] [--force]
 """
 
 from __future__ import annotations
@@ -11,19 +18,25 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from prefect import flow
+from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 
 from serving import mnist
-from tasks import plots
-from tasks.config import ConfigError, load_config
+from serving.api_client import ModelServer
+from tasks import data, lineage, plots
+from tasks.config import CONCURRENCY_LIMIT, ConfigError, PipelineConfig, load_config
+from tasks.data.store import Snapshot
 from tasks.export import export
 from tasks.logs import logger
 from tasks.push import push
-from tasks.tracking import promote_champion, register_model, tracked_run
+from tasks.tracking import promote_champion, register_model, snapshot_inputs, tracked_run
 from tasks.train import train
 from tasks.validate import validate
 
@@ -40,39 +53,103 @@ class Outcome:
     baseline_error_rate: float | None
     mlflow_run_id: str
     registry_version: str
+    snapshot: str
+
+
+def wait_for_landing_window(landed_at: str, landing_window_s: float) -> None:
+    """Sleep until ``landing_window_s`` after ``landed_at`` (ISO 8601): batches landing meanwhile
+    start no run of their own (the trigger fires once per window) and must be in this one."""
+    landed = datetime.fromisoformat(landed_at)
+    landed = landed if landed.tzinfo else landed.replace(tzinfo=UTC)
+    until = landed + timedelta(seconds=landing_window_s)
+    remaining = min((until - datetime.now(UTC)).total_seconds(), landing_window_s)
+    if remaining > 0:
+        logger().info(
+            "new data landed at %s: waiting %.0f s, until %s, for the rest of its batches",
+            landed.isoformat(timespec="seconds"),
+            remaining,
+            until.isoformat(timespec="seconds"),
+        )
+        time.sleep(remaining)
+
+
+def serving_version(servers: list[str], model_name: str) -> int | None:
+    try:
+        with ModelServer(servers[0], model_name) as server:
+            return server.serving_version()
+    except Exception:  # unreachable: nothing to skip for; the run reports it at validate
+        return None
 
 
 @flow(name="train-and-serve")
-def train_and_serve(config_path: str | None = None, overrides: list[str] | None = None) -> Outcome:
+def train_and_serve(
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    force: bool = False,
+    landed_at: str | None = None,
+    landing_window_s: float = 0.0,
+) -> Outcome | State:
     cfg = load_config(config_path, overrides or [])
+    if landed_at:
+        wait_for_landing_window(landed_at, landing_window_s)
+    with concurrency(CONCURRENCY_LIMIT, occupy=1):
+        taken = data.snapshot(cfg.data)
+        inputs = lineage.training_inputs(cfg, taken)
+        champion = lineage.champion_tags(cfg.mlflow.tracking_uri, cfg.export.model_name)
+        unchanged = lineage.nothing_new(
+            inputs, champion, serving_version(cfg.push.servers, cfg.export.model_name)
+        )
+        if unchanged and not force:
+            logger().info("%s: not training (force=true retrains anyway)", unchanged)
+            return Completed(message=unchanged)
+        return train_and_push(cfg, taken, inputs)
+
+
+def train_and_push(cfg: PipelineConfig, taken: Snapshot, inputs: lineage.TrainingInputs) -> Outcome:
     log = logger()
     run_name = f"{cfg.export.model_name}-{flow_run.get_name() or 'local'}"
     tags = {
         "prefect_flow_run_id": str(flow_run.get_id()),
         "gate": "not evaluated",
         "pushed": "false",
+        **inputs.tags(),
     }
     with (
         tracked_run(cfg.mlflow, run_name, cfg.flat(), tags) as tracker,
         tempfile.TemporaryDirectory() as scratch,
     ):
-        data = mnist.load(cfg.data.dir)
+        tracker.log_inputs(*snapshot_inputs(taken, cfg.data.store, mnist.source_digest("t10k")))
+        loaded = data.load(cfg.data, taken)
 
-        trained = train(data, cfg.model, cfg.train, tracker)
+        trained = train(loaded.mnist, cfg.model, cfg.train, tracker)
         tracker.set_tags({"device": trained.device})
         tracker.log_artifact(
             plots.training_curves(trained.history, Path(scratch) / "training.png"), "plots"
         )
 
-        exported = export(trained.model, cfg.export, cfg.push.model_base_path, data.test.images)
+        exported = export(
+            trained.model, cfg.export, cfg.push.model_base_path, loaded.mnist.test.images
+        )
         tracker.set_tags({"export_version": exported.version})
         tracker.log_artifact(exported.path, "saved_model")
         registry_version = register_model(
-            tracker, trained.model, exported.model_name, exported.version
+            tracker,
+            trained.model,
+            exported.model_name,
+            {
+                "export_version": str(exported.version),
+                "prefect_flow_run_id": tags["prefect_flow_run_id"],
+                **inputs.tags(),
+            },
         )
 
-        verdict = validate(exported, data.test, cfg.validate_, cfg.push.servers)
+        verdict = validate(
+            exported, loaded.mnist.test, cfg.validate_, cfg.push.servers, loaded.slices
+        )
         tracker.log_metrics({"val_error_rate": verdict.error_rate})
+        tracker.log_metrics(
+            {f"slice_error_rate.{name}": rate for name, rate in verdict.slice_error_rates.items()}
+        )
         if verdict.baseline_error_rate is not None:
             tracker.log_metrics({"baseline_error_rate": verdict.baseline_error_rate})
             tracker.set_tags({"baseline_version": verdict.baseline_version})
@@ -99,10 +176,12 @@ def train_and_serve(config_path: str | None = None, overrides: list[str] | None 
         )
         promote_champion(tracker, exported.model_name, registry_version)
         log.info(
-            "%s version %d is serving on %s",
+            "%s version %d is serving on %s (snapshot %s, %d training rows)",
             pushed.model_name,
             pushed.version,
             ", ".join(pushed.servers),
+            taken.id,
+            taken.rows,
         )
         return Outcome(
             model_name=pushed.model_name,
@@ -111,6 +190,7 @@ def train_and_serve(config_path: str | None = None, overrides: list[str] | None 
             baseline_error_rate=verdict.baseline_error_rate,
             mlflow_run_id=tracker.run_id,
             registry_version=registry_version,
+            snapshot=taken.id,
         )
 
 
@@ -127,17 +207,24 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override one key, e.g. --set train.epochs=3 (repeatable)",
     )
+    parser.add_argument(
+        "--force", action="store_true", help="train even when nothing changed since the champion"
+    )
     args = parser.parse_args(argv)
     try:
         load_config(args.config, args.overrides)  # fail on a bad key before any run starts
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    outcome = train_and_serve(args.config, args.overrides)
-    print(
-        f"{outcome.model_name} version {outcome.version} is serving "
-        f"(error rate {outcome.error_rate:.4f})"
-    )
+    state = train_and_serve(args.config, args.overrides, force=args.force, return_state=True)
+    outcome = state.result()  # raises what the run raised
+    if outcome is None:  # a skip: Completed, with the reason as its message
+        print(state.message)
+    else:
+        print(
+            f"{outcome.model_name} version {outcome.version} is serving "
+            f"(error rate {outcome.error_rate:.4f}, snapshot {outcome.snapshot})"
+        )
     return 0
 
 

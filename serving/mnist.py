@@ -73,15 +73,33 @@ def _idx(data: bytes, magic: int, path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _split(directory: Path, prefix: str) -> Split:
+def read_pair(directory: str | Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``prefix`` split ("train", "t10k") as stored: images uint8 [N, 28, 28], labels uint8."""
+    directory = Path(directory)
     images_path = directory / f"{prefix}-images-idx3-ubyte.gz"
     labels_path = directory / f"{prefix}-labels-idx1-ubyte.gz"
     images = _idx(_read_verified(images_path), 2051, images_path)
     labels = _idx(_read_verified(labels_path), 2049, labels_path)
     if len(images) != len(labels):
         raise DatasetError(f"MNIST {prefix}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def to_split(images: np.ndarray, labels: np.ndarray) -> Split:
+    """Stored pixels (uint8, [N, 28, 28] or [N, 784]) as the model's input: float32 / 255."""
     flat = images.reshape(len(images), IMAGE_PIXELS).astype(np.float32) / 255.0
     return Split(images=flat, labels=labels.astype(np.int64))
+
+
+def source_digest(prefix: str) -> str:
+    """A digest of the ``prefix`` split that needs no reading: loading verifies every file against
+    its pinned SHA-256, so the pinned values stand for the content."""
+    names = (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz")
+    return hashlib.sha256("".join(SHA256[name] for name in names).encode()).hexdigest()
+
+
+def _split(directory: Path, prefix: str) -> Split:
+    return to_split(*read_pair(directory, prefix))
 
 
 def load_test(directory: str | Path) -> Split:

@@ -8,6 +8,8 @@ before any work starts.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "mnist.yaml"
+# The Prefect global concurrency limit (limit 1) that every deployment's runs share while they
+# train and push; `make run` creates it.
+CONCURRENCY_LIMIT = "train-and-serve"
 
 
 class ConfigError(ValueError):
@@ -30,6 +35,13 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     dir: Path = REPO_ROOT / "data" / "mnist"
+    store: Path = REPO_ROOT / ".stack" / "data"
+    # The base is MNIST's first base_rows training images; the rest can arrive as batches.
+    base_rows: int = Field(50_000, gt=0, le=60_000)
+    snapshot: str = Field("latest", pattern=r"^(latest|[0-9a-f]{16})$")
+    drift: Literal["reject", "warn"] = "reject"
+    max_class_distance: float = Field(0.1, gt=0, le=1)
+    max_pixel_shift: float = Field(0.2, gt=0)
 
 
 class ModelConfig(_Section):
@@ -82,6 +94,7 @@ class PushConfig(_Section):
 class MlflowConfig(_Section):
     tracking_uri: str = "http://127.0.0.1:5000"
     experiment: str = "train-and-serve"
+    data_experiment: str = "train-and-serve-data"  # one run per batch added to the data store
     # Used only when the experiment does not exist yet; None lets the tracking server decide.
     artifact_location: str | None = None
 
@@ -96,6 +109,15 @@ class PipelineConfig(_Section):
     mlflow: MlflowConfig = MlflowConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def training_digest(self) -> str:
+        """A digest of the keys that shape the trained weights (the data is the snapshot's part;
+        where training runs is not part of what it learns)."""
+        shaping = {
+            "model": self.model.model_dump(mode="json"),
+            "train": self.train.model_dump(mode="json", exclude={"device", "log_device_placement"}),
+        }
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, str]:
         """``{"train.epochs": "5", ...}``: the whole configuration as MLflow params."""
@@ -131,7 +153,12 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _relative_to(base: Path, tree: dict[str, Any]) -> None:
     """Relative paths in a config file are relative to the repository root, wherever it runs
     from."""
-    for section, key in (("data", "dir"), ("export", "base_path"), ("push", "model_base_path")):
+    for section, key in (
+        ("data", "dir"),
+        ("data", "store"),
+        ("export", "base_path"),
+        ("push", "model_base_path"),
+    ):
         value = tree.get(section, {}).get(key) if isinstance(tree.get(section), dict) else None
         if isinstance(value, str) and not Path(value).is_absolute():
             tree[section][key] = str(base / value)

@@ -7,6 +7,7 @@ whichever thread Prefect runs it in and whatever else the process tracks.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Iterator
@@ -15,11 +16,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tasks.config import MlflowConfig
+from tasks.data.store import AddResult, Snapshot, Span
 
 CHAMPION = "champion"  # registry alias of the version the servers serve
 
@@ -51,6 +53,105 @@ class RunTracker:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_inputs(self, *inputs: DatasetInput) -> None:
+        self.client.log_inputs(self.run_id, datasets=list(inputs))
+
+
+# MLflow's own dataset schema format (what mlflow.data.from_numpy writes), so its UI shows it.
+_TENSOR_SCHEMA = json.dumps(
+    {
+        "mlflow_tensorspec": {
+            "features": json.dumps(
+                [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": [-1, 28, 28]}}]
+            ),
+            "targets": json.dumps(
+                [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": [-1]}}]
+            ),
+        }
+    }
+)
+
+
+def dataset_input(name: str, digest: str, source: str, profile: dict, context: str) -> DatasetInput:
+    """A dataset as ``mlflow.log_input`` records it, with our digest rather than MLflow's hash."""
+    return DatasetInput(
+        Dataset(
+            name, digest, "local", json.dumps({"uri": source}), _TENSOR_SCHEMA, json.dumps(profile)
+        ),
+        tags=[InputTag("mlflow.data.context", context)],
+    )
+
+
+def snapshot_inputs(snapshot: Snapshot, store: Path, test_source: str) -> list[DatasetInput]:
+    """The training snapshot, the fixed test set and the evaluation slices, as run inputs."""
+    spans = [{"name": s.name, "digest": s.digest, "rows": s.rows} for s in snapshot.spans]
+    inputs = [
+        dataset_input(
+            f"snapshot-{snapshot.id}",
+            snapshot.id,
+            str(store / "snapshots" / f"{snapshot.id}.json"),
+            {
+                "num_rows": snapshot.rows,
+                "class_counts": list(snapshot.class_counts),
+                "spans": spans,
+            },
+            "training",
+        ),
+        dataset_input(
+            "mnist-t10k", test_source[:16], "data/mnist t10k", {"num_rows": 10_000}, "evaluation"
+        ),
+    ]
+    inputs += [_span_input(span, store, "evaluation") for span in snapshot.eval_spans]
+    return inputs
+
+
+def _span_input(span: Span, store: Path, context: str) -> DatasetInput:
+    profile = {"num_rows": span.rows, "class_counts": list(span.class_counts), "kind": span.kind}
+    return dataset_input(
+        span.name, span.digest[:16], str(store / "spans" / span.digest), profile, context
+    )
+
+
+def record_batch(cfg: MlflowConfig, store: Path, result: AddResult) -> str:
+    """One run in ``mlflow.data_experiment`` per verdict on a batch: its statistics, anomalies and
+    report; a FAILED run for a quarantined batch. Returns the run id."""
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    report = result.report
+    experiment = client.get_experiment_by_name(cfg.data_experiment)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(cfg.data_experiment, artifact_location=cfg.artifact_location)
+    )
+    tags = {
+        "verdict": result.verdict,
+        "anomalies": ", ".join(a.kind for a in result.anomalies) or "none",
+        "kind": report["kind"],
+    }
+    if result.span is not None:
+        tags["span"] = result.span.digest
+    run = client.create_run(experiment_id, run_name=f"add {report['name']}", tags=tags)
+    tracker = RunTracker(cfg.tracking_uri, run.info.run_id)
+    stats = report.get("statistics")
+    if stats:
+        tracker.log_metrics(
+            {
+                "rows": stats["rows"],
+                "pixel_mean": stats["pixel_mean"],
+                "pixel_std": stats["pixel_std"],
+            }
+        )
+    if result.span is not None:
+        tracker.log_inputs(_span_input(result.span, store, "batch"))
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "report.json"
+        path.write_text(json.dumps(report, indent=2))
+        tracker.log_artifact(path, "validation")
+    client.set_terminated(
+        run.info.run_id, "FAILED" if result.verdict == "quarantined" else "FINISHED"
+    )
+    return run.info.run_id
+
 
 @contextmanager
 def tracked_run(
@@ -77,7 +178,7 @@ def tracked_run(
 
 
 def register_model(
-    tracker: RunTracker, keras_model: object, model_name: str, export_version: int
+    tracker: RunTracker, keras_model: object, model_name: str, tags: dict[str, str]
 ) -> str:
     """Log the model in MLflow's Keras format (servable by ``mlflow models serve``) and register it.
 
@@ -106,7 +207,7 @@ def register_model(
         model_name,
         source=f"runs:/{tracker.run_id}/model",
         run_id=tracker.run_id,
-        tags={"export_version": str(export_version)},
+        tags=tags,
     )
     return version.version
 

@@ -39,18 +39,22 @@ class Verdict:
     # server answers exactly these for the pushed version.
     canary_images: np.ndarray
     canary_scores: np.ndarray
+    # Error rates on the evaluation batches of the data store, reported beside the gate's.
+    slice_error_rates: dict[str, float]
 
 
 def _error_rate(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(scores, axis=1) != labels))
 
 
-def exported_scores(export: ExportResult, images: np.ndarray) -> np.ndarray:
+def exported_scores(export: ExportResult, *image_sets: np.ndarray) -> list[np.ndarray]:
+    """The scores the SavedModel on disk gives each set of images (loaded once for all)."""
     import tensorflow as tf  # deferred: a 6 s import only the tasks that run models need
 
-    loaded = tf.saved_model.load(str(export.path))
-    outputs = loaded.signatures[DEFAULT_SIGNATURE](images=tf.constant(images, tf.float32))
-    return outputs["scores"].numpy()
+    signature = tf.saved_model.load(str(export.path)).signatures[DEFAULT_SIGNATURE]
+    return [
+        signature(images=tf.constant(images, tf.float32))["scores"].numpy() for images in image_sets
+    ]
 
 
 def baseline(servers: list[str], model_name: str, test: Split) -> tuple[int | None, float | None]:
@@ -91,9 +95,24 @@ def judge(
 
 
 @task(cache_policy=NO_CACHE)
-def validate(export: ExportResult, test: Split, cfg: ValidateConfig, servers: list[str]) -> Verdict:
+def validate(
+    export: ExportResult,
+    test: Split,
+    cfg: ValidateConfig,
+    servers: list[str],
+    slices: dict[str, Split] | None = None,
+) -> Verdict:
     log = logger()
-    scores = exported_scores(export, test.images)
+    slices = slices or {}
+    scores, *slice_scores = exported_scores(
+        export, test.images, *(split.images for split in slices.values())
+    )
+    slice_error_rates = {
+        name: _error_rate(found, split.labels)
+        for (name, split), found in zip(slices.items(), slice_scores, strict=True)
+    }
+    for name, rate in slice_error_rates.items():
+        log.info("evaluation slice %s: error rate %.4f", name, rate)
     error_rate = _error_rate(scores, test.labels)
     baseline_version, baseline_error_rate = baseline(servers, export.model_name, test)
     passed, reason = judge(error_rate, baseline_error_rate, cfg)
@@ -116,4 +135,5 @@ def validate(export: ExportResult, test: Split, cfg: ValidateConfig, servers: li
         confusion=confusion,
         canary_images=test.images[canaries],
         canary_scores=scores[canaries],
+        slice_error_rates=slice_error_rates,
     )

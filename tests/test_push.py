@@ -23,6 +23,7 @@ def verdict(passed: bool) -> Verdict:
         confusion=np.zeros((10, 10), np.int64),
         canary_images=np.zeros((2, 784), np.float32),
         canary_scores=np.full((2, 10), 0.1, np.float32),
+        slice_error_rates={},
     )
 
 
