@@ -48,6 +48,10 @@ def test_overrides_are_parsed_as_yaml_values():
         ("push.servers=[nohostport]", "push.servers"),
         ("train.epochs.deep=1", "train.epochs"),
         ("noequals", "noequals"),
+        ("data.drift=ignore", "data.drift"),
+        ("data.snapshot=yesterday", "data.snapshot"),
+        ("data.base_rows=70000", "data.base_rows"),
+        ("data.max_class_distance=0", "data.max_class_distance"),
     ],
 )
 def test_bad_keys_and_values_fail_naming_the_key(override, named):
@@ -69,3 +73,17 @@ def test_flat_params_cover_every_key():
     assert flat["train.epochs"] == "5"
     assert flat["validate.max_regression"] == "0.005"
     assert "push.servers" in flat and "mlflow.tracking_uri" in flat
+
+
+def test_the_data_store_path_is_taken_from_the_repo_root(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  store: somewhere/data\n")
+    assert load_config(config).data.store == REPO_ROOT / "somewhere" / "data"
+
+
+def test_the_training_digest_follows_what_shapes_the_weights_only():
+    base = load_config().training_digest()
+    assert load_config(overrides=["train.epochs=6"]).training_digest() != base
+    assert load_config(overrides=["model.kind=mlp"]).training_digest() != base
+    for elsewhere in ("train.device=cpu", "push.timeout_s=5", "validate.max_error_rate=0.2"):
+        assert load_config(overrides=[elsewhere]).training_digest() == base, elsewhere
