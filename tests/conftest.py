@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules; the helpers they build on are in ``tests/servers.py``,
-``tests/processes.py``, ``tests/saved_models.py`` and ``tests/prometheus.py``."""
+``tests/processes.py``, ``tests/prefect_stack.py``, ``tests/saved_models.py`` and
+``tests/prometheus.py``."""
 
 from __future__ import annotations
 
