@@ -4,9 +4,10 @@ server.
     python -m flows.local_stack up | down | status
 
 ``up`` starts, in the background, whichever service is not running yet and waits until each
-answers; ``down`` stops them by pid and keeps their data. Everything (databases, logs, pid files,
-exports, the serving model store) lives under ``.stack/``. Deliberately free of TensorFlow so it
-starts in a second.
+answers, creates the work pool and the concurrency limit the deployments share if missing, and
+registers the deployments; ``down`` stops them by pid and keeps their data. Everything
+(databases, logs, pid files, exports, the serving model store, the data store) lives under
+``.stack/``. Deliberately free of TensorFlow so it starts in a second.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from tasks.config import CONCURRENCY_LIMIT
 from tasks.events import DATA_LANDED, SPAN_RESOURCE_PREFIX
 from tests.prefect_stack import WORK_POOL, PrefectServer, prefect_server
 
@@ -30,7 +31,7 @@ LANDING_WINDOW_S = 60  # prefect.yaml's definitions.landing_window_s
 def server(tmp_path_factory: pytest.TempPathFactory):
     with prefect_server(tmp_path_factory.mktemp("prefect")) as server:
         server.create_work_pool(WORK_POOL)
-        server.create_concurrency_limit(WORK_POOL, 1)
+        server.create_concurrency_limit(CONCURRENCY_LIMIT, 1)
         yield server
 
 
