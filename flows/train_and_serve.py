@@ -38,7 +38,7 @@ from tasks.logs import logger
 from tasks.push import push
 from tasks.tracking import promote_champion, register_model, snapshot_inputs, tracked_run
 from tasks.train import train
-from tasks.validate import validate
+from tasks.validate import Verdict, validate
 
 
 class GateFailed(RuntimeError):
@@ -105,6 +105,26 @@ def train_and_serve(
         return train_and_push(cfg, taken, inputs)
 
 
+def gate_metrics(verdict: Verdict) -> dict[str, float]:
+    """The numbers behind the gate's decision, as MLflow metrics."""
+    judgement = verdict.judgement
+    metrics = {f"class_error_rate.{k}": rate for k, rate in judgement.class_error_rates.items()}
+    if judgement.overall is not None:
+        comparison = judgement.overall
+        metrics.update(
+            {
+                "gate.difference": comparison.difference,
+                "gate.interval_low": comparison.low,
+                "gate.interval_high": comparison.high,
+                "gate.mcnemar_p": comparison.p_value,
+            }
+        )
+        metrics.update(
+            {f"gate.class_interval_high.{k}": c.high for k, c in judgement.per_class.items()}
+        )
+    return metrics
+
+
 def train_and_push(cfg: PipelineConfig, taken: Snapshot, inputs: lineage.TrainingInputs) -> Outcome:
     log = logger()
     run_name = f"{cfg.export.model_name}-{flow_run.get_name() or 'local'}"
@@ -146,7 +166,7 @@ def train_and_push(cfg: PipelineConfig, taken: Snapshot, inputs: lineage.Trainin
         verdict = validate(
             exported, loaded.mnist.test, cfg.validate_, cfg.push.servers, loaded.slices
         )
-        tracker.log_metrics({"val_error_rate": verdict.error_rate})
+        tracker.log_metrics({"val_error_rate": verdict.error_rate, **gate_metrics(verdict)})
         tracker.log_metrics(
             {f"slice_error_rate.{name}": rate for name, rate in verdict.slice_error_rates.items()}
         )

@@ -73,8 +73,21 @@ class ExportConfig(_Section):
 
 class ValidateConfig(_Section):
     max_error_rate: float = Field(0.12, ge=0, le=1)
-    max_regression: float = Field(0.005, ge=0, le=1)
+    # Non-inferiority margins: the upper end of the interval of (candidate - serving) error rate.
+    max_regression: float = Field(0.01, ge=0, le=1)
+    max_class_regression: float = Field(0.05, ge=0, le=1)
+    max_class_error_rate: dict[int, float] = {}  # digit -> bound, for the digits that need one
+    confidence: float = Field(0.95, ge=0.5, lt=1)
+    bootstrap_resamples: int = Field(2000, ge=1000)
     num_canary_images: int = Field(16, gt=0)
+
+    @field_validator("max_class_error_rate")
+    @classmethod
+    def _digits(cls, bounds: dict[int, float]) -> dict[int, float]:
+        for digit, bound in bounds.items():
+            if not 0 <= digit <= 9 or not 0 <= bound <= 1:
+                raise ValueError(f"{digit}: {bound}: expected a digit 0-9 and a bound in [0, 1]")
+        return bounds
 
 
 class PushConfig(_Section):

@@ -2,9 +2,13 @@
 
 It judges the model exactly as it will be served: the SavedModel loaded back from disk, called
 through its ``serving_default`` signature, never the in-memory Keras model. It passes when the
-error rate on the 10,000 MNIST test images is within ``validate.max_error_rate`` and does not
-exceed the error rate of the version serving now (measured on the same images through the
-server's public API) by more than ``validate.max_regression``.
+error rate on the 10,000 MNIST test images is within ``validate.max_error_rate`` (and each digit's
+within ``validate.max_class_error_rate``, where set) and, when a version serves, the candidate is
+not worse than it: the serving version's predictions on the same images, through the server's
+public API, are paired with the candidate's (``tasks.comparison``), and the gate blocks when the
+upper end of the confidence interval of the error-rate difference exceeds
+``validate.max_regression`` overall or ``validate.max_class_regression`` on any digit. A
+difference that is noise passes; a real regression, even on one digit, does not.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from serving.api_client import ModelServer
 from serving.mnist import NUM_CLASSES, Split
 from serving.model_format import DEFAULT_SIGNATURE
+from tasks.comparison import Comparison, compare
 from tasks.config import ValidateConfig
 from tasks.export import ExportResult
 from tasks.logs import logger
@@ -28,12 +33,29 @@ class ValidationError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Judgement:
+    passed: bool
+    reason: str
+    overall: Comparison | None  # against the serving model; None on the first push
+    per_class: dict[int, Comparison]  # the same, on each digit's images
+    class_error_rates: dict[int, float]
+
+
+def _interval(comparison: Comparison, confidence: float) -> str:
+    return (
+        f"difference {comparison.difference:+.4f}, {confidence:.0%} interval "
+        f"[{comparison.low:+.4f}, {comparison.high:+.4f}], McNemar p={comparison.p_value:.3g}"
+    )
+
+
+@dataclass(frozen=True)
 class Verdict:
     passed: bool
     reason: str
     error_rate: float
     baseline_error_rate: float | None  # None: nothing was serving (the first push)
     baseline_version: int | None
+    judgement: Judgement  # the paired comparison behind the decision, overall and per digit
     confusion: np.ndarray  # [10, 10] counts, rows = true label, columns = predicted
     # The first test images and the scores the exported model gives them: push checks that the
     # server answers exactly these for the pushed version.
@@ -57,9 +79,11 @@ def exported_scores(export: ExportResult, *image_sets: np.ndarray) -> list[np.nd
     ]
 
 
-def baseline(servers: list[str], model_name: str, test: Split) -> tuple[int | None, float | None]:
-    """The version the first server serves now and its error rate on ``test``; (None, None) if
-    none."""
+def baseline(
+    servers: list[str], model_name: str, test: Split
+) -> tuple[int | None, np.ndarray | None]:
+    """The version the first server serves now and its predicted classes for ``test``; (None,
+    None) when nothing serves."""
     if not servers:
         return None, None
     try:
@@ -67,9 +91,8 @@ def baseline(servers: list[str], model_name: str, test: Split) -> tuple[int | No
             version = server.serving_version()
             if version is None:
                 return None, None
-            return version, _error_rate(
-                server.predict_scores(test.images, version=version), test.labels
-            )
+            scores = server.predict_scores(test.images, version=version)
+            return version, np.argmax(scores, axis=1)
     except Exception as error:  # grpc.RpcError and friends: say which server and why
         raise ValidationError(
             f"cannot measure the serving baseline on {servers[0]}: {error}"
@@ -77,21 +100,70 @@ def baseline(servers: list[str], model_name: str, test: Split) -> tuple[int | No
 
 
 def judge(
-    error_rate: float, baseline_error_rate: float | None, cfg: ValidateConfig
+    predicted: np.ndarray, labels: np.ndarray, champion: np.ndarray | None, cfg: ValidateConfig
+) -> Judgement:
+    """The gate on the candidate's predicted classes, paired with the champion's on the same
+    images: the absolute bounds, then non-inferiority overall and per digit."""
+    wrong = predicted != labels
+    class_error_rates = {k: float(wrong[labels == k].mean()) for k in range(NUM_CLASSES)}
+    overall, per_class = None, {}
+    if champion is not None:
+        champion_wrong = champion != labels
+
+        def paired(images: np.ndarray) -> Comparison:
+            return compare(
+                wrong[images], champion_wrong[images], cfg.confidence, cfg.bootstrap_resamples
+            )
+
+        overall = paired(np.ones_like(wrong))
+        per_class = {k: paired(labels == k) for k in range(NUM_CLASSES)}
+    return Judgement(
+        *_decide(float(wrong.mean()), class_error_rates, overall, per_class, cfg),
+        overall,
+        per_class,
+        class_error_rates,
+    )
+
+
+def _decide(
+    error_rate: float,
+    class_error_rates: dict[int, float],
+    overall: Comparison | None,
+    per_class: dict[int, Comparison],
+    cfg: ValidateConfig,
 ) -> tuple[bool, str]:
     if error_rate > cfg.max_error_rate:
-        return (
-            False,
-            f"error rate {error_rate:.4f} exceeds validate.max_error_rate {cfg.max_error_rate:.4f}",
-        )
-    if baseline_error_rate is not None and error_rate > baseline_error_rate + cfg.max_regression:
         return False, (
-            f"error rate {error_rate:.4f} regresses on the serving model's "
-            f"{baseline_error_rate:.4f} by more than validate.max_regression "
+            f"error rate {error_rate:.4f} exceeds validate.max_error_rate {cfg.max_error_rate:.4f}"
+        )
+    for digit, bound in sorted(cfg.max_class_error_rate.items()):
+        if class_error_rates[digit] > bound:
+            return False, (
+                f"digit {digit}: error rate {class_error_rates[digit]:.4f} exceeds "
+                f"validate.max_class_error_rate[{digit}] {bound:.4f}"
+            )
+    bound = f"error rate {error_rate:.4f} (bound {cfg.max_error_rate:.4f})"
+    if overall is None:
+        return True, f"{bound}; nothing serving to compare with"
+    if overall.high > cfg.max_regression:
+        return False, (
+            f"{bound} against the serving model's {overall.champion_error:.4f}: "
+            f"{_interval(overall, cfg.confidence)}, above validate.max_regression "
             f"{cfg.max_regression:.4f}"
         )
-    against = "" if baseline_error_rate is None else f", serving model {baseline_error_rate:.4f}"
-    return True, f"error rate {error_rate:.4f} (bound {cfg.max_error_rate:.4f}{against})"
+    for digit, comparison in per_class.items():
+        if comparison.high > cfg.max_class_regression:
+            return False, (
+                f"digit {digit}: error rate {comparison.candidate_error:.4f} against the serving "
+                f"model's {comparison.champion_error:.4f}: "
+                f"{_interval(comparison, cfg.confidence)}, above validate.max_class_regression "
+                f"{cfg.max_class_regression:.4f}"
+            )
+    return True, (
+        f"{bound}, serving model {overall.champion_error:.4f}: "
+        f"{_interval(overall, cfg.confidence)}, within validate.max_regression "
+        f"{cfg.max_regression:.4f}, every digit within {cfg.max_class_regression:.4f}"
+    )
 
 
 @task(cache_policy=NO_CACHE)
@@ -114,8 +186,9 @@ def validate(
     for name, rate in slice_error_rates.items():
         log.info("evaluation slice %s: error rate %.4f", name, rate)
     error_rate = _error_rate(scores, test.labels)
-    baseline_version, baseline_error_rate = baseline(servers, export.model_name, test)
-    passed, reason = judge(error_rate, baseline_error_rate, cfg)
+    baseline_version, champion = baseline(servers, export.model_name, test)
+    judgement = judge(np.argmax(scores, axis=1), test.labels, champion, cfg)
+    passed, reason = judgement.passed, judgement.reason
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
     np.add.at(confusion, (test.labels, np.argmax(scores, axis=1)), 1)
     log.info(
@@ -130,8 +203,9 @@ def validate(
         passed=passed,
         reason=reason,
         error_rate=error_rate,
-        baseline_error_rate=baseline_error_rate,
+        baseline_error_rate=judgement.overall.champion_error if judgement.overall else None,
         baseline_version=baseline_version,
+        judgement=judgement,
         confusion=confusion,
         canary_images=test.images[canaries],
         canary_scores=scores[canaries],

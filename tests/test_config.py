@@ -52,6 +52,8 @@ def test_overrides_are_parsed_as_yaml_values():
         ("data.snapshot=yesterday", "data.snapshot"),
         ("data.base_rows=70000", "data.base_rows"),
         ("data.max_class_distance=0", "data.max_class_distance"),
+        ("validate.max_class_error_rate={12: 0.1}", "validate.max_class_error_rate"),
+        ("validate.confidence=1", "validate.confidence"),
     ],
 )
 def test_bad_keys_and_values_fail_naming_the_key(override, named):
@@ -71,7 +73,7 @@ def test_config_file_errors(tmp_path):
 def test_flat_params_cover_every_key():
     flat = load_config().flat()
     assert flat["train.epochs"] == "5"
-    assert flat["validate.max_regression"] == "0.005"
+    assert flat["validate.max_regression"] == "0.01"
     assert "push.servers" in flat and "mlflow.tracking_uri" in flat
 
 

@@ -9,7 +9,7 @@ import pytest
 from tasks.config import PushConfig
 from tasks.export import ExportResult
 from tasks.push import PushError, push
-from tasks.validate import Verdict
+from tasks.validate import Judgement, Verdict
 from tests.processes import free_port
 
 
@@ -20,6 +20,7 @@ def verdict(passed: bool) -> Verdict:
         error_rate=0.08,
         baseline_error_rate=None,
         baseline_version=None,
+        judgement=Judgement(passed, "test", None, {}, {}),
         confusion=np.zeros((10, 10), np.int64),
         canary_images=np.zeros((2, 784), np.float32),
         canary_scores=np.full((2, 10), 0.1, np.float32),

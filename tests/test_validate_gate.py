@@ -1,23 +1,94 @@
-"""The gate's decision: the absolute bound, and no regression against the serving version."""
+"""The gate's decision on predicted classes: the absolute bounds, then a paired, per-digit
+non-inferiority test against the serving version (seeded synthetic predictions on the real test
+labels' class balance)."""
 
-from tasks.config import ValidateConfig
+from __future__ import annotations
+
+import numpy as np
+
+from serving.mnist import load_test
+from tasks.config import REPO_ROOT, ValidateConfig
 from tasks.validate import judge
 
-CFG = ValidateConfig(max_error_rate=0.10, max_regression=0.005)
+CFG = ValidateConfig(max_error_rate=0.10)
+LABELS = load_test(REPO_ROOT / "data" / "mnist").labels
 
 
-def test_first_push_only_needs_the_absolute_bound():
-    assert judge(0.09, None, CFG)[0]
-    passed, reason = judge(0.11, None, CFG)
-    assert not passed and "validate.max_error_rate" in reason
+def predictions(rng: np.random.Generator, error: float) -> np.ndarray:
+    """The labels, with a fraction ``error`` replaced by another digit."""
+    predicted = LABELS.copy()
+    wrong = rng.random(len(LABELS)) < error
+    predicted[wrong] = (LABELS[wrong] + rng.integers(1, 10, wrong.sum())) % 10
+    return predicted
 
 
-def test_regression_beyond_the_allowance_fails():
-    assert judge(0.084, 0.080, CFG)[0]  # within 0.005
-    passed, reason = judge(0.086, 0.080, CFG)
-    assert not passed and "validate.max_regression" in reason and "0.0800" in reason
+def reshuffle(rng, predicted: np.ndarray, flips: int) -> np.ndarray:
+    """As good as ``predicted``: ``flips`` of its mistakes fixed, ``flips`` new ones made."""
+    candidate = predicted.copy()
+    wrong, right = np.flatnonzero(predicted != LABELS), np.flatnonzero(predicted == LABELS)
+    fixed, broken = rng.choice(wrong, flips, replace=False), rng.choice(right, flips, replace=False)
+    candidate[fixed] = LABELS[fixed]
+    candidate[broken] = (LABELS[broken] + 1) % 10
+    return candidate
 
 
-def test_improvement_passes_and_the_reason_gives_both_rates():
-    passed, reason = judge(0.07, 0.08, CFG)
-    assert passed and "0.0700" in reason and "0.0800" in reason
+def test_first_push_only_needs_the_absolute_bounds():
+    rng = np.random.default_rng(0)
+    judgement = judge(predictions(rng, 0.08), LABELS, None, CFG)
+    assert judgement.passed and judgement.overall is None
+    assert "nothing serving" in judgement.reason
+    failed = judge(predictions(rng, 0.12), LABELS, None, CFG)
+    assert not failed.passed and "validate.max_error_rate" in failed.reason
+
+
+def test_a_difference_that_is_noise_passes():
+    rng = np.random.default_rng(1)
+    champion = predictions(rng, 0.08)
+    candidate = reshuffle(rng, champion, 200)
+    judgement = judge(candidate, LABELS, champion, CFG)
+    assert judgement.passed, judgement.reason
+    assert judgement.overall.b == judgement.overall.c == 200
+    assert judgement.overall.low < 0 < judgement.overall.high
+    assert "McNemar p=" in judgement.reason and "95% interval" in judgement.reason
+
+
+def test_a_real_regression_is_blocked_though_its_point_estimate_is_small():
+    rng = np.random.default_rng(2)
+    champion = predictions(rng, 0.08)
+    candidate = reshuffle(rng, champion, 100)
+    right = np.flatnonzero(candidate == LABELS)
+    worse = rng.choice(right, 90, replace=False)
+    candidate[worse] = (LABELS[worse] + 1) % 10  # 0.9 points worse: the old gate let it pass
+    judgement = judge(candidate, LABELS, champion, CFG)
+    assert not judgement.passed
+    assert "validate.max_regression" in judgement.reason
+    assert judgement.overall.high > 0.01 > judgement.overall.difference
+
+
+def test_better_overall_but_clearly_worse_on_one_digit_is_blocked_naming_it():
+    rng = np.random.default_rng(3)
+    champion = predictions(rng, 0.08)
+    candidate = reshuffle(rng, champion, 100)
+    wrong_elsewhere = np.flatnonzero((candidate != LABELS) & (LABELS != 7))
+    fixed = rng.choice(wrong_elsewhere, 200, replace=False)
+    candidate[fixed] = LABELS[fixed]  # better on the other digits
+    sevens = np.flatnonzero((candidate == LABELS) & (LABELS == 7))
+    broken = rng.choice(sevens, 80, replace=False)
+    candidate[broken] = 1  # and much worse on 7
+    judgement = judge(candidate, LABELS, champion, CFG)
+    assert judgement.overall.difference < 0  # better overall
+    assert not judgement.passed
+    assert judgement.reason.startswith("digit 7:"), judgement.reason
+    assert "validate.max_class_regression" in judgement.reason
+
+
+def test_a_bound_per_digit_names_the_digit():
+    rng = np.random.default_rng(4)
+    predicted = predictions(rng, 0.05)
+    threes = np.flatnonzero(LABELS == 3)[:200]
+    predicted[threes] = 8
+    cfg = ValidateConfig(max_error_rate=0.10, max_class_error_rate={3: 0.15})
+    judgement = judge(predicted, LABELS, None, cfg)
+    assert not judgement.passed
+    assert judgement.reason.startswith("digit 3:") and "max_class_error_rate[3]" in judgement.reason
+    assert judgement.class_error_rates[3] > 0.15
