@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_client
+from prefect.artifacts import create_link_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
-from prefect.states import Completed, State
+from prefect.states import Completed, Failed, State
 
 from serving import mnist
 from serving.api_client import ModelServer
@@ -34,15 +35,17 @@ from tasks import data, lineage, plots
 from tasks.config import CONCURRENCY_LIMIT, ConfigError, PipelineConfig, load_config
 from tasks.data.store import Snapshot
 from tasks.export import export
-from tasks.logs import logger
+from tasks.logs import artifact_key, logger
 from tasks.push import push
-from tasks.tracking import promote_champion, register_model, snapshot_inputs, tracked_run
+from tasks.tracking import (
+    RunTracker,
+    promote_champion,
+    register_model,
+    snapshot_inputs,
+    tracked_run,
+)
 from tasks.train import train
 from tasks.validate import Verdict, validate
-
-
-class GateFailed(RuntimeError):
-    """The new version did not pass validation; nothing was pushed."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,16 @@ def wait_for_landing_window(landed_at: str, landing_window_s: float) -> None:
         time.sleep(remaining)
 
 
+def tag_flow_run(*tags: str) -> None:
+    """Add tags to this flow run: the Prefect UI filters runs by model kind and outcome."""
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(run_id).tags
+        client.update_flow_run(run_id, tags=sorted({*current, *tags}))
+
+
 def serving_version(servers: list[str], model_name: str) -> int | None:
     try:
         with ModelServer(servers[0], model_name) as server:
@@ -90,6 +103,7 @@ def train_and_serve(
     landing_window_s: float = 0.0,
 ) -> Outcome | State:
     cfg = load_config(config_path, overrides or [])
+    tag_flow_run(f"model:{cfg.model.kind}")
     if landed_at:
         wait_for_landing_window(landed_at, landing_window_s)
     with concurrency(CONCURRENCY_LIMIT, occupy=1):
@@ -101,8 +115,9 @@ def train_and_serve(
         )
         if unchanged and not force:
             logger().info("%s: not training (force=true retrains anyway)", unchanged)
+            tag_flow_run("outcome:skipped")
             return Completed(message=unchanged)
-        return train_and_push(cfg, taken, inputs)
+        return train_and_push(cfg, taken, inputs, champion)
 
 
 def gate_metrics(verdict: Verdict) -> dict[str, float]:
@@ -125,7 +140,41 @@ def gate_metrics(verdict: Verdict) -> dict[str, float]:
     return metrics
 
 
-def train_and_push(cfg: PipelineConfig, taken: Snapshot, inputs: lineage.TrainingInputs) -> Outcome:
+def record_verdict(
+    tracker: RunTracker, verdict: Verdict, champion: dict[str, str] | None, scratch: Path
+) -> None:
+    """The gate's numbers, decision and confusion plot into the MLflow run; a serving version
+    that is not the registry's champion is reported, never silently taken as the baseline."""
+    tracker.log_metrics({"val_error_rate": verdict.error_rate, **gate_metrics(verdict)})
+    tracker.log_metrics(
+        {f"slice_error_rate.{name}": rate for name, rate in verdict.slice_error_rates.items()}
+    )
+    if verdict.baseline_error_rate is not None:
+        tracker.log_metrics({"baseline_error_rate": verdict.baseline_error_rate})
+        tracker.set_tags({"baseline_version": verdict.baseline_version})
+    registered = champion.get("export_version") if champion else None
+    if verdict.baseline_version is not None and str(verdict.baseline_version) != registered:
+        mismatch = (
+            f"the servers serve version {verdict.baseline_version}, the registry's champion is "
+            f"{registered or 'none'}: the gate compared with what serves"
+        )
+        logger().warning(mismatch)
+        tracker.set_tags({"baseline_mismatch": mismatch})
+    tracker.set_tags(
+        {"gate": "passed" if verdict.passed else "failed", "gate_reason": verdict.reason}
+    )
+    confusion_png = plots.confusion_matrix(
+        verdict.confusion, verdict.error_rate, scratch / "confusion.png"
+    )
+    tracker.log_artifact(confusion_png, "plots")
+
+
+def train_and_push(
+    cfg: PipelineConfig,
+    taken: Snapshot,
+    inputs: lineage.TrainingInputs,
+    champion: dict[str, str] | None,
+) -> Outcome | State:
     log = logger()
     run_name = f"{cfg.export.model_name}-{flow_run.get_name() or 'local'}"
     tags = {
@@ -138,6 +187,12 @@ def train_and_push(cfg: PipelineConfig, taken: Snapshot, inputs: lineage.Trainin
         tracked_run(cfg.mlflow, run_name, cfg.flat(), tags) as tracker,
         tempfile.TemporaryDirectory() as scratch,
     ):
+        if tracker.web_url:
+            create_link_artifact(
+                key=artifact_key("mlflow-run", cfg.export.model_name),
+                link=tracker.web_url,
+                link_text=f"MLflow run {run_name}",
+            )
         tracker.log_inputs(*snapshot_inputs(taken, cfg.data.store, mnist.source_digest("t10k")))
         loaded = data.load(cfg.data, taken)
 
@@ -163,28 +218,23 @@ def train_and_push(cfg: PipelineConfig, taken: Snapshot, inputs: lineage.Trainin
             },
         )
 
-        verdict = validate(
-            exported, loaded.mnist.test, cfg.validate_, cfg.push.servers, loaded.slices
+        gate = validate(
+            exported,
+            loaded.mnist.test,
+            cfg.validate_,
+            cfg.push.servers,
+            loaded.slices,
+            return_state=True,
         )
-        tracker.log_metrics({"val_error_rate": verdict.error_rate, **gate_metrics(verdict)})
-        tracker.log_metrics(
-            {f"slice_error_rate.{name}": rate for name, rate in verdict.slice_error_rates.items()}
-        )
-        if verdict.baseline_error_rate is not None:
-            tracker.log_metrics({"baseline_error_rate": verdict.baseline_error_rate})
-            tracker.set_tags({"baseline_version": verdict.baseline_version})
-        tracker.set_tags(
-            {"gate": "passed" if verdict.passed else "failed", "gate_reason": verdict.reason}
-        )
-        confusion_png = plots.confusion_matrix(
-            verdict.confusion, verdict.error_rate, Path(scratch) / "confusion.png"
-        )
-        tracker.log_artifact(confusion_png, "plots")
+        verdict = gate.result(raise_on_failure=False)
+        if not isinstance(verdict, Verdict):
+            raise verdict  # the gate could not be evaluated: an error, with its traceback
+        record_verdict(tracker, verdict, champion, Path(scratch))
         if not verdict.passed:
-            raise GateFailed(
-                f"gate failed for {exported.model_name} version {exported.version}: "
-                f"{verdict.reason}"
-            )
+            # An expected outcome, not a crash: the flow run ends Failed with the gate's reason.
+            tracker.end("FAILED")
+            tag_flow_run("outcome:gate-failed")
+            return Failed(message=gate.message)
 
         pushed = push(exported, verdict, cfg.push)
         tracker.set_tags({"pushed": "true", "pushed_version": pushed.version})
@@ -195,6 +245,7 @@ def train_and_push(cfg: PipelineConfig, taken: Snapshot, inputs: lineage.Trainin
             }
         )
         promote_champion(tracker, exported.model_name, registry_version)
+        tag_flow_run("outcome:pushed")
         log.info(
             "%s version %d is serving on %s (snapshot %s, %d training rows)",
             pushed.model_name,
@@ -237,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     state = train_and_serve(args.config, args.overrides, force=args.force, return_state=True)
-    outcome = state.result()  # raises what the run raised
+    if state.is_failed():  # a failed gate, or an error Prefect has logged with its traceback
+        print(f"error: {state.message}", file=sys.stderr)
+        return 1
+    outcome = state.result()
     if outcome is None:  # a skip: Completed, with the reason as its message
         print(state.message)
     else:

@@ -53,6 +53,18 @@ class RunTracker:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def end(self, status: str) -> None:
+        """End the run now (e.g. FAILED for a rejected version that raised nothing)."""
+        self.client.set_terminated(self.run_id, status)
+
+    @cached_property
+    def web_url(self) -> str | None:
+        """The run's page in the MLflow UI; None when the tracking URI is no server."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return None
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        return f"{self.tracking_uri}/#/experiments/{experiment}/runs/{self.run_id}"
+
     def log_inputs(self, *inputs: DatasetInput) -> None:
         self.client.log_inputs(self.run_id, datasets=list(inputs))
 
@@ -157,7 +169,7 @@ def record_batch(cfg: MlflowConfig, store: Path, result: AddResult) -> str:
 def tracked_run(
     cfg: MlflowConfig, run_name: str, params: dict[str, str], tags: dict[str, str]
 ) -> Iterator[RunTracker]:
-    """An MLflow run that ends FINISHED, or FAILED when the body raises."""
+    """An MLflow run that ends FINISHED, or FAILED when the body raises or ends it so."""
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
     experiment = client.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
@@ -174,7 +186,8 @@ def tracked_run(
     except BaseException:
         client.set_terminated(run.info.run_id, "FAILED")
         raise
-    client.set_terminated(run.info.run_id, "FINISHED")
+    if client.get_run(run.info.run_id).info.status == "RUNNING":  # unless the body ended it
+        client.set_terminated(run.info.run_id, "FINISHED")
 
 
 def register_model(

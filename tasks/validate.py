@@ -16,8 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from grpc import StatusCode
 from prefect import task
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed, State
+from prefect.tasks import exponential_backoff
 
 from serving.api_client import ModelServer
 from serving.mnist import NUM_CLASSES, Split
@@ -25,7 +29,7 @@ from serving.model_format import DEFAULT_SIGNATURE
 from tasks.comparison import Comparison, compare
 from tasks.config import ValidateConfig
 from tasks.export import ExportResult
-from tasks.logs import logger
+from tasks.logs import artifact_key, logger
 
 
 class ValidationError(RuntimeError):
@@ -166,14 +170,58 @@ def _decide(
     )
 
 
-@task(cache_policy=NO_CACHE)
+def is_transient(task, task_run, state) -> bool:
+    """Retry only a server that was briefly unreachable, never a failed gate (a returned state)."""
+    error = state.result(raise_on_failure=False)
+    cause = getattr(error, "__cause__", None)
+    code = getattr(cause, "code", None)
+    return (
+        isinstance(error, ValidationError) and callable(code) and code() == StatusCode.UNAVAILABLE
+    )
+
+
+def gate_table(judgement: Judgement, cfg: ValidateConfig) -> list[dict[str, str]]:
+    """One row for the whole test set and one per digit: what the gate compared and decided."""
+    rows = []
+    for what, comparison, margin in (
+        ("all digits", judgement.overall, cfg.max_regression),
+        *((f"digit {k}", c, cfg.max_class_regression) for k, c in judgement.per_class.items()),
+    ):
+        if comparison is None:
+            continue
+        rows.append(
+            {
+                "metric": f"error rate, {what}",
+                "candidate": f"{comparison.candidate_error:.4f}",
+                "champion": f"{comparison.champion_error:.4f}",
+                "difference": f"{comparison.difference:+.4f}",
+                "interval": f"[{comparison.low:+.4f}, {comparison.high:+.4f}]",
+                "McNemar p": f"{comparison.p_value:.3g}",
+                "bound": f"{margin:.4f}",
+                "decision": "ok" if comparison.high <= margin else "BLOCKS",
+            }
+        )
+    return rows
+
+
+# A server that is restarting answers UNAVAILABLE for a moment: retried, with backoff and jitter.
+@task(
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=is_transient,
+    timeout_seconds=600,
+)
 def validate(
     export: ExportResult,
     test: Split,
     cfg: ValidateConfig,
     servers: list[str],
     slices: dict[str, Split] | None = None,
-) -> Verdict:
+) -> Verdict | State:
+    """The verdict; a failed gate is this task's Failed state, its message the reason, its data
+    the verdict (an expected outcome: no exception, no traceback)."""
     log = logger()
     slices = slices or {}
     scores, *slice_scores = exported_scores(
@@ -185,24 +233,30 @@ def validate(
     }
     for name, rate in slice_error_rates.items():
         log.info("evaluation slice %s: error rate %.4f", name, rate)
-    error_rate = _error_rate(scores, test.labels)
     baseline_version, champion = baseline(servers, export.model_name, test)
     judgement = judge(np.argmax(scores, axis=1), test.labels, champion, cfg)
-    passed, reason = judgement.passed, judgement.reason
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
     np.add.at(confusion, (test.labels, np.argmax(scores, axis=1)), 1)
+    decision = "passed" if judgement.passed else "FAILED"
     log.info(
         "gate %s for %s version %d: %s",
-        "passed" if passed else "FAILED",
+        decision,
         export.model_name,
         export.version,
-        reason,
+        judgement.reason,
     )
+    if judgement.overall is not None:
+        create_table_artifact(
+            key=artifact_key("gate", export.model_name),
+            table=gate_table(judgement, cfg),
+            description=f"Gate {decision} for {export.model_name} version {export.version} "
+            f"against version {baseline_version}: {judgement.reason}",
+        )
     canaries = slice(0, cfg.num_canary_images)
-    return Verdict(
-        passed=passed,
-        reason=reason,
-        error_rate=error_rate,
+    verdict = Verdict(
+        passed=judgement.passed,
+        reason=judgement.reason,
+        error_rate=float(np.mean(np.argmax(scores, axis=1) != test.labels)),
         baseline_error_rate=judgement.overall.champion_error if judgement.overall else None,
         baseline_version=baseline_version,
         judgement=judgement,
@@ -211,3 +265,10 @@ def validate(
         canary_scores=scores[canaries],
         slice_error_rates=slice_error_rates,
     )
+    if not verdict.passed:
+        return Failed(
+            message=f"gate failed for {export.model_name} version {export.version}: "
+            f"{verdict.reason}",
+            data=verdict,
+        )
+    return verdict

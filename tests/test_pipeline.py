@@ -21,10 +21,18 @@ import grpc
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from prefect import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.client.schemas.sorting import ArtifactSort
 from prefect.testing.utilities import prefect_test_harness
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from flows.train_and_serve import GateFailed, train_and_serve
+from flows.train_and_serve import train_and_serve
 from serving.api_client import ModelServer, predict_request, response_scores
 from serving.mnist import load_test
 from tasks.config import REPO_ROOT, DataConfig
@@ -182,6 +190,15 @@ def test_a_run_with_nothing_new_trains_nothing(stack):
     assert not (stack.root / "exports" / MODEL / "2").exists()
 
 
+def latest_artifact(key: str):
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )[0]
+
+
 def all_runs(stack: Stack) -> list:
     client = MlflowClient(stack.tracking_uri)
     experiment = client.get_experiment_by_name("train-and-serve")
@@ -226,6 +243,14 @@ def test_a_landed_batch_is_trained_on_and_hot_swapped_with_zero_failed_requests(
         assert server.serving_version() == 2
     run = latest_run(stack)
     assert run.data.metrics["baseline_error_rate"] == pytest.approx(outcome.baseline_error_rate)
+    for metric in ("gate.difference", "gate.interval_high", "gate.mcnemar_p", "class_error_rate.7"):
+        assert metric in run.data.metrics, metric
+    assert run.data.metrics["gate.interval_low"] <= run.data.metrics["gate.difference"]
+    gate, link = latest_artifact("gate-mnist"), latest_artifact("mlflow-run-mnist")
+    table = json.loads(gate.data) if isinstance(gate.data, str) else gate.data
+    assert [row["metric"] for row in table][:2] == ["error rate, all digits", "error rate, digit 0"]
+    assert len(table) == 11 and all(row["decision"] == "ok" for row in table)
+    assert run.info.run_id in link.data
     assert run.data.tags["training_rows"] == "52000"
     assert run.data.tags["snapshot"] == outcome.snapshot == stack.store.snapshot().id
     assert 0 < run.data.metrics["slice_error_rate.fresh"] < 0.2  # the eval batch, its own slice
@@ -241,8 +266,22 @@ def test_failed_gate_pushes_nothing_and_the_old_version_keeps_serving(stack):
     )
     assert state.is_failed()
     assert "validate.max_error_rate" in state.message
-    with pytest.raises(GateFailed):
-        state.result()
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        [validate_run] = [
+            run
+            for run in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            if run.name.startswith("validate")
+        ]
+        flow_run = client.read_flow_run(flow_run_id)
+    # A failed gate is an outcome, not a crash: the validate task itself is Failed, with the
+    # reason, and so is the flow run, with the same words.
+    assert validate_run.state.is_failed()
+    assert validate_run.state.message == state.message
+    assert state.message.startswith("gate failed for mnist version 3: error rate")
+    assert {"model:softmax", "outcome:gate-failed"} <= set(flow_run.tags)
     assert sorted(
         p.name for p in (stack.root / "models" / MODEL).iterdir() if not p.name.startswith(".")
     ) == ["1", "2"]

@@ -4,11 +4,12 @@ labels' class balance)."""
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 
 from serving.mnist import load_test
 from tasks.config import REPO_ROOT, ValidateConfig
-from tasks.validate import judge
+from tasks.validate import ValidationError, is_transient, judge
 
 CFG = ValidateConfig(max_error_rate=0.10)
 LABELS = load_test(REPO_ROOT / "data" / "mnist").labels
@@ -92,3 +93,29 @@ def test_a_bound_per_digit_names_the_digit():
     assert not judgement.passed
     assert judgement.reason.startswith("digit 3:") and "max_class_error_rate[3]" in judgement.reason
     assert judgement.class_error_rates[3] > 0.15
+
+
+class _Rpc(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+
+def _failed_with(error: BaseException):
+    from prefect.states import Failed
+
+    return Failed(data=error)
+
+
+def test_only_an_unreachable_server_is_retried_never_a_failed_gate():
+    def measured(code):
+        try:
+            raise ValidationError("cannot measure the serving baseline") from _Rpc(code)
+        except ValidationError as error:
+            return error
+
+    assert is_transient(None, None, _failed_with(measured(grpc.StatusCode.UNAVAILABLE)))
+    assert not is_transient(None, None, _failed_with(measured(grpc.StatusCode.NOT_FOUND)))
+    assert not is_transient(None, None, _failed_with(RuntimeError("a bug")))
