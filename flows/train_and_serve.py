@@ -124,18 +124,15 @@ def gate_metrics(verdict: Verdict) -> dict[str, float]:
     """The numbers behind the gate's decision, as MLflow metrics."""
     judgement = verdict.judgement
     metrics = {f"class_error_rate.{k}": rate for k, rate in judgement.class_error_rates.items()}
-    if judgement.overall is not None:
-        comparison = judgement.overall
+    for check in judgement.checks:
+        group = "" if check.group == "all digits" else "." + check.group.replace(" ", "_")
         metrics.update(
             {
-                "gate.difference": comparison.difference,
-                "gate.interval_low": comparison.low,
-                "gate.interval_high": comparison.high,
-                "gate.mcnemar_p": comparison.p_value,
+                f"gate.difference{group}": check.comparison.difference,
+                f"gate.interval_low{group}": check.comparison.low,
+                f"gate.interval_high{group}": check.comparison.high,
+                f"gate.mcnemar_p{group}": check.comparison.p_value,
             }
-        )
-        metrics.update(
-            {f"gate.class_interval_high.{k}": c.high for k, c in judgement.per_class.items()}
         )
     return metrics
 

@@ -76,6 +76,7 @@ class ValidateConfig(_Section):
     # Non-inferiority margins: the upper end of the interval of (candidate - serving) error rate.
     max_regression: float = Field(0.01, ge=0, le=1)
     max_class_regression: float = Field(0.05, ge=0, le=1)
+    max_slice_regression: float = Field(0.05, ge=0, le=1)  # each evaluation batch of the store
     max_class_error_rate: dict[int, float] = {}  # digit -> bound, for the digits that need one
     confidence: float = Field(0.95, ge=0.5, lt=1)
     bootstrap_resamples: int = Field(2000, ge=1000)

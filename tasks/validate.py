@@ -37,12 +37,29 @@ class ValidationError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class PairedCheck:
+    """One non-inferiority test the gate makes against the serving version."""
+
+    group: str  # "all digits", "digit 7", "slice fresh"
+    comparison: Comparison
+    margin: float
+    key: str  # the configuration key of the margin
+
+    @property
+    def blocks(self) -> bool:
+        return self.comparison.high > self.margin
+
+
+@dataclass(frozen=True)
 class Judgement:
     passed: bool
     reason: str
-    overall: Comparison | None  # against the serving model; None on the first push
-    per_class: dict[int, Comparison]  # the same, on each digit's images
+    checks: tuple[PairedCheck, ...]  # all digits, each digit, each slice; none on a first push
     class_error_rates: dict[int, float]
+
+    @property
+    def overall(self) -> Comparison | None:
+        return self.checks[0].comparison if self.checks else None
 
 
 def _interval(comparison: Comparison, confidence: float) -> str:
@@ -84,56 +101,74 @@ def exported_scores(export: ExportResult, *image_sets: np.ndarray) -> list[np.nd
 
 
 def baseline(
-    servers: list[str], model_name: str, test: Split
-) -> tuple[int | None, np.ndarray | None]:
-    """The version the first server serves now and its predicted classes for ``test``; (None,
-    None) when nothing serves."""
+    servers: list[str], model_name: str, *image_sets: np.ndarray
+) -> tuple[int | None, list[np.ndarray | None]]:
+    """The version the first server serves now and its predicted classes for each image set;
+    (None, [None, ...]) when nothing serves."""
+    nothing = (None, [None] * len(image_sets))
     if not servers:
-        return None, None
+        return nothing
     try:
         with ModelServer(servers[0], model_name) as server:
             version = server.serving_version()
             if version is None:
-                return None, None
-            scores = server.predict_scores(test.images, version=version)
-            return version, np.argmax(scores, axis=1)
+                return nothing
+            return version, [
+                np.argmax(server.predict_scores(images, version=version), axis=1)
+                for images in image_sets
+            ]
     except Exception as error:  # grpc.RpcError and friends: say which server and why
         raise ValidationError(
             f"cannot measure the serving baseline on {servers[0]}: {error}"
         ) from error
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """Predicted classes on one set of images: the candidate's, and the serving version's."""
+
+    candidate: np.ndarray
+    labels: np.ndarray
+    champion: np.ndarray | None
+
+
 def judge(
-    predicted: np.ndarray, labels: np.ndarray, champion: np.ndarray | None, cfg: ValidateConfig
+    test: Predictions, cfg: ValidateConfig, slices: dict[str, Predictions] | None = None
 ) -> Judgement:
-    """The gate on the candidate's predicted classes, paired with the champion's on the same
-    images: the absolute bounds, then non-inferiority overall and per digit."""
-    wrong = predicted != labels
-    class_error_rates = {k: float(wrong[labels == k].mean()) for k in range(NUM_CLASSES)}
-    overall, per_class = None, {}
-    if champion is not None:
-        champion_wrong = champion != labels
+    """The gate: the absolute bounds on the test set, then, when a version serves, non-inferiority
+    on the same images overall, per digit and per evaluation slice."""
+    wrong = test.candidate != test.labels
+    class_error_rates = {k: float(wrong[test.labels == k].mean()) for k in range(NUM_CLASSES)}
+    checks: list[PairedCheck] = []
+    if test.champion is not None:
 
-        def paired(images: np.ndarray) -> Comparison:
-            return compare(
-                wrong[images], champion_wrong[images], cfg.confidence, cfg.bootstrap_resamples
+        def paired(of: Predictions, rows: np.ndarray, group: str, margin: str) -> PairedCheck:
+            comparison = compare(
+                (of.candidate != of.labels)[rows],
+                (of.champion != of.labels)[rows],
+                cfg.confidence,
+                cfg.bootstrap_resamples,
             )
+            return PairedCheck(group, comparison, getattr(cfg, margin), f"validate.{margin}")
 
-        overall = paired(np.ones_like(wrong))
-        per_class = {k: paired(labels == k) for k in range(NUM_CLASSES)}
-    return Judgement(
-        *_decide(float(wrong.mean()), class_error_rates, overall, per_class, cfg),
-        overall,
-        per_class,
-        class_error_rates,
-    )
+        everything = np.ones(len(test.labels), bool)
+        checks.append(paired(test, everything, "all digits", "max_regression"))
+        checks += [
+            paired(test, test.labels == k, f"digit {k}", "max_class_regression")
+            for k in range(NUM_CLASSES)
+        ]
+        checks += [
+            paired(of, np.ones(len(of.labels), bool), f"slice {name}", "max_slice_regression")
+            for name, of in (slices or {}).items()
+        ]
+    passed, reason = _decide(float(wrong.mean()), class_error_rates, checks, cfg)
+    return Judgement(passed, reason, tuple(checks), class_error_rates)
 
 
 def _decide(
     error_rate: float,
     class_error_rates: dict[int, float],
-    overall: Comparison | None,
-    per_class: dict[int, Comparison],
+    checks: list[PairedCheck],
     cfg: ValidateConfig,
 ) -> tuple[bool, str]:
     if error_rate > cfg.max_error_rate:
@@ -147,26 +182,20 @@ def _decide(
                 f"validate.max_class_error_rate[{digit}] {bound:.4f}"
             )
     bound = f"error rate {error_rate:.4f} (bound {cfg.max_error_rate:.4f})"
-    if overall is None:
+    if not checks:
         return True, f"{bound}; nothing serving to compare with"
-    if overall.high > cfg.max_regression:
-        return False, (
-            f"{bound} against the serving model's {overall.champion_error:.4f}: "
-            f"{_interval(overall, cfg.confidence)}, above validate.max_regression "
-            f"{cfg.max_regression:.4f}"
-        )
-    for digit, comparison in per_class.items():
-        if comparison.high > cfg.max_class_regression:
+    for check in checks:
+        if check.blocks:
+            comparison = check.comparison
             return False, (
-                f"digit {digit}: error rate {comparison.candidate_error:.4f} against the serving "
+                f"{check.group}: error rate {comparison.candidate_error:.4f} against the serving "
                 f"model's {comparison.champion_error:.4f}: "
-                f"{_interval(comparison, cfg.confidence)}, above validate.max_class_regression "
-                f"{cfg.max_class_regression:.4f}"
+                f"{_interval(comparison, cfg.confidence)}, above {check.key} {check.margin:.4f}"
             )
+    overall = checks[0].comparison
     return True, (
         f"{bound}, serving model {overall.champion_error:.4f}: "
-        f"{_interval(overall, cfg.confidence)}, within validate.max_regression "
-        f"{cfg.max_regression:.4f}, every digit within {cfg.max_class_regression:.4f}"
+        f"{_interval(overall, cfg.confidence)}; every digit and slice within its margin"
     )
 
 
@@ -180,28 +209,21 @@ def is_transient(task, task_run, state) -> bool:
     )
 
 
-def gate_table(judgement: Judgement, cfg: ValidateConfig) -> list[dict[str, str]]:
-    """One row for the whole test set and one per digit: what the gate compared and decided."""
-    rows = []
-    for what, comparison, margin in (
-        ("all digits", judgement.overall, cfg.max_regression),
-        *((f"digit {k}", c, cfg.max_class_regression) for k, c in judgement.per_class.items()),
-    ):
-        if comparison is None:
-            continue
-        rows.append(
-            {
-                "metric": f"error rate, {what}",
-                "candidate": f"{comparison.candidate_error:.4f}",
-                "champion": f"{comparison.champion_error:.4f}",
-                "difference": f"{comparison.difference:+.4f}",
-                "interval": f"[{comparison.low:+.4f}, {comparison.high:+.4f}]",
-                "McNemar p": f"{comparison.p_value:.3g}",
-                "bound": f"{margin:.4f}",
-                "decision": "ok" if comparison.high <= margin else "BLOCKS",
-            }
-        )
-    return rows
+def gate_table(judgement: Judgement) -> list[dict[str, str]]:
+    """One row per paired check (all digits, each digit, each slice): what it compared, decided."""
+    return [
+        {
+            "metric": f"error rate, {check.group}",
+            "candidate": f"{check.comparison.candidate_error:.4f}",
+            "champion": f"{check.comparison.champion_error:.4f}",
+            "difference": f"{check.comparison.difference:+.4f}",
+            "interval": f"[{check.comparison.low:+.4f}, {check.comparison.high:+.4f}]",
+            "McNemar p": f"{check.comparison.p_value:.3g}",
+            "bound": f"{check.margin:.4f}",
+            "decision": "BLOCKS" if check.blocks else "ok",
+        }
+        for check in judgement.checks
+    ]
 
 
 # A server that is restarting answers UNAVAILABLE for a moment: retried, with backoff and jitter.
@@ -233,8 +255,19 @@ def validate(
     }
     for name, rate in slice_error_rates.items():
         log.info("evaluation slice %s: error rate %.4f", name, rate)
-    baseline_version, champion = baseline(servers, export.model_name, test)
-    judgement = judge(np.argmax(scores, axis=1), test.labels, champion, cfg)
+    baseline_version, (champion, *slice_champions) = baseline(
+        servers, export.model_name, test.images, *(split.images for split in slices.values())
+    )
+    judgement = judge(
+        Predictions(np.argmax(scores, axis=1), test.labels, champion),
+        cfg,
+        {
+            name: Predictions(np.argmax(found, axis=1), split.labels, theirs)
+            for (name, split), found, theirs in zip(
+                slices.items(), slice_scores, slice_champions, strict=True
+            )
+        },
+    )
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
     np.add.at(confusion, (test.labels, np.argmax(scores, axis=1)), 1)
     decision = "passed" if judgement.passed else "FAILED"
@@ -248,7 +281,7 @@ def validate(
     if judgement.overall is not None:
         create_table_artifact(
             key=artifact_key("gate", export.model_name),
-            table=gate_table(judgement, cfg),
+            table=gate_table(judgement),
             description=f"Gate {decision} for {export.model_name} version {export.version} "
             f"against version {baseline_version}: {judgement.reason}",
         )

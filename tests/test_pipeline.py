@@ -249,7 +249,9 @@ def test_a_landed_batch_is_trained_on_and_hot_swapped_with_zero_failed_requests(
     gate, link = latest_artifact("gate-mnist"), latest_artifact("mlflow-run-mnist")
     table = json.loads(gate.data) if isinstance(gate.data, str) else gate.data
     assert [row["metric"] for row in table][:2] == ["error rate, all digits", "error rate, digit 0"]
-    assert len(table) == 11 and all(row["decision"] == "ok" for row in table)
+    assert len(table) == 12 and all(row["decision"] == "ok" for row in table)
+    assert table[-1]["metric"] == "error rate, slice fresh"  # the evaluation batch, paired too
+    assert "gate.interval_high.slice_fresh" in run.data.metrics
     assert run.info.run_id in link.data
     assert run.data.tags["training_rows"] == "52000"
     assert run.data.tags["snapshot"] == outcome.snapshot == stack.store.snapshot().id

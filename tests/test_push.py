@@ -20,7 +20,7 @@ def verdict(passed: bool) -> Verdict:
         error_rate=0.08,
         baseline_error_rate=None,
         baseline_version=None,
-        judgement=Judgement(passed, "test", None, {}, {}),
+        judgement=Judgement(passed, "test", (), {}),
         confusion=np.zeros((10, 10), np.int64),
         canary_images=np.zeros((2, 784), np.float32),
         canary_scores=np.full((2, 10), 0.1, np.float32),

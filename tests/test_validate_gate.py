@@ -9,7 +9,7 @@ import numpy as np
 
 from serving.mnist import load_test
 from tasks.config import REPO_ROOT, ValidateConfig
-from tasks.validate import ValidationError, is_transient, judge
+from tasks.validate import Predictions, ValidationError, is_transient, judge
 
 CFG = ValidateConfig(max_error_rate=0.10)
 LABELS = load_test(REPO_ROOT / "data" / "mnist").labels
@@ -35,10 +35,10 @@ def reshuffle(rng, predicted: np.ndarray, flips: int) -> np.ndarray:
 
 def test_first_push_only_needs_the_absolute_bounds():
     rng = np.random.default_rng(0)
-    judgement = judge(predictions(rng, 0.08), LABELS, None, CFG)
+    judgement = judge(Predictions(predictions(rng, 0.08), LABELS, None), CFG)
     assert judgement.passed and judgement.overall is None
     assert "nothing serving" in judgement.reason
-    failed = judge(predictions(rng, 0.12), LABELS, None, CFG)
+    failed = judge(Predictions(predictions(rng, 0.12), LABELS, None), CFG)
     assert not failed.passed and "validate.max_error_rate" in failed.reason
 
 
@@ -46,7 +46,7 @@ def test_a_difference_that_is_noise_passes():
     rng = np.random.default_rng(1)
     champion = predictions(rng, 0.08)
     candidate = reshuffle(rng, champion, 200)
-    judgement = judge(candidate, LABELS, champion, CFG)
+    judgement = judge(Predictions(candidate, LABELS, champion), CFG)
     assert judgement.passed, judgement.reason
     assert judgement.overall.b == judgement.overall.c == 200
     assert judgement.overall.low < 0 < judgement.overall.high
@@ -60,7 +60,7 @@ def test_a_real_regression_is_blocked_though_its_point_estimate_is_small():
     right = np.flatnonzero(candidate == LABELS)
     worse = rng.choice(right, 90, replace=False)
     candidate[worse] = (LABELS[worse] + 1) % 10  # 0.9 points worse: the old gate let it pass
-    judgement = judge(candidate, LABELS, champion, CFG)
+    judgement = judge(Predictions(candidate, LABELS, champion), CFG)
     assert not judgement.passed
     assert "validate.max_regression" in judgement.reason
     assert judgement.overall.high > 0.01 > judgement.overall.difference
@@ -76,11 +76,29 @@ def test_better_overall_but_clearly_worse_on_one_digit_is_blocked_naming_it():
     sevens = np.flatnonzero((candidate == LABELS) & (LABELS == 7))
     broken = rng.choice(sevens, 80, replace=False)
     candidate[broken] = 1  # and much worse on 7
-    judgement = judge(candidate, LABELS, champion, CFG)
+    judgement = judge(Predictions(candidate, LABELS, champion), CFG)
     assert judgement.overall.difference < 0  # better overall
     assert not judgement.passed
     assert judgement.reason.startswith("digit 7:"), judgement.reason
     assert "validate.max_class_regression" in judgement.reason
+
+
+def test_a_regression_on_an_evaluation_slice_is_blocked_naming_it():
+    rng = np.random.default_rng(5)
+    champion = predictions(rng, 0.08)
+    slice_labels = LABELS[:2000]
+    theirs = champion[:2000].copy()
+    ours = theirs.copy()
+    right = np.flatnonzero(ours == slice_labels)
+    broken = rng.choice(right, 200, replace=False)
+    ours[broken] = (slice_labels[broken] + 1) % 10  # 10 points worse on this slice only
+    fresh = Predictions(ours, slice_labels, theirs)
+    judgement = judge(Predictions(champion.copy(), LABELS, champion), CFG, {"fresh": fresh})
+    assert not judgement.passed
+    assert (
+        judgement.reason.startswith("slice fresh:") and "max_slice_regression" in judgement.reason
+    )
+    assert [check.group for check in judgement.checks][-1] == "slice fresh"
 
 
 def test_a_bound_per_digit_names_the_digit():
@@ -89,7 +107,7 @@ def test_a_bound_per_digit_names_the_digit():
     threes = np.flatnonzero(LABELS == 3)[:200]
     predicted[threes] = 8
     cfg = ValidateConfig(max_error_rate=0.10, max_class_error_rate={3: 0.15})
-    judgement = judge(predicted, LABELS, None, cfg)
+    judgement = judge(Predictions(predicted, LABELS, None), cfg)
     assert not judgement.passed
     assert judgement.reason.startswith("digit 3:") and "max_class_error_rate[3]" in judgement.reason
     assert judgement.class_error_rates[3] > 0.15
