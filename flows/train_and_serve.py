@@ -1,10 +1,11 @@
-"""The flow ``train-and-serve``: data → train → export → validate → push.
+"""The flow ``train-and-serve``: data → train → export → validate → infra_validate → push.
 
 One run at a time trains and pushes (the global concurrency limit ``train-and-serve``, which
 every deployment shares; a run that finds it taken waits). A run whose snapshot, configuration
 and code are the serving champion's ends Completed without training ("nothing new since version
 N"), unless ``force``. One MLflow run per training run records what each stage did. A failed gate
-ends the flow run Failed, with the reason as its message, and pushes nothing.
+ends the flow run Failed, with the reason as its message, and pushes nothing; so does a candidate
+that fails in the sandbox server (``validate.infra``).
 
 A run started by new data (deployment ``on-new-data``) gets ``landed_at``, when the first batch
 landed, and first waits until ``landing_window_s`` after it, so that the batches of one burst,
@@ -34,6 +35,7 @@ from tasks import data, lineage, plots
 from tasks.config import CONCURRENCY_LIMIT, ConfigError, PipelineConfig, load_config
 from tasks.data.store import Snapshot
 from tasks.export import export
+from tasks.infra_validate import InfraValidationFailed, infra_validate
 from tasks.logs import logger
 from tasks.push import push
 from tasks.tracking import promote_champion, register_model, snapshot_inputs, tracked_run
@@ -184,6 +186,17 @@ def train_and_push(cfg: PipelineConfig, taken: Snapshot, inputs: lineage.Trainin
             raise GateFailed(
                 f"gate failed for {exported.model_name} version {exported.version}: "
                 f"{verdict.reason}"
+            )
+
+        if cfg.validate_.infra.enabled:
+            try:
+                infra = infra_validate(exported, verdict, cfg.validate_.infra)
+            except InfraValidationFailed:
+                tracker.set_tags({"infra_validation": "failed"})
+                raise
+            tracker.set_tags({"infra_validation": "passed"})
+            tracker.log_metrics(
+                {"infra_validation.seconds_to_available": infra.seconds_to_available}
             )
 
         pushed = push(exported, verdict, cfg.push)
