@@ -69,12 +69,10 @@ class InfraValidationFailed(RuntimeError):
     """The candidate failed a check in the sandbox server; nothing may be pushed."""
 
     def __init__(self, check: str, reason: str, log_tail: str, server_pid: int):
-        self.check, self.reason, self.log_tail, self.server_pid = (
-            check,
-            reason,
-            log_tail,
-            server_pid,
-        )
+        self.check = check
+        self.reason = reason
+        self.log_tail = log_tail
+        self.server_pid = server_pid
         super().__init__(
             f"infra validation failed at check {check!r}: {reason}\n"
             f"--- sandbox server log (last {LOG_TAIL_LINES} lines) ---\n{log_tail}"
@@ -112,7 +110,8 @@ def sandbox_command(
     monitoring_config: Path,
 ) -> list[str]:
     """The sandbox's command line: TF Serving's flags, for ``python -m serving`` (the default)
-    or a ``tensorflow_model_server`` binary alike."""
+    or a ``tensorflow_model_server`` binary alike. Ours listens on 127.0.0.1 only; TF Serving
+    has no flag for that (its gRPC port listens on every interface)."""
     flags = [
         f"--port={grpc_port}",
         f"--rest_api_port={rest_port}",
