@@ -1,10 +1,11 @@
-"""The flow ``train-and-serve``: data → train → export → validate → push.
+"""The flow ``train-and-serve``: data → train → export → validate → infra_validate → push.
 
 One run at a time trains and pushes (the global concurrency limit ``train-and-serve``, which
 every deployment shares; a run that finds it taken waits). A run whose snapshot, configuration
 and code are the serving champion's ends Completed without training ("nothing new since version
 N"), unless ``force``. One MLflow run per training run records what each stage did. A failed gate
-ends the flow run Failed, with the reason as its message, and pushes nothing.
+ends the flow run Failed, with the reason as its message, and pushes nothing; so does a candidate
+that fails in the sandbox server (``validate.infra``).
 
 A run started by new data (deployment ``on-new-data``) gets ``landed_at``, when the first batch
 landed, and first waits until ``landing_window_s`` after it, so that the batches of one burst,
@@ -32,9 +33,16 @@ from prefect.states import Completed, Failed, State
 from serving import mnist
 from serving.api_client import ModelServer
 from tasks import data, lineage, plots
-from tasks.config import CONCURRENCY_LIMIT, ConfigError, PipelineConfig, load_config
+from tasks.config import (
+    CONCURRENCY_LIMIT,
+    ConfigError,
+    InfraConfig,
+    PipelineConfig,
+    load_config,
+)
 from tasks.data.store import Snapshot
-from tasks.export import export
+from tasks.export import ExportResult, export
+from tasks.infra_validate import InfraValidationFailed, infra_validate
 from tasks.logs import artifact_key, logger
 from tasks.push import push
 from tasks.tracking import (
@@ -166,6 +174,19 @@ def record_verdict(
     tracker.log_artifact(confusion_png, "plots")
 
 
+def check_in_sandbox(
+    exported: ExportResult, verdict: Verdict, cfg: InfraConfig, tracker: RunTracker
+) -> None:
+    """Infra validation, recorded in the MLflow run; a failed check raises and blocks the push."""
+    try:
+        infra = infra_validate(exported, verdict, cfg)
+    except InfraValidationFailed:
+        tracker.set_tags({"infra_validation": "failed"})
+        raise
+    tracker.set_tags({"infra_validation": "passed"})
+    tracker.log_metrics({"infra_validation.seconds_to_available": infra.seconds_to_available})
+
+
 def train_and_push(
     cfg: PipelineConfig,
     taken: Snapshot,
@@ -232,6 +253,9 @@ def train_and_push(
             tracker.end("FAILED")
             tag_flow_run("outcome:gate-failed")
             return Failed(message=gate.message)
+
+        if cfg.validate_.infra.enabled:
+            check_in_sandbox(exported, verdict, cfg.validate_.infra, tracker)
 
         pushed = push(exported, verdict, cfg.push)
         tracker.set_tags({"pushed": "true", "pushed_version": pushed.version})

@@ -4,16 +4,19 @@ The pipeline (validate's baseline error rate, push's availability and canary che
 client CLI (``serving.client``) build their requests and read the answers here, so the same code
 drives this package's server and real ``tensorflow_model_server`` replicas. The model it speaks to
 takes ``images`` float32 [N, 784] and answers ``scores`` float32 [N, 10] (``tasks.export``'s
-``serving_default``).
+``serving_default``); ``classify`` speaks to any Classify signature.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import grpc
 import numpy as np
+from tensorflow.core.example import example_pb2
 from tensorflow_serving.apis import (
+    classification_pb2,
     get_model_status_pb2,
     model_service_pb2_grpc,
     predict_pb2,
@@ -115,3 +118,22 @@ class ModelServer:
                 response_scores(self._predictions.Predict(request, timeout=self._timeout))
             )
         return np.concatenate(chunks) if chunks else np.zeros((0, 10), np.float32)
+
+    def classify(
+        self,
+        examples: Sequence[example_pb2.Example],
+        signature_name: str,
+        version: int | None = None,
+    ) -> list[dict[str, float]]:
+        """Classify ``examples`` in one request: per example, each class label's score."""
+        request = classification_pb2.ClassificationRequest()
+        request.model_spec.name = self.model_name
+        request.model_spec.signature_name = signature_name
+        if version is not None:
+            request.model_spec.version.value = version
+        request.input.example_list.examples.extend(examples)
+        response = self._predictions.Classify(request, timeout=self._timeout)
+        return [
+            {entry.label: entry.score for entry in classification.classes}
+            for classification in response.result.classifications
+        ]

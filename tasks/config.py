@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,6 +72,27 @@ class ExportConfig(_Section):
     warmup_requests: int = Field(4, ge=0, le=1000)
 
 
+class InfraConfig(_Section):
+    """The sandbox server infra validation starts on the candidate alone (tasks.infra_validate)."""
+
+    enabled: bool = True
+    timeout_s: float = Field(120.0, gt=0)  # from the sandbox's start to the version AVAILABLE
+    # A tensorflow_model_server binary (a path, or a name on PATH); None: our python -m serving.
+    server_binary: Path | None = None
+
+    @field_validator("server_binary")
+    @classmethod
+    def _executable(cls, binary: Path | None) -> Path | None:
+        if binary is None:
+            return None
+        if len(binary.parts) > 1 and not binary.is_absolute():
+            binary = REPO_ROOT / binary
+        found = shutil.which(str(binary))
+        if found is None:
+            raise ValueError(f"{binary}: not an executable file (nor a program on PATH)")
+        return Path(found)
+
+
 class ValidateConfig(_Section):
     max_error_rate: float = Field(0.12, ge=0, le=1)
     # Non-inferiority margins: the upper end of the interval of (candidate - serving) error rate.
@@ -81,6 +103,7 @@ class ValidateConfig(_Section):
     confidence: float = Field(0.95, ge=0.5, lt=1)
     bootstrap_resamples: int = Field(2000, ge=1000)
     num_canary_images: int = Field(16, gt=0)
+    infra: InfraConfig = InfraConfig()
 
     @field_validator("max_class_error_rate")
     @classmethod

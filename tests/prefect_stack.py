@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from uuid import UUID
 
 from tasks.config import REPO_ROOT
+from tasks.processes import stop_group
 from tests.processes import BIN, free_port, wait_for_http
 
 if TYPE_CHECKING:
@@ -63,24 +63,6 @@ class PrefectCLIError(RuntimeError):
     """A ``prefect`` command failed; the message has its command line, status and output."""
 
 
-def stop_group(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
-    """Stops ``process`` and everything in its process group: SIGTERM, then SIGKILL after
-    ``grace_s`` (or at once for the stragglers of a leader that already exited)."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
 @contextmanager
 def _group(command: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
     with log.open("ab") as out:
@@ -96,7 +78,7 @@ def _group(command: list[str], log: Path, env: dict[str, str]) -> Iterator[subpr
     try:
         yield process
     finally:
-        stop_group(process)
+        stop_group(process, STOP_GRACE_S)
 
 
 def _tail(log: Path, chars: int = 3000) -> str:

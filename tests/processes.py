@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tasks.config import REPO_ROOT
+from tasks.processes import free_port
 
 BIN = Path(sys.executable).parent
 # Servers under test run this many worker processes whatever the machine's core count (the
@@ -24,12 +24,6 @@ TEST_WORKERS = 2
 # Servers under test give up a failed load at once: TF Serving's 5 retries a minute apart would
 # hold every test of a broken version for 5 minutes (test_flags_serving covers the retries).
 TEST_LOAD_RETRIES = 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 120.0) -> None:

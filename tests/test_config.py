@@ -54,6 +54,9 @@ def test_overrides_are_parsed_as_yaml_values():
         ("data.max_class_distance=0", "data.max_class_distance"),
         ("validate.max_class_error_rate={12: 0.1}", "validate.max_class_error_rate"),
         ("validate.confidence=1", "validate.confidence"),
+        ("validate.infra.timeout_s=0", "validate.infra.timeout_s"),
+        ("validate.infra.server_binary=/no/such/tensorflow_model_server", "not an executable"),
+        ("validate.infra.server=x", "validate.infra.server: unknown key"),
     ],
 )
 def test_bad_keys_and_values_fail_naming_the_key(override, named):

@@ -38,6 +38,7 @@ from serving.mnist import load_test
 from tasks.config import REPO_ROOT, DataConfig
 from tasks.data import holdout
 from tasks.data.store import DataStore
+from tasks.infra_validate import InfraValidationFailed
 from tests.processes import ModelServerProcess, mlflow_server, model_server
 
 MODEL = "mnist"
@@ -152,6 +153,8 @@ def test_first_run_is_recorded_in_mlflow(stack):
     tags, metrics = run.data.tags, run.data.metrics
     assert tags["export_version"] == "1"
     assert tags["gate"] == "passed" and tags["pushed"] == "true"
+    assert tags["infra_validation"] == "passed"
+    assert 0 < metrics["infra_validation.seconds_to_available"] < 120
     assert tags["device"].endswith("CPU:0")
     assert tags["prefect_flow_run_id"] not in ("", "None")
     assert run.data.params["train.epochs"] == "2"
@@ -307,6 +310,33 @@ def test_the_report_shows_a_versions_lineage_and_a_snapshots_versions(stack):
     assert f"/runs/flow-run/{champion.tags['prefect_flow_run_id']}" in lineage
     versions = stack.report("--snapshot", champion.tags["snapshot"])
     assert "1 version(s)" in versions and "version 2 " in versions
+
+
+def test_a_candidate_failing_in_the_sandbox_server_is_not_pushed(stack, tmp_path):
+    # The latest snapshot again: the candidate is the serving version's twin, so the gate passes;
+    # a sandbox server that cannot start must still stop it before push.
+    binary = tmp_path / "tensorflow_model_server"
+    binary.write_text("#!/bin/sh\necho 'cannot start: no accelerator'\nexit 1\n")
+    binary.chmod(0o755)
+    store = stack.root / "models" / MODEL
+    published = sorted(p.name for p in store.iterdir()) if store.exists() else []
+    with ModelServer(stack.server.grpc_address, MODEL) as server:
+        serving = server.serving_version()
+    state = train_and_serve(
+        overrides=stack.overrides(f"validate.infra.server_binary={binary}"),
+        force=True,
+        return_state=True,
+    )
+    assert state.is_failed()
+    with pytest.raises(InfraValidationFailed, match="cannot start: no accelerator") as failed:
+        state.result()
+    assert failed.value.check == "available"
+    assert (sorted(p.name for p in store.iterdir()) if store.exists() else []) == published
+    with ModelServer(stack.server.grpc_address, MODEL) as server:
+        assert server.serving_version() == serving
+    run = latest_run(stack)
+    assert run.data.tags["gate"] == "passed" and run.data.tags["infra_validation"] == "failed"
+    assert run.data.tags["pushed"] == "false"
 
 
 def test_bad_configuration_key_fails_at_once_naming_it():
