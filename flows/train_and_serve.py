@@ -36,7 +36,17 @@ from tasks.data.store import Snapshot
 from tasks.export import export
 from tasks.logs import logger
 from tasks.push import push
-from tasks.tracking import promote_champion, register_model, snapshot_inputs, tracked_run
+from tasks.tracking import (
+    metric_key,
+    promote_champion,
+    record_gate,
+    register_model,
+    replica_names,
+    snapshot_inputs,
+    source_tags,
+    system_metrics,
+    tracked_run,
+)
 from tasks.train import train
 from tasks.validate import Verdict, validate
 
@@ -129,6 +139,7 @@ def train_and_push(cfg: PipelineConfig, taken: Snapshot, inputs: lineage.Trainin
     log = logger()
     run_name = f"{cfg.export.model_name}-{flow_run.get_name() or 'local'}"
     tags = {
+        **source_tags("flows/train_and_serve.py"),
         "prefect_flow_run_id": str(flow_run.get_id()),
         "gate": "not evaluated",
         "pushed": "false",
@@ -141,7 +152,8 @@ def train_and_push(cfg: PipelineConfig, taken: Snapshot, inputs: lineage.Trainin
         tracker.log_inputs(*snapshot_inputs(taken, cfg.data.store, mnist.source_digest("t10k")))
         loaded = data.load(cfg.data, taken)
 
-        trained = train(loaded.mnist, cfg.model, cfg.train, tracker)
+        with system_metrics(tracker, cfg.mlflow.system_metrics_interval_s):
+            trained = train(loaded.mnist, cfg.model, cfg.train, tracker)
         tracker.set_tags({"device": trained.device})
         tracker.log_artifact(
             plots.training_curves(trained.history, Path(scratch) / "training.png"), "plots"
@@ -161,6 +173,7 @@ def train_and_push(cfg: PipelineConfig, taken: Snapshot, inputs: lineage.Trainin
                 "prefect_flow_run_id": tags["prefect_flow_run_id"],
                 **inputs.tags(),
             },
+            loaded.mnist.test.images[:3],
         )
 
         verdict = validate(
@@ -168,13 +181,19 @@ def train_and_push(cfg: PipelineConfig, taken: Snapshot, inputs: lineage.Trainin
         )
         tracker.log_metrics({"val_error_rate": verdict.error_rate, **gate_metrics(verdict)})
         tracker.log_metrics(
-            {f"slice_error_rate.{name}": rate for name, rate in verdict.slice_error_rates.items()}
+            {
+                metric_key("slice_error_rate", name): rate
+                for name, rate in verdict.slice_error_rates.items()
+            }
         )
         if verdict.baseline_error_rate is not None:
             tracker.log_metrics({"baseline_error_rate": verdict.baseline_error_rate})
             tracker.set_tags({"baseline_version": verdict.baseline_version})
         tracker.set_tags(
             {"gate": "passed" if verdict.passed else "failed", "gate_reason": verdict.reason}
+        )
+        record_gate(
+            tracker, exported.model_name, registry_version, verdict, cfg.validate_.confidence
         )
         confusion_png = plots.confusion_matrix(
             verdict.confusion, verdict.error_rate, Path(scratch) / "confusion.png"
@@ -188,13 +207,20 @@ def train_and_push(cfg: PipelineConfig, taken: Snapshot, inputs: lineage.Trainin
 
         pushed = push(exported, verdict, cfg.push)
         tracker.set_tags({"pushed": "true", "pushed_version": pushed.version})
+        replicas = replica_names(cfg.push.servers)
         tracker.log_metrics(
             {
-                f"seconds_to_available.{server}": s
+                metric_key("seconds_to_available", replicas[server]): s
                 for server, s in pushed.seconds_to_available.items()
             }
         )
-        promote_champion(tracker, exported.model_name, registry_version)
+        promote_champion(
+            tracker,
+            exported.model_name,
+            registry_version,
+            f"version {pushed.version} AVAILABLE on "
+            + ", ".join(f"{replicas[server]} ({server})" for server in pushed.servers),
+        )
         log.info(
             "%s version %d is serving on %s (snapshot %s, %d training rows)",
             pushed.model_name,
