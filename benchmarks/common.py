@@ -75,11 +75,11 @@ def build_model(directory: Path) -> Path:
     store = directory / "models" / MODEL
     store.mkdir(parents=True)
     shutil.copytree(exported.path, store / "1")
-    register_in_mlflow(directory, trained.model)
+    register_in_mlflow(directory, trained.model, data.test.images[:3])
     return store
 
 
-def register_in_mlflow(directory: Path, keras_model) -> None:
+def register_in_mlflow(directory: Path, keras_model, example_images) -> None:
     from tasks.config import MlflowConfig
     from tasks.tracking import register_model, tracked_run
 
@@ -89,4 +89,4 @@ def register_in_mlflow(directory: Path, keras_model) -> None:
         artifact_location=str(directory / "mlartifacts"),
     )
     with tracked_run(cfg, "bench", {}, {}) as tracker:
-        register_model(tracker, keras_model, MODEL, 1)
+        register_model(tracker, keras_model, MODEL, {}, example_images)

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from tasks.config import ConfigError, PipelineConfig, load_config
 from tasks.data.store import DataStore, DataStoreError
-from tasks.tracking import CHAMPION
+from tasks.tracking import CHAMPION, run_url
 
 PREFECT_UI = "http://127.0.0.1:4200"
 
@@ -40,9 +40,7 @@ def serving_status(rest_url: str) -> str:
 
 
 def _run_url(cfg: PipelineConfig, run) -> str:
-    return (
-        f"{cfg.mlflow.tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-    )
+    return run_url(cfg.mlflow.tracking_uri, run.info.experiment_id, run.info.run_id)
 
 
 def last_run(cfg: PipelineConfig, client: MlflowClient) -> None:

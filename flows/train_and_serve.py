@@ -47,9 +47,14 @@ from tasks.logs import artifact_key, logger
 from tasks.push import push
 from tasks.tracking import (
     RunTracker,
+    metric_key,
     promote_champion,
+    record_gate,
     register_model,
+    replica_names,
     snapshot_inputs,
+    source_tags,
+    system_metrics,
     tracked_run,
 )
 from tasks.train import train
@@ -133,15 +138,13 @@ def gate_metrics(verdict: Verdict) -> dict[str, float]:
     judgement = verdict.judgement
     metrics = {f"class_error_rate.{k}": rate for k, rate in judgement.class_error_rates.items()}
     for check in judgement.checks:
-        group = "" if check.group == "all digits" else "." + check.group.replace(" ", "_")
-        metrics.update(
-            {
-                f"gate.difference{group}": check.comparison.difference,
-                f"gate.interval_low{group}": check.comparison.low,
-                f"gate.interval_high{group}": check.comparison.high,
-                f"gate.mcnemar_p{group}": check.comparison.p_value,
-            }
-        )
+        c = check.comparison
+        numbers = {"difference": c.difference, "interval_low": c.low, "interval_high": c.high}
+        numbers["mcnemar_p"] = c.p_value
+        group = check.group.replace(" ", "_")  # "digit_7", "slice_fresh"
+        for name, value in numbers.items():
+            key = f"gate.{name}"
+            metrics[key if check.group == "all digits" else metric_key(key, group)] = value
     return metrics
 
 
@@ -152,7 +155,10 @@ def record_verdict(
     that is not the registry's champion is reported, never silently taken as the baseline."""
     tracker.log_metrics({"val_error_rate": verdict.error_rate, **gate_metrics(verdict)})
     tracker.log_metrics(
-        {f"slice_error_rate.{name}": rate for name, rate in verdict.slice_error_rates.items()}
+        {
+            metric_key("slice_error_rate", name): rate
+            for name, rate in verdict.slice_error_rates.items()
+        }
     )
     if verdict.baseline_error_rate is not None:
         tracker.log_metrics({"baseline_error_rate": verdict.baseline_error_rate})
@@ -196,6 +202,7 @@ def train_and_push(
     log = logger()
     run_name = f"{cfg.export.model_name}-{flow_run.get_name() or 'local'}"
     tags = {
+        **source_tags("flows/train_and_serve.py"),
         "prefect_flow_run_id": str(flow_run.get_id()),
         "gate": "not evaluated",
         "pushed": "false",
@@ -214,7 +221,8 @@ def train_and_push(
         tracker.log_inputs(*snapshot_inputs(taken, cfg.data.store, mnist.source_digest("t10k")))
         loaded = data.load(cfg.data, taken)
 
-        trained = train(loaded.mnist, cfg.model, cfg.train, tracker)
+        with system_metrics(tracker, cfg.mlflow.system_metrics_interval_s):
+            trained = train(loaded.mnist, cfg.model, cfg.train, tracker)
         tracker.set_tags({"device": trained.device})
         tracker.log_artifact(
             plots.training_curves(trained.history, Path(scratch) / "training.png"), "plots"
@@ -234,6 +242,7 @@ def train_and_push(
                 "prefect_flow_run_id": tags["prefect_flow_run_id"],
                 **inputs.tags(),
             },
+            loaded.mnist.test.images[:3],
         )
 
         gate = validate(
@@ -248,6 +257,9 @@ def train_and_push(
         if not isinstance(verdict, Verdict):
             raise verdict  # the gate could not be evaluated: an error, with its traceback
         record_verdict(tracker, verdict, champion, Path(scratch))
+        record_gate(
+            tracker, exported.model_name, registry_version, verdict, cfg.validate_.confidence
+        )
         if not verdict.passed:
             # An expected outcome, not a crash: the flow run ends Failed with the gate's reason.
             tracker.end("FAILED")
@@ -259,13 +271,20 @@ def train_and_push(
 
         pushed = push(exported, verdict, cfg.push)
         tracker.set_tags({"pushed": "true", "pushed_version": pushed.version})
+        replicas = replica_names(cfg.push.servers)
         tracker.log_metrics(
             {
-                f"seconds_to_available.{server}": s
+                metric_key("seconds_to_available", replicas[server]): s
                 for server, s in pushed.seconds_to_available.items()
             }
         )
-        promote_champion(tracker, exported.model_name, registry_version)
+        promote_champion(
+            tracker,
+            exported.model_name,
+            registry_version,
+            f"version {pushed.version} AVAILABLE on "
+            + ", ".join(f"{replicas[server]} ({server})" for server in pushed.servers),
+        )
         tag_flow_run("outcome:pushed")
         log.info(
             "%s version %d is serving on %s (snapshot %s, %d training rows)",

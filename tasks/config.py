@@ -134,6 +134,7 @@ class MlflowConfig(_Section):
     data_experiment: str = "train-and-serve-data"  # one run per batch added to the data store
     # Used only when the experiment does not exist yet; None lets the tracking server decide.
     artifact_location: str | None = None
+    system_metrics_interval_s: float = Field(2.0, gt=0)  # CPU, memory, disk, GPU while training
 
 
 class PipelineConfig(_Section):

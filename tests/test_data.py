@@ -239,6 +239,8 @@ def test_every_verdict_is_a_run_in_mlflow_with_its_report(tmp_path, held):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("train-and-serve-data")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert runs["add batch-1"].data.tags["mlflow.source.name"] == "tasks/data"
     assert runs["add batch-1"].data.tags["verdict"] == "accepted"
     assert (
         runs["add batch-1"].inputs.dataset_inputs[0].dataset.digest

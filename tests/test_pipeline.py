@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import mlflow.artifacts
 import numpy as np
 import pytest
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 from prefect import get_client
 from prefect.client.schemas.filters import (
@@ -39,6 +41,7 @@ from tasks.config import REPO_ROOT, DataConfig
 from tasks.data import holdout
 from tasks.data.store import DataStore
 from tasks.infra_validate import InfraValidationFailed
+from tasks.tracking import git_commit
 from tests.processes import ModelServerProcess, mlflow_server, model_server
 
 MODEL = "mnist"
@@ -147,7 +150,14 @@ def test_first_run_pushes_a_version_that_serves_the_validated_scores(stack, test
     assert (stack.root / "models" / MODEL / "1" / "saved_model.pb").is_file()
 
 
-def test_first_run_is_recorded_in_mlflow(stack):
+def registry_version_of(stack: Stack, run):
+    [version] = MlflowClient(stack.tracking_uri).search_model_versions(
+        f"run_id = '{run.info.run_id}'"
+    )
+    return version
+
+
+def test_first_run_is_recorded_in_mlflow(stack, tmp_path):
     run = latest_run(stack)
     client = MlflowClient(stack.tracking_uri)
     tags, metrics = run.data.tags, run.data.metrics
@@ -160,8 +170,28 @@ def test_first_run_is_recorded_in_mlflow(stack):
     assert run.data.params["train.epochs"] == "2"
     assert metrics["val_error_rate"] < 0.12
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 2  # one value per epoch
+    assert metrics["seconds_to_available.replica_1"] >= 0  # push.servers' first, not its address
+    assert not [key for key in metrics if ":" in key]
+    assert metrics["system/cpu_utilization_percentage"] >= 0  # sampled while training
+    assert tags["mlflow.source.name"] == "flows/train_and_serve.py"
+    assert tags["mlflow.source.type"] == "JOB"
+    assert tags["mlflow.source.git.commit"] == git_commit()
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
-    assert {"saved_model", "model", "plots"} <= artifacts
+    assert {"saved_model", "plots"} <= artifacts
+    [output] = run.outputs.model_outputs  # the runs table's Models column
+    logged = client.get_logged_model(output.model_id)
+    assert logged.source_run_id == run.info.run_id and str(logged.status) == "READY"
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=logged.artifact_location,
+        dst_path=str(tmp_path),
+        tracking_uri=stack.tracking_uri,
+    )
+    signature = Model.load(local).signature
+    assert signature.inputs.input_names() == ["images"]
+    assert signature.outputs.input_names() == ["scores"]
+    assert (Path(local) / "serving_input_example.json").is_file()
     saved_model = {
         artifact.path for artifact in client.list_artifacts(run.info.run_id, "saved_model")
     }
@@ -169,6 +199,11 @@ def test_first_run_is_recorded_in_mlflow(stack):
     champion = client.get_model_version_by_alias(MODEL, "champion")
     assert champion.run_id == run.info.run_id
     assert champion.tags["export_version"] == "1"
+    assert champion.tags["gate"] == "passed" and champion.tags["rollout"] == "promoted"
+    assert champion.tags["gate_reason"] == tags["gate_reason"]
+    assert "replica_1" in champion.tags["rollout_reason"]
+    assert "nothing was serving" in champion.description  # a first push: no comparison
+    assert champion.source == logged.artifact_location
     snapshot = stack.store.snapshot()
     assert [span.name for span in snapshot.spans] == ["base"]
     assert tags["snapshot"] == champion.tags["snapshot"] == snapshot.id
@@ -259,6 +294,10 @@ def test_a_landed_batch_is_trained_on_and_hot_swapped_with_zero_failed_requests(
     assert run.data.tags["training_rows"] == "52000"
     assert run.data.tags["snapshot"] == outcome.snapshot == stack.store.snapshot().id
     assert 0 < run.data.metrics["slice_error_rate.fresh"] < 0.2  # the eval batch, its own slice
+    pushed = registry_version_of(stack, run)
+    assert pushed.tags["gate"] == "passed" and pushed.tags["rollout"] == "promoted"
+    assert f"serving version 1: error rate {outcome.baseline_error_rate:.4f}" in pushed.description
+    assert "95% interval [" in pushed.description and "McNemar p = " in pushed.description
 
 
 def test_failed_gate_pushes_nothing_and_the_old_version_keeps_serving(stack):
@@ -298,6 +337,12 @@ def test_failed_gate_pushes_nothing_and_the_old_version_keeps_serving(stack):
     assert run.info.status == "FAILED"
     champion = MlflowClient(stack.tracking_uri).get_model_version_by_alias(MODEL, "champion")
     assert champion.tags["export_version"] == "2"
+    rejected = registry_version_of(stack, run)  # registered, and plainly not pushed
+    assert rejected.tags["gate"] == "failed" and rejected.tags["rollout"] == "gate_failed"
+    assert "validate.max_error_rate" in rejected.tags["gate_reason"]
+    assert rejected.tags["rollout_reason"] == rejected.tags["gate_reason"]
+    assert rejected.description.startswith("**gate failed**")
+    assert "serving version 2: error rate " in rejected.description
 
 
 def test_the_report_shows_a_versions_lineage_and_a_snapshots_versions(stack):
