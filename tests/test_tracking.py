@@ -33,7 +33,7 @@ from tasks.tracking import (
     tracked_run,
 )
 from tasks.train import build_model
-from tasks.validate import Judgement, Verdict
+from tasks.validate import Judgement, PairedCheck, Verdict
 
 MODEL = "mnist"
 
@@ -128,7 +128,12 @@ def verdict(passed: bool, overall: Comparison | None) -> Verdict:
         error_rate=0.08,
         baseline_error_rate=None if overall is None else overall.champion_error,
         baseline_version=None if overall is None else 1,
-        judgement=Judgement(passed, reason, overall, {}, {}),
+        judgement=Judgement(
+            passed,
+            reason,
+            () if overall is None else (PairedCheck("all digits", overall, 0.01, "m"),),
+            {},
+        ),
         confusion=np.zeros((10, 10)),
         canary_images=np.zeros((0, 784), np.float32),
         canary_scores=np.zeros((0, 10), np.float32),
