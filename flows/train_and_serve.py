@@ -27,16 +27,18 @@ from prefect import flow
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
+from prefect.transactions import transaction
 
 from serving import mnist
 from serving.api_client import ModelServer
 from tasks import data, lineage, plots
+from tasks.champion import promote
 from tasks.config import CONCURRENCY_LIMIT, ConfigError, PipelineConfig, load_config
 from tasks.data.store import Snapshot
 from tasks.export import export
 from tasks.logs import logger
 from tasks.push import push
-from tasks.tracking import promote_champion, register_model, snapshot_inputs, tracked_run
+from tasks.tracking import register_model, snapshot_inputs, tracked_run
 from tasks.train import train
 from tasks.validate import Verdict, validate
 
@@ -186,20 +188,19 @@ def train_and_push(cfg: PipelineConfig, taken: Snapshot, inputs: lineage.Trainin
                 f"{verdict.reason}"
             )
 
-        pushed = push(exported, verdict, cfg.push)
+        # A failure after the publish, the alias move included, rolls both back (on_rollback).
+        with transaction():
+            pushed = push(exported, verdict, cfg.push)
+            promote(tracker, exported.model_name, registry_version)
         tracker.set_tags({"pushed": "true", "pushed_version": pushed.version})
         tracker.log_metrics(
-            {
-                f"seconds_to_available.{server}": s
-                for server, s in pushed.seconds_to_available.items()
-            }
+            {f"seconds_to_available.{name}": s for name, s in pushed.seconds_to_available.items()}
         )
-        promote_champion(tracker, exported.model_name, registry_version)
         log.info(
             "%s version %d is serving on %s (snapshot %s, %d training rows)",
             pushed.model_name,
             pushed.version,
-            ", ".join(pushed.servers),
+            ", ".join(replica.name for replica in pushed.replicas),
             taken.id,
             taken.rows,
         )

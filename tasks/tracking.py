@@ -24,6 +24,7 @@ from tasks.config import MlflowConfig
 from tasks.data.store import AddResult, Snapshot, Span
 
 CHAMPION = "champion"  # registry alias of the version the servers serve
+PREVIOUS_CHAMPION = "previous_champion"  # the champion before it: what flows.rollback restores
 
 
 @dataclass(frozen=True)
@@ -212,5 +213,19 @@ def register_model(
     return version.version
 
 
+def alias_version(client: MlflowClient, model_name: str, alias: str) -> str | None:
+    """The registry version ``alias`` names, or None (no such model or alias)."""
+    try:
+        return client.get_model_version_by_alias(model_name, alias).version
+    except MlflowException:
+        return None
+
+
 def promote_champion(tracker: RunTracker, model_name: str, registry_version: str) -> None:
-    tracker.client.set_registered_model_alias(model_name, CHAMPION, registry_version)
+    """Move ``champion`` to ``registry_version``; the champion it replaces becomes
+    ``previous_champion`` first."""
+    client = tracker.client
+    replaced = alias_version(client, model_name, CHAMPION)
+    if replaced not in (None, registry_version):
+        client.set_registered_model_alias(model_name, PREVIOUS_CHAMPION, replaced)
+    client.set_registered_model_alias(model_name, CHAMPION, registry_version)

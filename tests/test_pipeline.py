@@ -45,7 +45,7 @@ class Stack:
         return [
             f"export.base_path={self.root / 'exports'}",
             f"push.model_base_path={self.root / 'models'}",
-            f'push.servers=["{self.server.grpc_address}"]',
+            f'push.replicas=[{{name: local, grpc: "{self.server.grpc_address}"}}]',
             "push.timeout_s=60",
             f"mlflow.tracking_uri={self.tracking_uri}",
             f"data.store={self.root / 'data'}",
