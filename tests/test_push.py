@@ -13,7 +13,10 @@ from tasks.validate import Judgement, Verdict
 from tests.processes import free_port
 
 
-def verdict(passed: bool) -> Verdict:
+def verdict(passed: bool, canary_scores: np.ndarray | None = None) -> Verdict:
+    """A verdict as validate returns it; the canary images are zeros, and push expects the
+    server to answer them with ``canary_scores``."""
+    scores = np.full((2, 10), 0.1, np.float32) if canary_scores is None else canary_scores
     return Verdict(
         passed=passed,
         reason="test",
@@ -22,8 +25,8 @@ def verdict(passed: bool) -> Verdict:
         baseline_version=None,
         judgement=Judgement(passed, "test", None, {}, {}),
         confusion=np.zeros((10, 10), np.int64),
-        canary_images=np.zeros((2, 784), np.float32),
-        canary_scores=np.full((2, 10), 0.1, np.float32),
+        canary_images=np.zeros((len(scores), 784), np.float32),
+        canary_scores=scores,
         slice_error_rates={},
     )
 
