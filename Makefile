@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 # The prefect CLI talks to the local server that `make run` starts (see flows/local_stack.py).
 PREFECT := PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_HOME=$(CURDIR)/.stack/prefect $(VENV)/bin/prefect
 
-.PHONY: install run stop status test test-fast lint bench clean
+.PHONY: install run rollback stop status test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -15,12 +15,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
+# `make run REPLICAS=3`: three local model servers, each with its own store; the run rolls out
+# to one canary, then to the other two (push.stages).
+REPLICAS ?= 1
+
 run: install
-	$(PY) -m flows.local_stack up
-	$(PREFECT) deployment run train-and-serve/on-demand --watch; status=$$?; \
+	$(PY) -m flows.local_stack up --replicas $(REPLICAS)
+	$(PREFECT) deployment run train-and-serve/on-demand --watch \
+	  --params '$(shell $(PY) -m flows.local_stack params --replicas $(REPLICAS))'; status=$$?; \
 	$(PY) -m flows.report; \
 	if [ $$status -eq 0 ]; then $(PY) -m serving.client --server 127.0.0.1:8500 --num_tests 1000; fi; \
 	exit $$status
+
+# Every replica back to the previous champion (registry alias previous_champion).
+rollback: install
+	$(PREFECT) deployment run rollback/rollback --watch \
+	  --params '$(shell $(PY) -m flows.local_stack params --replicas $(REPLICAS))'
 
 stop:
 	@test -x $(PY) && $(PY) -m flows.local_stack down || true

@@ -1,18 +1,22 @@
 """The local stack ``make run`` works against: Prefect server and worker, MLflow server, model
-server.
+servers.
 
-    python -m flows.local_stack up | down | status
+    python -m flows.local_stack up | down | status | params [--replicas N]
 
 ``up`` starts, in the background, whichever service is not running yet and waits until each
 answers, creates the work pool and the concurrency limit the deployments share if missing, and
-registers the deployments; ``down`` stops them by pid and keeps their data. Everything
-(databases, logs, pid files, exports, the serving model store, the data store) lives under
-``.stack/``. Deliberately free of TensorFlow so it starts in a second.
+registers the deployments; ``down`` stops them by pid and keeps their data. ``--replicas N``
+(default 1) runs N model servers, each with its own store and its Prometheus page
+(``--monitoring_config_file``); ``params`` prints the deployment parameters that point a run at
+them (``push.replicas``). Everything (databases, logs, pid files, exports, the serving model
+stores, the data store) lives under ``.stack/``. Deliberately free of TensorFlow so it starts in a
+second.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -65,10 +69,56 @@ class Service:
             return None
 
 
-def services() -> list[Service]:
+MONITORING_CONFIG = STACK / "monitoring.config"
+METRICS_PATH = "/monitoring/prometheus/metrics"
+
+
+def local_replica(i: int) -> dict[str, str]:
+    """Local replica ``i`` (0-based) as a ``push.replicas`` entry: the first is the default
+    config's (gRPC 8500, REST 8501, push.model_base_path); each next one ten ports higher, with
+    a store of its own, so that a rollout changes the replicas one stage at a time."""
+    store = load_config().push.model_base_path if i == 0 else STACK / f"models-{i + 1}"
+    return {
+        "name": "local" if i == 0 else f"local-{i + 1}",
+        "grpc": f"127.0.0.1:{8500 + 10 * i}",
+        "model_base_path": str(store),
+        "metrics_url": f"http://127.0.0.1:{8501 + 10 * i}{METRICS_PATH}",
+    }
+
+
+def run_parameters(replicas: int) -> dict[str, list[str]]:
+    """The deployment parameters of a run against ``replicas`` local replicas (none for one:
+    the default config's)."""
+    if replicas == 1:
+        return {}
+    entries = [local_replica(i) for i in range(replicas)]
+    return {"overrides": [f"push.replicas={json.dumps(entries)}"]}
+
+
+def model_server(i: int, model_name: str) -> Service:
+    replica = local_replica(i)
+    rest = f"http://127.0.0.1:{8501 + 10 * i}/v1/models/{model_name}"
+    command = [
+        sys.executable,
+        "-m",
+        "serving",
+        f"--port={8500 + 10 * i}",
+        f"--rest_api_port={8501 + 10 * i}",
+        f"--model_name={model_name}",
+        f"--model_base_path={Path(replica['model_base_path']) / model_name}",
+        f"--monitoring_config_file={MONITORING_CONFIG}",
+    ]
+    return Service("model-server" if i == 0 else f"model-server-{i + 1}", command, rest, rest)
+
+
+def started_replicas() -> int:
+    """How many local model servers have a pid file (``down`` and ``status`` cover them all)."""
+    return max(1, len(list((STACK / "run").glob("model-server*.pid"))))
+
+
+def services(replicas: int = 1) -> list[Service]:
     cfg = load_config()
     model_name = cfg.export.model_name
-    model_base_path = cfg.push.model_base_path / model_name
     mlflow_dir = STACK / "mlflow"
     return [
         Service(
@@ -97,24 +147,7 @@ def services() -> list[Service]:
             "http://127.0.0.1:5000/health",
             "http://127.0.0.1:5000",
         ),
-        Service(
-            "model-server",
-            [
-                sys.executable,
-                "-m",
-                "serving",
-                "--port",
-                "8500",
-                "--rest_api_port",
-                "8501",
-                "--model_name",
-                model_name,
-                "--model_base_path",
-                str(model_base_path),
-            ],
-            f"http://127.0.0.1:8501/v1/models/{model_name}",
-            f"http://127.0.0.1:8501/v1/models/{model_name}",
-        ),
+        *(model_server(i, model_name) for i in range(replicas)),
         Service(
             "prefect-worker",
             [str(BIN / "prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"],
@@ -200,8 +233,10 @@ def ensure(what: str, inspect: list[str], create: list[str]) -> None:
             sys.exit(f"could not create {what}: {created.stdout}{created.stderr}")
 
 
-def up() -> None:
-    pending = [service for service in services() if service.pid() is None]
+def up(replicas: int) -> None:
+    MONITORING_CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    MONITORING_CONFIG.write_text(f'prometheus_config {{ enable: true path: "{METRICS_PATH}" }}\n')
+    pending = [service for service in services(replicas) if service.pid() is None]
     for service in pending:
         if service.name == "prefect-worker":
             ensure(
@@ -219,28 +254,33 @@ def up() -> None:
     deployed = prefect("--no-prompt", "deploy", "--all")
     if deployed.returncode != 0:
         sys.exit(f"prefect deploy failed:\n{deployed.stdout}{deployed.stderr}")
-    status()
+    status(replicas)
 
 
-def down() -> None:
-    for service in reversed(services()):
+def down(replicas: int) -> None:
+    for service in reversed(services(max(replicas, started_replicas()))):
         stop(service)
 
 
-def status() -> None:
-    for service in services():
+def status(replicas: int) -> None:
+    for service in services(max(replicas, started_replicas())):
         pid = service.pid()
         state = f"running (pid {pid})" if pid else "stopped"
         print(f"  {service.name:15s} {state:22s} {service.url}")
+
+
+def params(replicas: int) -> None:
+    print(json.dumps(run_parameters(replicas)))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m flows.local_stack", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("action", choices=["up", "down", "status"])
-    action = parser.parse_args(argv).action
-    {"up": up, "down": down, "status": status}[action]()
+    parser.add_argument("action", choices=["up", "down", "status", "params"])
+    parser.add_argument("--replicas", type=int, default=1, help="local model servers (default 1)")
+    args = parser.parse_args(argv)
+    {"up": up, "down": down, "status": status, "params": params}[args.action](args.replicas)
 
 
 if __name__ == "__main__":

@@ -25,14 +25,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from prefect import flow, get_client
-from prefect.artifacts import create_link_artifact
+from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
+from prefect.transactions import transaction
 
 from serving import mnist
 from serving.api_client import ModelServer
 from tasks import data, lineage, plots
+from tasks.champion import promote
 from tasks.config import (
     CONCURRENCY_LIMIT,
     ConfigError,
@@ -44,14 +46,13 @@ from tasks.data.store import Snapshot
 from tasks.export import ExportResult, export
 from tasks.infra_validate import InfraValidationFailed, infra_validate
 from tasks.logs import artifact_key, logger
-from tasks.push import push
+from tasks.push import PushError, RolloutReport, push
 from tasks.tracking import (
     RunTracker,
     metric_key,
-    promote_champion,
     record_gate,
     register_model,
-    replica_names,
+    set_rollout,
     snapshot_inputs,
     source_tags,
     system_metrics,
@@ -193,6 +194,47 @@ def check_in_sandbox(
     tracker.log_metrics({"infra_validation.seconds_to_available": infra.seconds_to_available})
 
 
+def rollout_table(report: RolloutReport) -> list[dict[str, str]]:
+    """The rollout's timeline, one row per event, for a person to read in the Prefect UI."""
+    return [
+        {"at": f"{event.seconds:.1f} s", "replica": event.replica, "event": event.event}
+        for event in report.timeline
+    ]
+
+
+def roll_out(
+    exported: ExportResult,
+    verdict: Verdict,
+    cfg: PipelineConfig,
+    tracker: RunTracker,
+    registry_version: str,
+) -> RolloutReport:
+    """Push and promote in one Prefect transaction: a failure after the publish, the alias move
+    included, rolls both back (their on_rollback hooks). The registry version's ``rollout`` tag
+    and the timeline artifact say how it went."""
+    model_name = exported.model_name
+    try:
+        with transaction():
+            pushed = push(exported, verdict, cfg.push)
+            serving_on = ", ".join(f"{r.name} ({r.address})" for r in pushed.replicas)
+            promote(tracker, model_name, registry_version, f"AVAILABLE on {serving_on}")
+    except PushError as error:
+        set_rollout(tracker, model_name, registry_version, "rolled_back", str(error))
+        if error.report is not None:
+            publish_timeline(error.report, f"rolled back: {error}")
+        raise
+    publish_timeline(pushed, f"version {pushed.version} promoted on every replica")
+    return pushed
+
+
+def publish_timeline(report: RolloutReport, outcome: str) -> None:
+    create_table_artifact(
+        key=artifact_key("rollout", report.model_name),
+        table=rollout_table(report),
+        description=f"{report.model_name} version {report.version}: {outcome}",
+    )
+
+
 def train_and_push(
     cfg: PipelineConfig,
     taken: Snapshot,
@@ -269,28 +311,20 @@ def train_and_push(
         if cfg.validate_.infra.enabled:
             check_in_sandbox(exported, verdict, cfg.validate_.infra, tracker)
 
-        pushed = push(exported, verdict, cfg.push)
+        pushed = roll_out(exported, verdict, cfg, tracker, registry_version)
         tracker.set_tags({"pushed": "true", "pushed_version": pushed.version})
-        replicas = replica_names(cfg.push.servers)
         tracker.log_metrics(
             {
-                metric_key("seconds_to_available", replicas[server]): s
-                for server, s in pushed.seconds_to_available.items()
+                metric_key("seconds_to_available", name): s
+                for name, s in pushed.seconds_to_available.items()
             }
-        )
-        promote_champion(
-            tracker,
-            exported.model_name,
-            registry_version,
-            f"version {pushed.version} AVAILABLE on "
-            + ", ".join(f"{replicas[server]} ({server})" for server in pushed.servers),
         )
         tag_flow_run("outcome:pushed")
         log.info(
             "%s version %d is serving on %s (snapshot %s, %d training rows)",
             pushed.model_name,
             pushed.version,
-            ", ".join(pushed.servers),
+            ", ".join(replica.name for replica in pushed.replicas),
             taken.id,
             taken.rows,
         )

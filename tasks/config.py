@@ -1,7 +1,7 @@
 """The pipeline's configuration: YAML files in ``configs/``, validated into typed objects.
 
 ``load_config(path, overrides)`` reads a file, applies ``dotted.key=value`` overrides (values parsed
-as YAML, so ``train.epochs=3`` is an int and ``push.servers=[a:1,b:2]`` a list) and validates the
+as YAML, so ``train.epochs=3`` is an int and ``push.stages=[1,all]`` a list) and validates the
 result. Every error is a ``ConfigError`` whose message names the offending key, and it is raised
 before any work starts.
 """
@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "mnist.yaml"
@@ -114,18 +121,91 @@ class ValidateConfig(_Section):
         return bounds
 
 
+DEFAULT_STORE = REPO_ROOT / ".stack" / "models"
+ALL = "all"  # the last rollout stage: every replica
+
+
+class ReplicaConfig(_Section):
+    """One model server (ours or ``tensorflow_model_server``) that push rolls out to."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # in messages and MLflow metric names
+    grpc: str = Field(pattern=r"^[^\s:]+:\d+$")  # host:port
+    # The store this server polls; filled from push.model_base_path when not given (shared).
+    model_base_path: Path
+    # Its Prometheus page (--monitoring_config_file), read while a stage bakes.
+    metrics_url: str | None = Field(None, pattern=r"^https?://\S+$")
+
+
 class PushConfig(_Section):
-    model_base_path: Path = REPO_ROOT / ".stack" / "models"
-    servers: list[str] = ["127.0.0.1:8500"]
+    model_base_path: Path = DEFAULT_STORE
+    replicas: list[ReplicaConfig] = [
+        ReplicaConfig(name="local", grpc="127.0.0.1:8500", model_base_path=DEFAULT_STORE)
+    ]
+    # Replicas on the new version after each stage (cumulative), e.g. [1, all]: one canary, then
+    # the rest. Replicas that share a store change together.
+    stages: list[int | Literal["all"]] = [1, ALL]
+    # Each stage, once its replicas serve the version, watches their live metrics this long
+    # against the replicas still on the old version; 0: no bake (no live checks).
+    bake_s: float = Field(0.0, ge=0)
+    # A check still inconclusive (too few requests) this long after the bake began fails.
+    bake_deadline_s: float = Field(120.0, gt=0)
+    max_error_rate: float = Field(0.01, ge=0, le=1)  # server-side errors / requests, on canaries
+    max_p99_ratio: float = Field(1.5, gt=0)  # p99 latency of canaries / of old replicas
+    min_requests: int = Field(100, ge=1)  # on canaries (and on old replicas, for the p99 ratio)
     timeout_s: float = Field(60.0, gt=0)
 
-    @field_validator("servers")
+    @model_validator(mode="before")
     @classmethod
-    def _host_ports(cls, servers: list[str]) -> list[str]:
-        for server in servers:
-            if not re.fullmatch(r"[^\s:]+:\d+", server):
-                raise ValueError(f"{server!r} is not host:port")
-        return servers
+    def _shared_store(cls, data: Any) -> Any:
+        """Replicas without a store of their own poll push.model_base_path."""
+        if isinstance(data, dict) and isinstance(data.get("replicas"), list):
+            shared = data.get("model_base_path", DEFAULT_STORE)
+            data = {
+                **data,
+                "replicas": [
+                    {"model_base_path": shared, **r} if isinstance(r, dict) else r
+                    for r in data["replicas"]
+                ],
+            }
+        return data
+
+    @field_validator("replicas")
+    @classmethod
+    def _distinct(cls, replicas: list[ReplicaConfig]) -> list[ReplicaConfig]:
+        for attribute in ("name", "grpc"):
+            values = [getattr(r, attribute) for r in replicas]
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                raise ValueError(f"two replicas with the same {attribute}: {', '.join(repeated)}")
+        return replicas
+
+    @field_validator("stages")
+    @classmethod
+    def _increasing(cls, stages: list[int | str]) -> list[int | str]:
+        counts = [s for s in stages if s != ALL]
+        if not stages or stages[-1] != ALL or len(counts) != len(stages) - 1:
+            raise ValueError("expected increasing replica counts ending with all, e.g. [1, all]")
+        if any(c < 1 for c in counts) or counts != sorted(set(counts)):
+            raise ValueError("replica counts must be positive and increasing")
+        return stages
+
+    @model_validator(mode="after")
+    def _bake_needs_metrics(self) -> PushConfig:
+        if self.bake_s > 0:
+            blind = [r.name for r in self.replicas if r.metrics_url is None]
+            if blind:
+                raise ValueError(
+                    f"push.replicas: {', '.join(blind)}: no metrics_url, which push.bake_s > 0 "
+                    "reads"
+                )
+        if self.bake_deadline_s < self.bake_s:
+            raise ValueError("push.bake_deadline_s must be at least push.bake_s")
+        return self
+
+    @property
+    def servers(self) -> list[str]:
+        """Every replica's gRPC address, in order (validate's baseline asks the first)."""
+        return [replica.grpc for replica in self.replicas]
 
 
 class MlflowConfig(_Section):
@@ -191,15 +271,23 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _relative_to(base: Path, tree: dict[str, Any]) -> None:
     """Relative paths in a config file are relative to the repository root, wherever it runs
     from."""
-    for section, key in (
-        ("data", "dir"),
-        ("data", "store"),
-        ("export", "base_path"),
-        ("push", "model_base_path"),
-    ):
-        value = tree.get(section, {}).get(key) if isinstance(tree.get(section), dict) else None
+
+    def section(name: str) -> dict[str, Any]:
+        return tree[name] if isinstance(tree.get(name), dict) else {}
+
+    replicas = section("push").get("replicas")
+    holders = [
+        (section("data"), "dir"),
+        (section("data"), "store"),
+        (section("export"), "base_path"),
+        (section("push"), "model_base_path"),
+    ]
+    if isinstance(replicas, list):
+        holders += [(r, "model_base_path") for r in replicas if isinstance(r, dict)]
+    for holder, key in holders:
+        value = holder.get(key)
         if isinstance(value, str) and not Path(value).is_absolute():
-            tree[section][key] = str(base / value)
+            holder[key] = str(base / value)
 
 
 def load_config(

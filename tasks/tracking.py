@@ -64,6 +64,8 @@ UI_QUERY = "?workflowType=machine_learning"
 
 RolloutState = Literal["canary", "promoted", "rolled_back", "gate_failed"]
 
+PREVIOUS_CHAMPION = "previous_champion"  # the champion before it: what flows.rollback restores
+
 
 @dataclass(frozen=True)
 class RunTracker:
@@ -149,12 +151,6 @@ def metric_key(prefix: str, label: object) -> str:
     """``prefix.label`` as a valid MLflow metric name on every platform: a label from outside (a
     batch's name) keeps letters, digits, ``_``, ``-`` and ``.``; anything else becomes ``_``."""
     return f"{prefix}.{re.sub(r'[^A-Za-z0-9_.-]', '_', str(label))}"
-
-
-def replica_names(servers: list[str]) -> dict[str, str]:
-    """The name each server goes by in metric names, ``replica_1``... in ``push.servers``' order:
-    an address is neither readable nor, on Windows, a valid metric name."""
-    return {server: f"replica_{index}" for index, server in enumerate(servers, start=1)}
 
 
 # MLflow's own dataset schema format (what mlflow.data.from_numpy writes), so its UI shows it.
@@ -449,9 +445,22 @@ def set_rollout(
     client.set_model_version_tag(model_name, registry_version, "rollout_reason", reason)
 
 
+def alias_version(client: MlflowClient, model_name: str, alias: str) -> str | None:
+    """The registry version ``alias`` names, or None (no such model or alias)."""
+    try:
+        return client.get_model_version_by_alias(model_name, alias).version
+    except MlflowException:
+        return None
+
+
 def promote_champion(
     tracker: RunTracker, model_name: str, registry_version: str, reason: str
 ) -> None:
-    """Move the alias ``champion`` to the version the servers now serve; ``rollout: promoted``."""
-    tracker.client.set_registered_model_alias(model_name, CHAMPION, registry_version)
+    """Move ``champion`` to the version the servers now serve (``rollout: promoted``); the
+    champion it replaces becomes ``previous_champion`` first."""
+    client = tracker.client
+    replaced = alias_version(client, model_name, CHAMPION)
+    if replaced not in (None, registry_version):
+        client.set_registered_model_alias(model_name, PREVIOUS_CHAMPION, replaced)
+    client.set_registered_model_alias(model_name, CHAMPION, registry_version)
     set_rollout(tracker, model_name, registry_version, "promoted", reason)

@@ -23,7 +23,7 @@ def test_overrides_are_parsed_as_yaml_values():
         overrides=[
             "train.epochs=3",
             "train.device=gpu:1",
-            "push.servers=[a:1, b:2]",
+            'push.replicas=[{name: a, grpc: "a:1"}, {name: b, grpc: "b:2", model_base_path: s}]',
             "validate.max_error_rate=0.2",
             "export.base_path=/tmp/x",
         ]
@@ -31,6 +31,11 @@ def test_overrides_are_parsed_as_yaml_values():
     assert cfg.train.epochs == 3
     assert cfg.train.device == "gpu:1"
     assert cfg.push.servers == ["a:1", "b:2"]
+    # a replica without a store of its own polls push.model_base_path; paths from the repo root
+    assert [r.model_base_path for r in cfg.push.replicas] == [
+        REPO_ROOT / ".stack" / "models",
+        REPO_ROOT / "s",
+    ]
     assert cfg.validate_.max_error_rate == 0.2
     assert cfg.export.base_path == Path("/tmp/x")
 
@@ -45,7 +50,12 @@ def test_overrides_are_parsed_as_yaml_values():
         ("train.device=tpu", "train.device"),
         ("model.kind=transformer", "model.kind"),
         ("validate.max_error_rate=1.5", "validate.max_error_rate"),
-        ("push.servers=[nohostport]", "push.servers"),
+        ('push.replicas=[{name: a, grpc: "nohostport"}]', "push.replicas.0.grpc"),
+        ('push.replicas=[{name: a, grpc: "h:1"}, {name: a, grpc: "h:2"}]', "same name: a"),
+        ("push.servers=[a:1]", "push.servers: unknown key"),
+        ("push.stages=[2, 1, all]", "push.stages"),
+        ("push.stages=[1]", "push.stages"),
+        ("push.bake_s=200", "push.bake_deadline_s must be at least push.bake_s"),
         ("train.epochs.deep=1", "train.epochs"),
         ("noequals", "noequals"),
         ("data.drift=ignore", "data.drift"),
@@ -64,6 +74,16 @@ def test_bad_keys_and_values_fail_naming_the_key(override, named):
         load_config(overrides=[override])
 
 
+def test_a_bake_needs_every_replica_s_metrics_page():
+    blind = (
+        'push.replicas=[{name: a, grpc: "h:1", metrics_url: "http://h:2/m"}, '
+        '{name: b, grpc: "h:3"}]'
+    )
+    assert load_config(overrides=[blind]).push.bake_s == 0
+    with pytest.raises(ConfigError, match="push.replicas: b: no metrics_url"):
+        load_config(overrides=[blind, "push.bake_s=5"])
+
+
 def test_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
@@ -77,7 +97,7 @@ def test_flat_params_cover_every_key():
     flat = load_config().flat()
     assert flat["train.epochs"] == "5"
     assert flat["validate.max_regression"] == "0.01"
-    assert "push.servers" in flat and "mlflow.tracking_uri" in flat
+    assert "push.replicas" in flat and "mlflow.tracking_uri" in flat
 
 
 def test_the_data_store_path_is_taken_from_the_repo_root(tmp_path):

@@ -46,7 +46,7 @@ class Stack:
             f"data.store={self.root / 'data'}",
             f"export.base_path={self.root / 'exports'}",
             f"push.model_base_path={self.root / 'models'}",
-            f'push.servers=["{self.server.grpc_address}"]',
+            f'push.replicas=[{{name: local, grpc: "{self.server.grpc_address}"}}]',
             f"mlflow.tracking_uri={self.tracking_uri}",
             "train.epochs=1",
         ]

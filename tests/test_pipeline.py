@@ -57,7 +57,7 @@ class Stack:
         return [
             f"export.base_path={self.root / 'exports'}",
             f"push.model_base_path={self.root / 'models'}",
-            f'push.servers=["{self.server.grpc_address}"]',
+            f'push.replicas=[{{name: local, grpc: "{self.server.grpc_address}"}}]',
             "push.timeout_s=60",
             f"mlflow.tracking_uri={self.tracking_uri}",
             f"data.store={self.root / 'data'}",
@@ -170,7 +170,7 @@ def test_first_run_is_recorded_in_mlflow(stack, tmp_path):
     assert run.data.params["train.epochs"] == "2"
     assert metrics["val_error_rate"] < 0.12
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 2  # one value per epoch
-    assert metrics["seconds_to_available.replica_1"] >= 0  # push.servers' first, not its address
+    assert metrics["seconds_to_available.local"] >= 0  # the replica's name, not its address
     assert not [key for key in metrics if ":" in key]
     assert metrics["system/cpu_utilization_percentage"] >= 0  # sampled while training
     assert tags["mlflow.source.name"] == "flows/train_and_serve.py"
@@ -201,7 +201,7 @@ def test_first_run_is_recorded_in_mlflow(stack, tmp_path):
     assert champion.tags["export_version"] == "1"
     assert champion.tags["gate"] == "passed" and champion.tags["rollout"] == "promoted"
     assert champion.tags["gate_reason"] == tags["gate_reason"]
-    assert "replica_1" in champion.tags["rollout_reason"]
+    assert champion.tags["rollout_reason"].startswith("AVAILABLE on local (127.0.0.1:")
     assert "nothing was serving" in champion.description  # a first push: no comparison
     assert champion.source == logged.artifact_location
     snapshot = stack.store.snapshot()
@@ -291,6 +291,9 @@ def test_a_landed_batch_is_trained_on_and_hot_swapped_with_zero_failed_requests(
     assert table[-1]["metric"] == "error rate, slice fresh"  # the evaluation batch, paired too
     assert "gate.interval_high.slice_fresh" in run.data.metrics
     assert run.info.run_id in link.data
+    timeline = latest_artifact("rollout-mnist")
+    assert "version 2 promoted" in timeline.description
+    assert "local" in json.dumps(timeline.data)
     assert run.data.tags["training_rows"] == "52000"
     assert run.data.tags["snapshot"] == outcome.snapshot == stack.store.snapshot().id
     assert 0 < run.data.metrics["slice_error_rate.fresh"] < 0.2  # the eval batch, its own slice

@@ -1,19 +1,22 @@
-"""push without a healthy server: it refuses a failed verdict and rolls back what no server
-serves."""
+"""push without a healthy server: it refuses a failed verdict, publishes atomically, publishes
+nothing when a replica does not answer, and plans its stages."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tasks.config import PushConfig
+from tasks.config import PushConfig, ReplicaConfig
 from tasks.export import ExportResult
-from tasks.push import PushError, push
+from tasks.push import PushError, plan_stages, publish, push
 from tasks.validate import Judgement, Verdict
 from tests.processes import free_port
 
 
-def verdict(passed: bool) -> Verdict:
+def verdict(passed: bool, canary_scores: np.ndarray | None = None) -> Verdict:
+    """A verdict as validate returns it; the canary images are zeros, and push expects the
+    server to answer them with ``canary_scores``."""
+    scores = np.full((2, 10), 0.1, np.float32) if canary_scores is None else canary_scores
     return Verdict(
         passed=passed,
         reason="test",
@@ -22,8 +25,8 @@ def verdict(passed: bool) -> Verdict:
         baseline_version=None,
         judgement=Judgement(passed, "test", (), {}),
         confusion=np.zeros((10, 10), np.int64),
-        canary_images=np.zeros((2, 784), np.float32),
-        canary_scores=np.full((2, 10), 0.1, np.float32),
+        canary_images=np.zeros((len(scores), 784), np.float32),
+        canary_scores=scores,
         slice_error_rates={},
     )
 
@@ -41,36 +44,42 @@ def store_entries(store: Path) -> list[str]:
 
 def test_a_failed_verdict_is_never_published(tmp_path):
     store = tmp_path / "models"
-    cfg = PushConfig(model_base_path=store, servers=[], timeout_s=1)
+    cfg = PushConfig(model_base_path=store, replicas=[{"name": "a", "grpc": "127.0.0.1:1"}])
     with pytest.raises(PushError, match="gate failed"):
         push.fn(fake_export(tmp_path, 1), verdict(False), cfg)
-    assert not (store / "mnist" / "1").exists()
+    assert not (store / "mnist").exists()
 
 
-def test_without_servers_the_version_is_published_atomically(tmp_path):
-    store = tmp_path / "models"
-    result = push.fn(
-        fake_export(tmp_path, 4), verdict(True), PushConfig(model_base_path=store, servers=[])
-    )
-    assert result.path == store / "mnist" / "4"
-    assert (result.path / "saved_model.pb").read_bytes() == b"not read by push"
+def test_a_version_is_published_atomically_and_only_once(tmp_path):
+    store, export = tmp_path / "models", fake_export(tmp_path, 4)
+    path = publish(export, store)
+    assert path == store / "mnist" / "4"
+    assert (path / "saved_model.pb").read_bytes() == b"not read by push"
     assert store_entries(store) == ["4"]  # no staging directory left behind
+    with pytest.raises(PushError, match="already exists"):
+        publish(export, store)
 
 
-def test_an_unreachable_server_times_out_and_rolls_back(tmp_path):
+def test_an_unreachable_replica_fails_the_push_before_anything_is_published(tmp_path):
     store = tmp_path / "models"
-    cfg = PushConfig(model_base_path=store, servers=[f"127.0.0.1:{free_port()}"], timeout_s=1)
+    cfg = PushConfig(
+        model_base_path=store,
+        replicas=[{"name": "gone", "grpc": f"127.0.0.1:{free_port()}"}],
+        timeout_s=1,
+    )
     with pytest.raises(
-        PushError, match=r"did not make version 3 AVAILABLE within push.timeout_s=1 s .*unreachable"
+        PushError, match=r"did not answer GetModelStatus within push.timeout_s=1 s .*nothing pushed"
     ):
         push.fn(fake_export(tmp_path, 3), verdict(True), cfg)
-    assert store_entries(store) == []
+    assert not (store / "mnist").exists()
 
 
-def test_a_version_pushed_before_is_refused(tmp_path):
-    store = tmp_path / "models"
-    (store / "mnist" / "5").mkdir(parents=True)
-    with pytest.raises(PushError, match="already exists"):
-        push.fn(
-            fake_export(tmp_path, 5), verdict(True), PushConfig(model_base_path=store, servers=[])
-        )
+def test_stages_take_replicas_in_order_and_those_sharing_a_store_together(tmp_path):
+    def replica(name: str, store: str) -> ReplicaConfig:
+        return ReplicaConfig(name=name, grpc=f"{name}:1", model_base_path=tmp_path / store)
+
+    a, b, c, d = replica("a", "s1"), replica("b", "s2"), replica("c", "s2"), replica("d", "s3")
+    assert plan_stages([a, b, c, d], [1, "all"]) == [[a], [b, c, d]]
+    assert plan_stages([a, b, c, d], [2, 3, "all"]) == [[a, b, c], [d]]  # c comes with b
+    assert plan_stages([a], [1, "all"]) == [[a]]
+    assert plan_stages([b, c], [1, "all"]) == [[b, c]]
