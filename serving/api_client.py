@@ -9,6 +9,8 @@ takes ``images`` float32 [N, 784] and answers ``scores`` float32 [N, 10] (``task
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -39,6 +41,36 @@ class ReportedVersionStatus:
     state: str  # START | LOADING | AVAILABLE | UNLOADING | END
     error_code: int  # grpc status code number; 0 = OK
     error_message: str
+
+
+def wait_for_available(
+    status_of: Callable[[], ReportedVersionStatus | None],
+    timeout_s: float,
+    poll_s: float = 0.2,
+    stop_if: Callable[[], str | None] = lambda: None,
+) -> str | None:
+    """Poll ``status_of`` (one version's status, or None while unreported) until the version is
+    AVAILABLE: None; else why not: its load error, what ``stop_if`` says (e.g. the server
+    exited), or its last state at ``timeout_s``. An unreachable server is retried until then."""
+    deadline = time.monotonic() + timeout_s
+    last_state = "not reported"
+    while True:
+        stopped = stop_if()
+        if stopped is not None:
+            return stopped
+        try:
+            status = status_of()
+        except Exception as error:  # grpc.RpcError while the server starts or restarts
+            status, last_state = None, f"unreachable ({error.__class__.__name__})"
+        if status is not None:
+            if status.state == "AVAILABLE":
+                return None
+            if status.state == "END" and status.error_code != 0:
+                return f"failed to load: {status.error_message}"
+            last_state = status.state
+        if time.monotonic() >= deadline:
+            return f"not AVAILABLE within {timeout_s:g} s (last state: {last_state})"
+        time.sleep(poll_s)
 
 
 def predict_request(

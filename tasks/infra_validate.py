@@ -40,14 +40,13 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from serving.api_client import ModelServer, ReportedVersionStatus
+from serving.api_client import ModelServer, ReportedVersionStatus, wait_for_available
 from serving.model_format import DEFAULT_SIGNATURE, WARMUP_FILE
 from tasks.config import REPO_ROOT, InfraConfig
 from tasks.export import CLASS_LABELS, CLASSIFY_SIGNATURE, ExportResult, image_example
 from tasks.logs import logger
 from tasks.processes import free_port, stop_group
-from tasks.push import CANARY_TOLERANCE
-from tasks.validate import Verdict
+from tasks.validate import Verdict, canary_mismatch
 
 CHECKS = ("available", "warmup", "predict", "classify", "rest_predict")
 METRICS_PATH = "/monitoring/prometheus/metrics"
@@ -194,30 +193,15 @@ def _version_status(box: _Sandbox, model_name: str, version: int) -> ReportedVer
 
 
 def _wait_available(box: _Sandbox, model_name: str, version: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    last_state = "not reported"
-    while True:
-        if box.process.poll() is not None:
-            raise _Rejected(
-                f"the server exited with status {box.process.returncode} before version "
-                f"{version} was AVAILABLE"
-            )
-        try:
-            status = _version_status(box, model_name, version)
-        except grpc.RpcError as error:  # not listening yet: retried until the deadline
-            status, last_state = None, f"unreachable ({error.code().name})"
-        if status is not None:
-            if status.state == "AVAILABLE":
-                return
-            if status.state == "END" and status.error_code != 0:
-                raise _Rejected(f"version {version} failed to load: {status.error_message}")
-            last_state = status.state
-        if time.monotonic() >= deadline:
-            raise _Rejected(
-                f"version {version} not AVAILABLE within validate.infra.timeout_s="
-                f"{timeout_s:g} s (last state: {last_state})"
-            )
-        time.sleep(POLL_INTERVAL_S)
+    def exited() -> str | None:
+        code = box.process.poll()
+        return None if code is None else f"the server exited with status {code} first"
+
+    problem = wait_for_available(
+        lambda: _version_status(box, model_name, version), timeout_s, POLL_INTERVAL_S, exited
+    )
+    if problem is not None:
+        raise _Rejected(f"version {version}: {problem} (validate.infra.timeout_s)")
 
 
 def _check_warmed_up(box: _Sandbox, export: ExportResult) -> None:
@@ -252,17 +236,9 @@ def _rest_scores(box: _Sandbox, export: ExportResult, images: np.ndarray) -> np.
 
 
 def _check_scores(served: np.ndarray, verdict: Verdict) -> None:
-    if served.shape != verdict.canary_scores.shape:
-        raise _Rejected(
-            f"scores of shape {served.shape} for the canary images, validate computed "
-            f"{verdict.canary_scores.shape}"
-        )
-    worst = float(np.max(np.abs(served - verdict.canary_scores)))
-    if worst > CANARY_TOLERANCE:
-        raise _Rejected(
-            f"other scores for the canary images than validate computed from the export (max "
-            f"difference {worst:.3g}, tolerance {CANARY_TOLERANCE:g})"
-        )
+    mismatch = canary_mismatch(served, verdict)
+    if mismatch is not None:
+        raise _Rejected(f"the canary images answered with {mismatch}")
 
 
 def _run_checks(box: _Sandbox, export: ExportResult, verdict: Verdict, timeout_s: float) -> float:

@@ -34,22 +34,19 @@ from pathlib import Path
 from typing import Literal
 
 import grpc
-import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction
 
-from serving.api_client import ModelServer
+from serving.api_client import ModelServer, wait_for_available
 from tasks.config import ALL, PushConfig, ReplicaConfig
 from tasks.export import ExportResult
 from tasks.logs import logger
 from tasks.rollout_checks import Traffic, judge, read_traffic
-from tasks.validate import Verdict
+from tasks.validate import Verdict, canary_mismatch
 
 POLL_INTERVAL_S = 0.2
 BAKE_POLL_S = 0.5
-# Scores that differ by more than float32 round-off mean the server runs another model.
-CANARY_TOLERANCE = 1e-5
 
 Outcome = Literal["promoted", "rolled_back", "unverified", "untouched"]
 
@@ -122,28 +119,12 @@ def withdraw(target: Path) -> None:
 
 
 def wait_until_available(server: ModelServer, version: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    last_state = "not reported"
-    while True:
-        try:
-            statuses = {status.version: status for status in server.version_statuses()}
-        except Exception as error:  # an unreachable server is retried until the deadline
-            statuses, last_state = {}, f"unreachable ({error.__class__.__name__})"
-        status = statuses.get(version)
-        if status is not None:
-            if status.state == "AVAILABLE":
-                return
-            if status.state == "END" and status.error_code != 0:
-                raise PushError(
-                    f"{server.address} failed to load version {version}: {status.error_message}"
-                )
-            last_state = status.state
-        if time.monotonic() >= deadline:
-            raise PushError(
-                f"{server.address} did not make version {version} AVAILABLE within "
-                f"push.timeout_s={timeout_s:g} s (last state: {last_state})"
-            )
-        time.sleep(POLL_INTERVAL_S)
+    def status():
+        return {status.version: status for status in server.version_statuses()}.get(version)
+
+    problem = wait_for_available(status, timeout_s, POLL_INTERVAL_S)
+    if problem is not None:
+        raise PushError(f"{server.address} version {version}: {problem} (push.timeout_s)")
 
 
 def wait_until_serving(server: ModelServer, version: int | None, timeout_s: float) -> None:
@@ -177,17 +158,12 @@ def serving_before(server: ModelServer, timeout_s: float) -> int | None:
 
 
 def check_canary(server: ModelServer, version: int, verdict: Verdict) -> None:
-    served = server.predict_scores(verdict.canary_images, version=version)
-    if served.shape != verdict.canary_scores.shape:
+    mismatch = canary_mismatch(
+        server.predict_scores(verdict.canary_images, version=version), verdict
+    )
+    if mismatch is not None:
         raise PushError(
-            f"{server.address} version {version} answers the canary images with scores of shape "
-            f"{served.shape}, validate computed {verdict.canary_scores.shape}"
-        )
-    worst = float(np.max(np.abs(served - verdict.canary_scores)))
-    if worst > CANARY_TOLERANCE:
-        raise PushError(
-            f"{server.address} version {version} answers the canary images with other scores than "
-            f"validate computed from the export (max difference {worst:.3g})"
+            f"{server.address} version {version} answers the canary images with {mismatch}"
         )
 
 

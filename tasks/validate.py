@@ -86,6 +86,24 @@ class Verdict:
     slice_error_rates: dict[str, float]
 
 
+# Scores that differ by more than float32 round-off mean the server runs another model.
+CANARY_TOLERANCE = 1e-5
+
+
+def canary_mismatch(served: np.ndarray, verdict: Verdict) -> str | None:
+    """How a server's scores for the canary images differ from those validate computed from the
+    export, or None when they are the same (push and infra validation ask every server)."""
+    if served.shape != verdict.canary_scores.shape:
+        return f"scores of shape {served.shape}, validate computed {verdict.canary_scores.shape}"
+    worst = float(np.max(np.abs(served - verdict.canary_scores)))
+    if worst > CANARY_TOLERANCE:
+        return (
+            f"other scores than validate computed from the export (max difference {worst:.3g}, "
+            f"tolerance {CANARY_TOLERANCE:g})"
+        )
+    return None
+
+
 def _error_rate(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(scores, axis=1) != labels))
 
