@@ -235,13 +235,68 @@ def publish_timeline(report: RolloutReport, outcome: str) -> None:
     )
 
 
+def train_and_export(
+    cfg: PipelineConfig,
+    loaded: data.TrainingData,
+    inputs: lineage.TrainingInputs,
+    tracker: RunTracker,
+    scratch: Path,
+) -> tuple[ExportResult, str]:
+    """Train, export the next version and register it; returns the export and registry version."""
+    with system_metrics(tracker, cfg.mlflow.system_metrics_interval_s):
+        trained = train(loaded.mnist, cfg.model, cfg.train, tracker)
+    tracker.set_tags({"device": trained.device})
+    tracker.log_artifact(plots.training_curves(trained.history, scratch / "training.png"), "plots")
+    exported = export(trained.model, cfg.export, cfg.push.model_base_path, loaded.mnist.test.images)
+    tracker.set_tags({"export_version": exported.version})
+    tracker.log_artifact(exported.path, "saved_model")
+    registry_version = register_model(
+        tracker,
+        trained.model,
+        exported.model_name,
+        {
+            "export_version": str(exported.version),
+            "prefect_flow_run_id": str(flow_run.get_id()),
+            **inputs.tags(),
+        },
+        loaded.mnist.test.images[:3],
+    )
+    return exported, registry_version
+
+
+def gate(
+    cfg: PipelineConfig,
+    exported: ExportResult,
+    loaded: data.TrainingData,
+    champion: dict[str, str] | None,
+    tracker: RunTracker,
+    registry_version: str,
+    scratch: Path,
+) -> Verdict | State:
+    """validate, recorded on the run and the registry version: the verdict, or the Failed state
+    of a rejected version (its message the reason)."""
+    judged = validate(
+        exported,
+        loaded.mnist.test,
+        cfg.validate_,
+        cfg.push.servers,
+        loaded.slices,
+        return_state=True,
+    )
+    verdict = judged.result(raise_on_failure=False)
+    if not isinstance(verdict, Verdict):
+        raise verdict  # the gate could not be evaluated: an error, with its traceback
+    record_verdict(tracker, verdict, champion, scratch)
+    record_gate(tracker, exported.model_name, registry_version, verdict, cfg.validate_.confidence)
+    return verdict if verdict.passed else judged
+
+
 def train_and_push(
     cfg: PipelineConfig,
     taken: Snapshot,
     inputs: lineage.TrainingInputs,
     champion: dict[str, str] | None,
 ) -> Outcome | State:
-    log = logger()
     run_name = f"{cfg.export.model_name}-{flow_run.get_name() or 'local'}"
     tags = {
         **source_tags("flows/train_and_serve.py"),
@@ -263,64 +318,26 @@ def train_and_push(
         tracker.log_inputs(*snapshot_inputs(taken, cfg.data.store, mnist.source_digest("t10k")))
         loaded = data.load(cfg.data, taken)
 
-        with system_metrics(tracker, cfg.mlflow.system_metrics_interval_s):
-            trained = train(loaded.mnist, cfg.model, cfg.train, tracker)
-        tracker.set_tags({"device": trained.device})
-        tracker.log_artifact(
-            plots.training_curves(trained.history, Path(scratch) / "training.png"), "plots"
-        )
-
-        exported = export(
-            trained.model, cfg.export, cfg.push.model_base_path, loaded.mnist.test.images
-        )
-        tracker.set_tags({"export_version": exported.version})
-        tracker.log_artifact(exported.path, "saved_model")
-        registry_version = register_model(
-            tracker,
-            trained.model,
-            exported.model_name,
-            {
-                "export_version": str(exported.version),
-                "prefect_flow_run_id": tags["prefect_flow_run_id"],
-                **inputs.tags(),
-            },
-            loaded.mnist.test.images[:3],
-        )
-
-        gate = validate(
-            exported,
-            loaded.mnist.test,
-            cfg.validate_,
-            cfg.push.servers,
-            loaded.slices,
-            return_state=True,
-        )
-        verdict = gate.result(raise_on_failure=False)
-        if not isinstance(verdict, Verdict):
-            raise verdict  # the gate could not be evaluated: an error, with its traceback
-        record_verdict(tracker, verdict, champion, Path(scratch))
-        record_gate(
-            tracker, exported.model_name, registry_version, verdict, cfg.validate_.confidence
-        )
-        if not verdict.passed:
+        exported, registry_version = train_and_export(cfg, loaded, inputs, tracker, Path(scratch))
+        verdict = gate(cfg, exported, loaded, champion, tracker, registry_version, Path(scratch))
+        if isinstance(verdict, State):
             # An expected outcome, not a crash: the flow run ends Failed with the gate's reason.
             tracker.end("FAILED")
             tag_flow_run("outcome:gate-failed")
-            return Failed(message=gate.message)
-
+            return Failed(message=verdict.message)
         if cfg.validate_.infra.enabled:
             check_in_sandbox(exported, verdict, cfg.validate_.infra, tracker)
-
         pushed = roll_out(exported, verdict, cfg, tracker, registry_version)
+
         tracker.set_tags({"pushed": "true", "pushed_version": pushed.version})
         tracker.log_metrics(
             {
-                metric_key("seconds_to_available", name): s
-                for name, s in pushed.seconds_to_available.items()
+                metric_key("seconds_to_available", n): s
+                for n, s in pushed.seconds_to_available.items()
             }
         )
         tag_flow_run("outcome:pushed")
-        log.info(
+        logger().info(
             "%s version %d is serving on %s (snapshot %s, %d training rows)",
             pushed.model_name,
             pushed.version,
