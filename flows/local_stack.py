@@ -153,7 +153,8 @@ def services(replicas: int = 1) -> list[Service]:
             [str(BIN / "prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"],
             None,
             f"{WORK_POOL} work pool",
-            PREFECT_ENV,
+            # A flow run that crashes in native code (TensorFlow) logs its Python stacks.
+            {**PREFECT_ENV, "PYTHONFAULTHANDLER": "1"},
         ),
     ]
 

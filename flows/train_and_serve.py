@@ -61,6 +61,8 @@ from tasks.tracking import (
 from tasks.train import train
 from tasks.validate import Verdict, validate
 
+LEASE_S = 60  # how long a crashed run can hold the concurrency slot
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -120,7 +122,8 @@ def train_and_serve(
     tag_flow_run(f"model:{cfg.model.kind}")
     if landed_at:
         wait_for_landing_window(landed_at, landing_window_s)
-    with concurrency(CONCURRENCY_LIMIT, occupy=1):
+    # The slot is a lease the run renews while it lives: a crashed run frees it when it lapses.
+    with concurrency(CONCURRENCY_LIMIT, occupy=1, lease_duration=LEASE_S):
         taken = data.snapshot(cfg.data)
         inputs = lineage.training_inputs(cfg, taken)
         champion = lineage.champion_tags(cfg.mlflow.tracking_uri, cfg.export.model_name)
