@@ -71,12 +71,9 @@ def _interval(comparison: Comparison, confidence: float) -> str:
 
 @dataclass(frozen=True)
 class Verdict:
-    passed: bool
-    reason: str
     error_rate: float
-    baseline_error_rate: float | None  # None: nothing was serving (the first push)
-    baseline_version: int | None
-    judgement: Judgement  # the paired comparison behind the decision, overall and per digit
+    baseline_version: int | None  # None: nothing was serving (the first push)
+    judgement: Judgement  # the decision and the paired comparisons behind it
     confusion: np.ndarray  # [10, 10] counts, rows = true label, columns = predicted
     # The first test images and the scores the exported model gives them: push checks that the
     # server answers exactly these for the pushed version.
@@ -84,6 +81,20 @@ class Verdict:
     canary_scores: np.ndarray
     # Error rates on the evaluation batches of the data store, reported beside the gate's.
     slice_error_rates: dict[str, float]
+
+    @property
+    def passed(self) -> bool:
+        return self.judgement.passed
+
+    @property
+    def reason(self) -> str:
+        return self.judgement.reason
+
+    @property
+    def baseline_error_rate(self) -> float | None:
+        """The serving version's error rate on the same images; None on the first push."""
+        overall = self.judgement.overall
+        return None if overall is None else overall.champion_error
 
 
 # Scores that differ by more than float32 round-off mean the server runs another model.
@@ -276,8 +287,9 @@ def validate(
     baseline_version, (champion, *slice_champions) = baseline(
         servers, export.model_name, test.images, *(split.images for split in slices.values())
     )
+    predicted = np.argmax(scores, axis=1)
     judgement = judge(
-        Predictions(np.argmax(scores, axis=1), test.labels, champion),
+        Predictions(predicted, test.labels, champion),
         cfg,
         {
             name: Predictions(np.argmax(found, axis=1), split.labels, theirs)
@@ -287,7 +299,7 @@ def validate(
         },
     )
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
-    np.add.at(confusion, (test.labels, np.argmax(scores, axis=1)), 1)
+    np.add.at(confusion, (test.labels, predicted), 1)
     decision = "passed" if judgement.passed else "FAILED"
     log.info(
         "gate %s for %s version %d: %s",
@@ -305,10 +317,7 @@ def validate(
         )
     canaries = slice(0, cfg.num_canary_images)
     verdict = Verdict(
-        passed=judgement.passed,
-        reason=judgement.reason,
-        error_rate=float(np.mean(np.argmax(scores, axis=1) != test.labels)),
-        baseline_error_rate=judgement.overall.champion_error if judgement.overall else None,
+        error_rate=_error_rate(scores, test.labels),
         baseline_version=baseline_version,
         judgement=judgement,
         confusion=confusion,

@@ -18,10 +18,7 @@ def verdict(passed: bool, canary_scores: np.ndarray | None = None) -> Verdict:
     server to answer them with ``canary_scores``."""
     scores = np.full((2, 10), 0.1, np.float32) if canary_scores is None else canary_scores
     return Verdict(
-        passed=passed,
-        reason="test",
         error_rate=0.08,
-        baseline_error_rate=None,
         baseline_version=None,
         judgement=Judgement(passed, "test", (), {}),
         confusion=np.zeros((10, 10), np.int64),

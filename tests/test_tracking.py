@@ -122,10 +122,7 @@ def test_the_model_is_a_logged_model_of_its_run_with_signature_and_example(
 def verdict(passed: bool, overall: Comparison | None) -> Verdict:
     reason = "within bounds" if passed else "error rate 0.0800 > validate.max_error_rate 0.0"
     return Verdict(
-        passed=passed,
-        reason=reason,
         error_rate=0.08,
-        baseline_error_rate=None if overall is None else overall.champion_error,
         baseline_version=None if overall is None else 1,
         judgement=Judgement(
             passed,
