@@ -1,10 +1,11 @@
 """A client of one model server through TF Serving's public gRPC API only.
 
-The pipeline (validate's baseline error rate, push's availability and canary checks) and the MNIST
-client CLI (``serving.client``) build their requests and read the answers here, so the same code
-drives this package's server and real ``tensorflow_model_server`` replicas. The model it speaks to
-takes ``images`` float32 [N, 784] and answers ``scores`` float32 [N, 10] (``tasks.export``'s
-``serving_default``); ``classify`` speaks to any Classify signature.
+The pipeline (validate's baseline error rate, push's availability and canary checks, its label
+moves through ``HandleReloadConfigRequest``) and the MNIST client CLI (``serving.client``) build
+their requests and read the answers here, so the same code drives this package's server and real
+``tensorflow_model_server`` replicas. The model it speaks to takes ``images`` float32 [N, 784] and
+answers ``scores`` float32 [N, 10] (``tasks.export``'s ``serving_default``); ``classify`` speaks
+to any Classify signature.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from tensorflow.core.example import example_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_status_pb2,
+    model_management_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
 )
+from tensorflow_serving.config.model_server_config_pb2 import ModelServerConfig
 
 from serving.model_format import DEFAULT_SIGNATURE
 from serving.tensors import to_ndarray, to_tensor_proto
@@ -78,13 +81,17 @@ def predict_request(
     images: np.ndarray,
     version: int | None = None,
     signature_name: str = DEFAULT_SIGNATURE,
+    label: str | None = None,
 ) -> predict_pb2.PredictRequest:
-    """A Predict of float32 ``images`` [N,784], asking only for ``scores``."""
+    """A Predict of float32 ``images`` [N,784], asking only for ``scores``; pinned to ``version``
+    or to the version behind ``label``, else the server's choice (its newest)."""
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model_name
     request.model_spec.signature_name = signature_name
     if version is not None:
         request.model_spec.version.value = version
+    if label is not None:
+        request.model_spec.version_label = label
     request.inputs["images"].CopyFrom(to_tensor_proto(np.asarray(images, dtype=np.float32)))
     request.output_filter.append("scores")
     return request
@@ -140,16 +147,37 @@ class ModelServer:
         return max(available) if available else None
 
     def predict_scores(
-        self, images: np.ndarray, version: int | None = None, batch_size: int = 1000
+        self,
+        images: np.ndarray,
+        version: int | None = None,
+        batch_size: int = 1000,
+        label: str | None = None,
     ) -> np.ndarray:
         """``serving_default`` scores for ``images`` [N,784], in requests of ``batch_size``."""
         chunks = []
         for start in range(0, len(images), batch_size):
-            request = predict_request(self.model_name, images[start : start + batch_size], version)
+            request = predict_request(
+                self.model_name, images[start : start + batch_size], version, label=label
+            )
             chunks.append(
                 response_scores(self._predictions.Predict(request, timeout=self._timeout))
             )
         return np.concatenate(chunks) if chunks else np.zeros((0, 10), np.float32)
+
+    def version_behind(self, label: str, image: np.ndarray) -> int:
+        """The version that answers a Predict of one ``image`` [784] through ``label``
+        (GetModelStatus does not resolve labels in TF Serving; a Predict's answer names its
+        version)."""
+        request = predict_request(self.model_name, image[None, :], label=label)
+        return self._predictions.Predict(request, timeout=self._timeout).model_spec.version.value
+
+    def reload_config(self, config: ModelServerConfig, timeout_s: float) -> None:
+        """HandleReloadConfigRequest: the server applies ``config`` -- all of it: models left out
+        are unloaded -- and answers once its versions are AVAILABLE; a refusal or a failed load
+        raises ``grpc.RpcError``."""
+        request = model_management_pb2.ReloadConfigRequest(config=config)
+        # TF Serving answers a failure as the call's status (the body's copy is never sent).
+        self._models.HandleReloadConfigRequest(request, timeout=timeout_s)
 
     def classify(
         self,

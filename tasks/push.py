@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 import grpc
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction
@@ -44,6 +45,16 @@ from tasks.export import ExportResult
 from tasks.logs import logger
 from tasks.rollout_checks import Traffic, judge, read_traffic
 from tasks.validate import Verdict, canary_mismatch
+from tasks.version_labels import (
+    CANARY,
+    STABLE,
+    LabelsError,
+    ModelServerConfig,
+    labelled,
+    read_config,
+    stable_version,
+    write_config,
+)
 
 POLL_INTERVAL_S = 0.2
 BAKE_POLL_S = 0.5
@@ -157,14 +168,21 @@ def serving_before(server: ModelServer, timeout_s: float) -> int | None:
         time.sleep(POLL_INTERVAL_S)
 
 
-def check_canary(server: ModelServer, version: int, verdict: Verdict) -> None:
-    mismatch = canary_mismatch(
-        server.predict_scores(verdict.canary_images, version=version), verdict
-    )
+def check_canary(
+    server: ModelServer, verdict: Verdict, version: int | None = None, label: str | None = None
+) -> None:
+    """The scores of the version pinned by number or by label are validate's."""
+    scores = server.predict_scores(verdict.canary_images, version=version, label=label)
+    mismatch = canary_mismatch(scores, verdict)
     if mismatch is not None:
-        raise PushError(
-            f"{server.address} version {version} answers the canary images with {mismatch}"
-        )
+        pinned = f"version {version}" if label is None else f"label {label}"
+        raise PushError(f"{server.address} {pinned} answers the canary images with {mismatch}")
+
+
+def check_label(server: ModelServer, label: str, version: int, image: np.ndarray) -> None:
+    answered = server.version_behind(label, image)
+    if answered != version:
+        raise PushError(f"{server.address} label {label} answers version {answered}, not {version}")
 
 
 def plan_stages(
@@ -210,6 +228,8 @@ class Rollout:
         }
         self.published: dict[Path, tuple[Path, float]] = {}  # store -> (version dir, when)
         self.stopped: set[str] = set()
+        self.configs: dict[str, ModelServerConfig] = {}  # labels replica -> its config before
+        self.probe = np.zeros(784, np.float32)  # the image a label's version is read with
 
     def server(self, replica: ReplicaConfig) -> ModelServer:
         return ModelServer(replica.grpc, self.export.model_name)
@@ -230,18 +250,51 @@ class Rollout:
         )
 
     def run(self, verdict: Verdict) -> RolloutReport:
+        self.probe = verdict.canary_images[0]
         for replica in self.cfg.replicas:
-            with self.server(replica) as server:
-                previous = serving_before(server, self.cfg.timeout_s)
-            self.set(replica.name, previous_version=previous)
+            self.set(replica.name, previous_version=self.previous(replica))
         for number, group in enumerate(self.plan, start=1):
             try:
                 self.stage(number, group, verdict)
             except Exception as error:
                 raise self.failed(number, error) from error
+            except BaseException:  # the task's timeout (Prefect raises it in here), Ctrl-C
+                self.roll_back(f"stage {number} interrupted")
+                raise
         for replica in self.cfg.replicas:
             self.set(replica.name, outcome="promoted")
         return self.report()
+
+    def previous(self, replica: ReplicaConfig) -> int | None:
+        """What the replica serves before the rollout: its newest version, or what its label
+        ``stable`` names (the config file says so, and the server agrees)."""
+        if replica.mode == "labels":
+            try:
+                config = read_config(replica.model_config_file)
+                stable = stable_version(config, self.export.model_name, replica.model_config_file)
+            except LabelsError as error:
+                raise PushError(f"replica {replica.name}: {error}: nothing pushed") from None
+        with self.server(replica) as server:
+            serving = serving_before(server, self.cfg.timeout_s)
+            if replica.mode == "store":
+                return serving
+            try:
+                check_label(server, STABLE, stable, self.probe)
+            except (PushError, grpc.RpcError) as error:
+                raise PushError(
+                    f"replica {replica.name}: {describe(error)} ({replica.model_config_file} "
+                    f"puts {STABLE} on version {stable}): nothing pushed"
+                ) from error
+        self.configs[replica.name] = config
+        return stable
+
+    def relabel(self, replica: ReplicaConfig, versions: set[int], labels: dict[str, int]) -> None:
+        """The replica's config file with this model serving ``versions`` under ``labels``,
+        written, then sent (HandleReloadConfigRequest answers once they are AVAILABLE)."""
+        config = labelled(self.configs[replica.name], self.export.model_name, versions, labels)
+        write_config(replica.model_config_file, config)
+        with self.server(replica) as server:
+            server.reload_config(config, self.cfg.timeout_s)
 
     def stage(self, number: int, group: list[ReplicaConfig], verdict: Verdict) -> None:
         for replica in group:
@@ -257,14 +310,37 @@ class Rollout:
                 raise PushError(f"replica {replica.name}: {describe(error)}") from error
         old = [r for r in self.cfg.replicas if self.outcomes[r.name].stage is None]
         self.bake(group, old)
+        for replica in group:
+            if replica.mode == "labels":
+                self.promote_label(replica)
 
     def serves_new(self, replica: ReplicaConfig, verdict: Verdict) -> None:
+        """Store: the server loads the version by itself. Labels: loaded next to the old one by
+        a reload, then labelled ``canary``; the canary Predict goes through the label."""
+        old, new = self.outcomes[replica.name].previous_version, self.version
+        if replica.mode == "labels":
+            self.relabel(replica, {old, new}, {STABLE: old, CANARY: old})
         with self.server(replica) as server:
-            wait_until_available(server, self.version, self.cfg.timeout_s)
+            wait_until_available(server, new, self.cfg.timeout_s)
             seconds = time.monotonic() - self.published[replica.model_base_path][1]
             self.set(replica.name, seconds_to_available=seconds)
-            check_canary(server, self.version, verdict)
-        self.note(replica.name, f"AVAILABLE after {seconds:.1f} s, canary Predict matches")
+            if replica.mode == "labels":
+                self.relabel(replica, {old, new}, {STABLE: old, CANARY: new})
+                check_label(server, CANARY, new, self.probe)
+                check_canary(server, verdict, label=CANARY)
+            else:
+                check_canary(server, verdict, version=new)
+        through = f" (through label {CANARY})" if replica.mode == "labels" else ""
+        self.note(replica.name, f"AVAILABLE after {seconds:.1f} s, canary Predict matches{through}")
+
+    def promote_label(self, replica: ReplicaConfig) -> None:
+        """``stable`` onto the new version; the old one stays loaded, so that a rollback (this
+        rollout's, its transaction's) only moves labels; the next rollout unloads it."""
+        old, new = self.outcomes[replica.name].previous_version, self.version
+        self.relabel(replica, {old, new}, {STABLE: new, CANARY: new})
+        with self.server(replica) as server:
+            check_label(server, STABLE, new, self.probe)
+        self.note(replica.name, f"{STABLE} moved to version {new} (version {old} stays loaded)")
 
     def scrape(self, replica: ReplicaConfig) -> Traffic:
         try:
@@ -318,31 +394,54 @@ class Rollout:
         )
 
     def roll_back(self, why: str) -> str:
-        """Withdraw the version from every store it was published into, and confirm that each
-        changed replica serves its previous version again. Returns what happened, per replica."""
+        """Put back the config file of every changed labels replica (its labels back on the old
+        version before that version's directory goes), withdraw the version from every store it
+        was published into, and confirm that each changed replica serves its previous version
+        again. Returns what happened, per replica."""
+        changed = [r for r in self.cfg.replicas if self.outcomes[r.name].stage is not None]
+        refused = {r.name: self.put_config_back(r) for r in changed if r.mode == "labels"}
         for target, _ in self.published.values():
             withdraw(target)
         results = []
-        for replica in self.cfg.replicas:
-            outcome = self.outcomes[replica.name]
-            if outcome.stage is None:
-                continue
-            result = self.restore(replica, outcome.previous_version)
+        for replica in changed:
+            result = self.restore(replica, refused.get(replica.name))
             self.note(replica.name, f"{why}: {result}")
             results.append(f"{replica.name} {result}")
         return "; ".join(results) or "nothing had changed"
 
-    def restore(self, replica: ReplicaConfig, previous: int | None) -> str:
+    def put_config_back(self, replica: ReplicaConfig) -> str | None:
+        """The config file as it was, and sent to the server (one reload: the old version is
+        still loaded, so the labels may move onto it). None, or why the server did not take it;
+        a server that stopped answering reads the file when it starts again."""
+        original = self.configs[replica.name]
+        write_config(replica.model_config_file, original)
         if replica.name in self.stopped:
-            self.set(replica.name, outcome="unverified")
-            return "withdrawn, not verified: it stopped answering"
+            return None
         try:
             with self.server(replica) as server:
-                wait_until_serving(server, previous, self.cfg.timeout_s)
+                server.reload_config(original, self.cfg.timeout_s)
         except Exception as error:
+            return describe(error)
+        return None
+
+    def restore(self, replica: ReplicaConfig, refused: str | None) -> str:
+        previous = self.outcomes[replica.name].previous_version
+        problem = "it stopped answering" if replica.name in self.stopped else refused
+        if problem is None:
+            try:
+                with self.server(replica) as server:
+                    if replica.mode == "labels":
+                        check_label(server, STABLE, previous, self.probe)
+                    else:
+                        wait_until_serving(server, previous, self.cfg.timeout_s)
+            except Exception as error:
+                problem = describe(error)
+        if problem is not None:
             self.set(replica.name, outcome="unverified")
-            return f"withdrawn, not verified: {describe(error)}"
+            return f"withdrawn, not verified: {problem}"
         self.set(replica.name, outcome="rolled_back")
+        if replica.mode == "labels":
+            return f"{STABLE} on version {previous} again, config file restored"
         return f"serves version {previous} again" if previous else "serves no version again"
 
 
