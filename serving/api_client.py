@@ -33,6 +33,7 @@ from serving.tensors import to_ndarray, to_tensor_proto
 
 # No message size limit either way: gRPC's default receive limit (4 MiB) is ~1,300 MNIST images.
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+RPC_TIMEOUT_S = 30.0  # each call's deadline, unless the client is given another
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def response_scores(response: predict_pb2.PredictResponse) -> np.ndarray:
 class ModelServer:
     """One server at ``host:port`` serving ``model_name``."""
 
-    def __init__(self, address: str, model_name: str, rpc_timeout_s: float = 30.0):
+    def __init__(self, address: str, model_name: str, rpc_timeout_s: float = RPC_TIMEOUT_S):
         self.address = address
         self.model_name = model_name
         self._timeout = rpc_timeout_s

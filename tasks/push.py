@@ -1,9 +1,10 @@
 """push: roll a blessed version out to the model servers in stages, and roll it back on any failure.
 
-Like TFX's Pusher, push only copies into the stores the servers poll; each server swaps versions
-itself (loads and warms the new one, then unloads the old), so the old version serves throughout.
-Everything else goes through TF Serving's public API (GetModelStatus, Predict, the Prometheus
-page), so the replicas may be ``tensorflow_model_server``.
+Like TFX's Pusher, push copies into the stores the servers poll; a replica in ``mode: store``
+(the default) swaps versions itself (loads and warms the new one, then unloads the old), so the
+old version serves throughout. Everything else goes through TF Serving's public API
+(GetModelStatus, Predict, HandleReloadConfigRequest, the Prometheus page), so the replicas may be
+``tensorflow_model_server``.
 
 The replicas (``push.replicas``) change in stages (``push.stages``, e.g. ``[1, all]``: one canary,
 then the rest; replicas that share a store change together). Per stage: publish into the stores of
@@ -15,6 +16,27 @@ version (``tasks.rollout_checks``). A failed check, one still inconclusive at
 replica changed so far: the version is taken out of each of their stores, and each must serve its
 previous version again. The task then fails with a message that names the stage, the replica and
 the reason.
+
+A replica in ``mode: labels`` runs with ``--model_config_file`` and is rolled out by moving the
+version labels of that file's entry for the model (TF Serving's canary pattern, serving_config.md;
+``tasks.version_labels`` reads, edits and writes the file, and every change is written first,
+then sent whole by ``HandleReloadConfigRequest``, so that a restarted server comes back the
+same). Its stage: publish into its store (its ``specific`` policy ignores the new directory);
+serve ``{old, new}`` with ``stable`` and ``canary`` on old, which answers once new is AVAILABLE;
+``canary`` onto new, whose canary Predict goes through the label; bake; then ``stable`` onto new.
+The old version stays loaded (``{old, new}``) after the rollout, so that undoing it -- this
+rollout's rollback, the transaction's, ``python -m flows.rollback`` -- only moves labels back,
+with no load; the next rollout unloads it. A rollback writes back and sends the file as it was
+before the rollout, then withdraws the version directory, and checks that ``stable`` answers
+with the old version. Only clients that ask for ``stable`` are isolated from the canary: TF
+Serving answers a request that names neither a version nor a label with the newest loaded
+version, which is the new one from the stage's start. The bake's live check compares replicas as
+in store mode: TF Serving's metrics have no version label, so a labels canary's numbers are its
+whole traffic (``stable``, ``canary`` and unlabelled requests together).
+
+In a flow, push runs with ``timeout_seconds=push_timeout_s(cfg)``, a backstop above every bounded
+wait; should it fire (Prefect raises it into the task), the rollout rolls back, then lets it
+through. No retries (see ``push``).
 
 ``push`` returns a ``RolloutReport`` (per replica: stage, previous version, outcome, seconds to
 AVAILABLE; and the timeline); a ``PushError`` carries the same report of a rolled-back rollout.
@@ -39,7 +61,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction
 
-from serving.api_client import ModelServer, wait_for_available
+from serving.api_client import RPC_TIMEOUT_S, ModelServer, wait_for_available
 from tasks.config import ALL, PushConfig, ReplicaConfig
 from tasks.export import ExportResult
 from tasks.logs import logger
@@ -50,6 +72,7 @@ from tasks.version_labels import (
     STABLE,
     LabelsError,
     ModelServerConfig,
+    entry_of,
     labelled,
     read_config,
     stable_version,
@@ -58,6 +81,10 @@ from tasks.version_labels import (
 
 POLL_INTERVAL_S = 0.2
 BAKE_POLL_S = 0.5
+# The bounded waits of one replica's part in a rollout: answering before it, the version AVAILABLE
+# (a labels replica: a reload), its canary (labels: a reload), its promotion (labels: a reload).
+WAITS_PER_REPLICA = 4
+PROBE_IMAGE = np.zeros(784, np.float32)  # what a label's version is read with (any image does)
 
 Outcome = Literal["promoted", "rolled_back", "unverified", "untouched"]
 
@@ -179,10 +206,30 @@ def check_canary(
         raise PushError(f"{server.address} {pinned} answers the canary images with {mismatch}")
 
 
-def check_label(server: ModelServer, label: str, version: int, image: np.ndarray) -> None:
-    answered = server.version_behind(label, image)
+def check_label(server: ModelServer, label: str, version: int) -> None:
+    answered = server.version_behind(label, PROBE_IMAGE)
     if answered != version:
         raise PushError(f"{server.address} label {label} answers version {answered}, not {version}")
+
+
+def move_stable(replica: ReplicaConfig, model_name: str, version: int, timeout_s: float) -> None:
+    """A labels replica's ``stable`` and ``canary`` onto ``version``, which then serves alone
+    (the rollback command). A label moves only onto an AVAILABLE version: one not loaded is
+    first loaded next to the others, as TF Serving's docs prescribe."""
+    path = replica.model_config_file
+    config = read_config(path)
+    stable_version(config, model_name, path)  # a config push can move (LabelsError otherwise)
+    with ModelServer(replica.grpc, model_name) as server:
+        loaded = {s.version for s in server.version_statuses() if s.state == "AVAILABLE"}
+        steps = [labelled(config, model_name, {version}, {STABLE: version, CANARY: version})]
+        if version not in loaded:
+            entry = entry_of(config, model_name)
+            served = set(entry.model_version_policy.specific.versions) | {version}
+            steps.insert(0, labelled(config, model_name, served, dict(entry.version_labels)))
+        for step in steps:
+            write_config(path, step)
+            server.reload_config(step, timeout_s)
+        check_label(server, STABLE, version)
 
 
 def plan_stages(
@@ -229,7 +276,6 @@ class Rollout:
         self.published: dict[Path, tuple[Path, float]] = {}  # store -> (version dir, when)
         self.stopped: set[str] = set()
         self.configs: dict[str, ModelServerConfig] = {}  # labels replica -> its config before
-        self.probe = np.zeros(784, np.float32)  # the image a label's version is read with
 
     def server(self, replica: ReplicaConfig) -> ModelServer:
         return ModelServer(replica.grpc, self.export.model_name)
@@ -250,7 +296,6 @@ class Rollout:
         )
 
     def run(self, verdict: Verdict) -> RolloutReport:
-        self.probe = verdict.canary_images[0]
         for replica in self.cfg.replicas:
             self.set(replica.name, previous_version=self.previous(replica))
         for number, group in enumerate(self.plan, start=1):
@@ -279,7 +324,7 @@ class Rollout:
             if replica.mode == "store":
                 return serving
             try:
-                check_label(server, STABLE, stable, self.probe)
+                check_label(server, STABLE, stable)
             except (PushError, grpc.RpcError) as error:
                 raise PushError(
                     f"replica {replica.name}: {describe(error)} ({replica.model_config_file} "
@@ -326,7 +371,7 @@ class Rollout:
             self.set(replica.name, seconds_to_available=seconds)
             if replica.mode == "labels":
                 self.relabel(replica, {old, new}, {STABLE: old, CANARY: new})
-                check_label(server, CANARY, new, self.probe)
+                check_label(server, CANARY, new)
                 check_canary(server, verdict, label=CANARY)
             else:
                 check_canary(server, verdict, version=new)
@@ -339,7 +384,7 @@ class Rollout:
         old, new = self.outcomes[replica.name].previous_version, self.version
         self.relabel(replica, {old, new}, {STABLE: new, CANARY: new})
         with self.server(replica) as server:
-            check_label(server, STABLE, new, self.probe)
+            check_label(server, STABLE, new)
         self.note(replica.name, f"{STABLE} moved to version {new} (version {old} stays loaded)")
 
     def scrape(self, replica: ReplicaConfig) -> Traffic:
@@ -431,7 +476,7 @@ class Rollout:
             try:
                 with self.server(replica) as server:
                     if replica.mode == "labels":
-                        check_label(server, STABLE, previous, self.probe)
+                        check_label(server, STABLE, previous)
                     else:
                         wait_until_serving(server, previous, self.cfg.timeout_s)
             except Exception as error:
@@ -445,6 +490,17 @@ class Rollout:
         return f"serves version {previous} again" if previous else "serves no version again"
 
 
+def push_timeout_s(cfg: PushConfig) -> float:
+    """The push task's timeout (``push.with_options(timeout_seconds=...)``): every wait of the
+    rollout at its bound, and each stage's bake deadline. Each wait fails first, with a better
+    message; this is the backstop for one that has no bound of its own (a copy into a hung
+    store). The rollback that follows a timeout runs after it, bounded by its own waits."""
+    per_wait = max(cfg.timeout_s, RPC_TIMEOUT_S)
+    return len(cfg.replicas) * WAITS_PER_REPLICA * per_wait + len(cfg.stages) * cfg.bake_deadline_s
+
+
+# No retries: a replica that does not answer yet is waited for (push.timeout_s) before anything
+# changes, and a rollout that failed later was rolled back for a reason a rerun would not remove.
 @task(cache_policy=NO_CACHE)
 def push(export: ExportResult, verdict: Verdict, cfg: PushConfig) -> RolloutReport:
     if not verdict.passed:

@@ -48,7 +48,7 @@ def write_config(path: Path, config: ModelServerConfig) -> None:
     os.replace(staging, path)
 
 
-def _entry(config: ModelServerConfig, model_name: str) -> model_server_config_pb2.ModelConfig:
+def entry_of(config: ModelServerConfig, model_name: str) -> model_server_config_pb2.ModelConfig:
     for entry in config.model_config_list.config:
         if entry.name == model_name:
             return entry
@@ -61,7 +61,7 @@ def stable_version(config: ModelServerConfig, model_name: str, path: Path) -> in
     but ``stable`` and ``canary``, and those two on the same version (else a rollout is half
     done)."""
     try:
-        entry = _entry(config, model_name)
+        entry = entry_of(config, model_name)
     except KeyError:
         raise LabelsError(f"{path}: no model_config_list entry for model {model_name}") from None
     policy = entry.model_version_policy.WhichOneof("policy_choice")
@@ -94,7 +94,7 @@ def labelled(
     everything else (other models, this model's other fields) as it was."""
     changed = ModelServerConfig()
     changed.CopyFrom(config)
-    entry = _entry(changed, model_name)
+    entry = entry_of(changed, model_name)
     entry.model_version_policy.specific.ClearField("versions")
     entry.model_version_policy.specific.versions.extend(sorted(versions))
     entry.ClearField("version_labels")

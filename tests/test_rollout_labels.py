@@ -4,26 +4,27 @@ label ``stable`` throughout.
 
 The tests run in order and share the replicas, which start on version 1 labelled ``stable``:
 version 2 rolls out; version 3's canary answers wrong and is rolled back; version 4 rolls out and
-is undone as a transaction's rollback undoes it; the last test kills a replica in the middle of
-a rollout.
+is undone as a transaction's rollback undoes it; the rollback command's label move goes to 1 and
+back to 2; version 5 runs into a task timeout; the last test
+kills a replica in the middle of a rollout.
 """
 
 from __future__ import annotations
 
 import re
-import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prefect.utilities.timeout import timeout
 
 from serving.api_client import ModelServer
-from tasks.push import PushError, Rollout, push
+from tasks.push import PushError, Rollout, move_stable, push
 from tasks.version_labels import CANARY, STABLE, read_config
 from tests import saved_models
 from tests.servers import AVAILABLE, Load, Server, config_text, model_entry
-from tests.test_rollout import MODEL, Stack, blessed, kill
+from tests.test_rollout import MODEL, Stack, blessed, in_background, kill
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -152,22 +153,44 @@ def test_a_finished_labels_rollout_is_undone_by_moving_the_labels_back(stack):
     assert not any(load.failures for load in stack.loads)
 
 
+def test_the_rollback_command_s_label_move_loads_the_version_first_when_it_must(stack):
+    """``move_stable``, which ``python -m flows.rollback`` runs on each labels replica."""
+    replica = stack.cfg().replicas[0]
+    seen = len(stack.loads[0].answers)
+    move_stable(replica, MODEL, 1, timeout_s=30)  # loaded (the rollouts keep the old one)
+    assert (stack.labels(1), stack.stable()) == (([1], {STABLE: 1, CANARY: 1}), [1, 2])
+    # 2 is no longer loaded: a label cannot move onto it before it is (FAILED_PRECONDITION)
+    move_stable(replica, MODEL, 2, timeout_s=30)
+    assert (stack.labels(1), stack.stable()) == (([2], {STABLE: 2, CANARY: 2}), [2, 2])
+    stack.loads[0].wait_for_answer((2, 2))
+    assert not stack.loads[0].failures
+    versions = [version for version, _ in stack.loads[0].answers[seen:]]
+    assert [v for i, v in enumerate(versions) if i == 0 or versions[i - 1] != v] == [2, 1, 2]
+
+
+def test_a_rollout_cut_short_by_its_task_timeout_is_rolled_back_before_it_ends(stack):
+    """Prefect's task timeout raises into the task (``prefect.utilities.timeout``, around every
+    task run with ``timeout_seconds``); the rollout rolls back, then lets it through."""
+    before = [stack.config_file(i).read_text() for i in (1, 2)]
+    rollout = Rollout(stack.export(5), stack.cfg(bake_s=60, bake_deadline_s=60))
+    with pytest.raises(TimeoutError), timeout(seconds=4):
+        rollout.run(blessed(5))
+    assert rollout.timeline[-1].event == (
+        "stage 1 interrupted: stable on version 2 again, config file restored"
+    )
+    assert [stack.config_file(i).read_text() for i in (1, 2)] == before
+    assert stack.stable() == [2, 2]
+    assert not (stack.store(1) / "5").exists()
+    assert not any(load.failures for load in stack.loads)
+
+
 def test_a_replica_killed_in_a_later_stage_rolls_back_the_labels_of_the_earlier(stack):
     before = [stack.config_file(i).read_text() for i in (1, 2)]
-    rollout = Rollout(stack.export(5), stack.cfg(bake_s=2))
-    failures: list[PushError] = []
-
-    def run() -> None:
-        try:
-            rollout.run(blessed(5))
-        except PushError as error:
-            failures.append(error)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    rollout = Rollout(stack.export(6), stack.cfg(bake_s=2))
+    thread, failures = in_background(rollout, 6)
     stack.servers[0].wait_for(
         lambda _: any(e.event.startswith("stable moved") for e in rollout.timeline),
-        "r1's stable label on version 5",
+        "r1's stable label on version 6",
     )
     stack.loads[1].__exit__()
     kill(stack.servers[1])
@@ -181,6 +204,6 @@ def test_a_replica_killed_in_a_later_stage_rolls_back_the_labels_of_the_earlier(
     ), message
     assert [stack.config_file(i).read_text() for i in (1, 2)] == before  # r2 restarts on it
     assert stack.stable(stack.servers[:1]) == [2]
-    assert not any((stack.store(i) / "5").exists() for i in (1, 2))
+    assert not any((stack.store(i) / "6").exists() for i in (1, 2))
     assert [r.outcome for r in failures[0].report.replicas] == ["rolled_back", "unverified"]
     assert not stack.loads[0].failures
