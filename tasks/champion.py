@@ -16,6 +16,8 @@ no champion before it to keep).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -23,7 +25,7 @@ from prefect.transactions import Transaction, get_transaction
 
 from serving.api_client import ModelServer
 from serving.model_format import version_of_dir
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, ReplicaConfig
 from tasks.logs import logger
 from tasks.push import PushError, describe, move_stable, wait_until_serving, withdraw
 from tasks.tracking import (
@@ -79,6 +81,17 @@ def export_version(client: MlflowClient, model_name: str, registry_version: str)
     return int(client.get_model_version(model_name, registry_version).tags["export_version"])
 
 
+def on_each(replicas: list[ReplicaConfig], action: Callable[[ReplicaConfig], None]) -> list[str]:
+    """``action`` on every replica; one line per replica where it failed."""
+    failures = []
+    for replica in replicas:
+        try:
+            action(replica)
+        except Exception as error:
+            failures.append(f"{replica.name} ({replica.grpc}): {describe(error)}")
+    return failures
+
+
 @task(cache_policy=NO_CACHE)
 def roll_back_champion(cfg: PipelineConfig) -> str:
     """Every replica back to the previous champion; returns what was done."""
@@ -92,13 +105,15 @@ def roll_back_champion(cfg: PipelineConfig) -> str:
     missing = sorted(str(store) for store in stores if not (store / str(target)).is_dir())
     if missing:
         raise PushError(f"version {target} is no longer in {', '.join(missing)}: nothing changed")
+    timeout_s = cfg.push.timeout_s
+
+    def serves_target(replica: ReplicaConfig) -> None:
+        with ModelServer(replica.grpc, model_name) as server:
+            wait_until_serving(server, target, timeout_s)
+
+    # Labels first: the versions their labels name must not leave the stores before they move.
     labelled = [r for r in cfg.push.replicas if r.mode == "labels"]
-    unmoved = []
-    for replica in labelled:  # before the versions their labels name leave the stores
-        try:
-            move_stable(replica, model_name, target, cfg.push.timeout_s)
-        except Exception as error:
-            unmoved.append(f"{replica.name} ({replica.grpc}): {describe(error)}")
+    unmoved = on_each(labelled, lambda r: move_stable(r, model_name, target, timeout_s))
     if unmoved:
         raise PushError(
             f"the {STABLE} label is not on version {target} on every labels replica: "
@@ -109,15 +124,8 @@ def roll_back_champion(cfg: PipelineConfig) -> str:
         for entry in store.iterdir():
             if (version_of_dir(entry.name) or 0) > target:
                 withdraw(entry)
-    failures = []
-    for replica in cfg.push.replicas:
-        if replica in labelled:  # move_stable checked it
-            continue
-        try:
-            with ModelServer(replica.grpc, model_name) as server:
-                wait_until_serving(server, target, cfg.push.timeout_s)
-        except Exception as error:
-            failures.append(f"{replica.name} ({replica.grpc}): {describe(error)}")
+    # move_stable checked the labels replicas
+    failures = on_each([r for r in cfg.push.replicas if r.mode == "store"], serves_target)
     if failures:
         raise PushError(
             f"newer versions withdrawn, but not every replica serves version {target}: "
