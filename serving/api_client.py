@@ -174,8 +174,9 @@ class ModelServer:
 
     def reload_config(self, config: ModelServerConfig, timeout_s: float) -> None:
         """HandleReloadConfigRequest: the server applies ``config`` -- all of it: models left out
-        are unloaded -- and answers once its versions are AVAILABLE; a refusal or a failed load
-        raises ``grpc.RpcError``."""
+        are unloaded; a refusal raises ``grpc.RpcError``. TF Serving answers once the models new
+        to it are AVAILABLE, but at once for new versions of a model it serves (ours waits for
+        those too): wait for a version with GetModelStatus."""
         request = model_management_pb2.ReloadConfigRequest(config=config)
         # TF Serving answers a failure as the call's status (the body's copy is never sent).
         self._models.HandleReloadConfigRequest(request, timeout=timeout_s)

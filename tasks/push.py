@@ -221,14 +221,16 @@ def move_stable(replica: ReplicaConfig, model_name: str, version: int, timeout_s
     stable_version(config, model_name, path)  # a config push can move (LabelsError otherwise)
     with ModelServer(replica.grpc, model_name) as server:
         loaded = {s.version for s in server.version_statuses() if s.state == "AVAILABLE"}
-        steps = [labelled(config, model_name, {version}, {STABLE: version, CANARY: version})]
         if version not in loaded:
             entry = entry_of(config, model_name)
             served = set(entry.model_version_policy.specific.versions) | {version}
-            steps.insert(0, labelled(config, model_name, served, dict(entry.version_labels)))
-        for step in steps:
-            write_config(path, step)
-            server.reload_config(step, timeout_s)
+            config = labelled(config, model_name, served, dict(entry.version_labels))
+            write_config(path, config)
+            server.reload_config(config, timeout_s)
+            wait_until_available(server, version, timeout_s)
+        config = labelled(config, model_name, {version}, {STABLE: version, CANARY: version})
+        write_config(path, config)
+        server.reload_config(config, timeout_s)
         check_label(server, STABLE, version)
 
 
@@ -361,7 +363,8 @@ class Rollout:
 
     def serves_new(self, replica: ReplicaConfig, verdict: Verdict) -> None:
         """Store: the server loads the version by itself. Labels: loaded next to the old one by
-        a reload, then labelled ``canary``; the canary Predict goes through the label."""
+        a reload (TF Serving answers it at once for a model it serves: AVAILABLE is waited for
+        here, in both modes), then labelled ``canary``; the canary Predict goes through it."""
         old, new = self.outcomes[replica.name].previous_version, self.version
         if replica.mode == "labels":
             self.relabel(replica, {old, new}, {STABLE: old, CANARY: old})
