@@ -337,7 +337,7 @@ class Rollout:
 
     def relabel(self, replica: ReplicaConfig, versions: set[int], labels: dict[str, int]) -> None:
         """The replica's config file with this model serving ``versions`` under ``labels``,
-        written, then sent (HandleReloadConfigRequest answers once they are AVAILABLE)."""
+        written, then sent (HandleReloadConfigRequest); the labels must name AVAILABLE versions."""
         config = labelled(self.configs[replica.name], self.export.model_name, versions, labels)
         write_config(replica.model_config_file, config)
         with self.server(replica) as server:
