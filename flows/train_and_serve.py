@@ -44,9 +44,9 @@ from tasks.config import (
 )
 from tasks.data.store import Snapshot
 from tasks.export import ExportResult, export
-from tasks.infra_validate import InfraValidationFailed, infra_validate
+from tasks.infra_validate import InfraValidationFailed, infra_timeout_s, infra_validate
 from tasks.logs import artifact_key, logger
-from tasks.push import PushError, RolloutReport, push
+from tasks.push import PushError, RolloutReport, push, push_timeout_s
 from tasks.tracking import (
     RunTracker,
     metric_key,
@@ -188,8 +188,9 @@ def check_in_sandbox(
     exported: ExportResult, verdict: Verdict, cfg: InfraConfig, tracker: RunTracker
 ) -> None:
     """Infra validation, recorded in the MLflow run; a failed check raises and blocks the push."""
+    timeout_s = infra_timeout_s(cfg)
     try:
-        infra = infra_validate(exported, verdict, cfg)
+        infra = infra_validate.with_options(timeout_seconds=timeout_s)(exported, verdict, cfg)
     except InfraValidationFailed:
         tracker.set_tags({"infra_validation": "failed"})
         raise
@@ -216,9 +217,10 @@ def roll_out(
     included, rolls both back (their on_rollback hooks). The registry version's ``rollout`` tag
     and the timeline artifact say how it went."""
     model_name = exported.model_name
+    timeout_s = push_timeout_s(cfg.push)
     try:
         with transaction():
-            pushed = push(exported, verdict, cfg.push)
+            pushed = push.with_options(timeout_seconds=timeout_s)(exported, verdict, cfg.push)
             serving_on = ", ".join(f"{r.name} ({r.address})" for r in pushed.replicas)
             promote(tracker, model_name, registry_version, f"AVAILABLE on {serving_on}")
     except PushError as error:

@@ -8,11 +8,15 @@ replicas' stores again (``tasks.push``'s hook); should a later step of the trans
 
 ``roll_back_champion`` (``python -m flows.rollback``, deployment ``rollback``) returns every
 replica to the previous champion: checks that each replica's store still holds its version,
-takes every newer version out of the stores, waits until every replica serves it, then moves
-``champion`` back to it and drops ``previous_champion`` (there is no champion before it to keep).
+moves the labels of every labels replica onto it (``tasks.push.move_stable``; nothing is
+withdrawn unless all moved), takes every newer version out of the stores, waits until every
+replica serves it, then moves ``champion`` back to it and drops ``previous_champion`` (there is
+no champion before it to keep).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from mlflow.tracking import MlflowClient
 from prefect import task
@@ -21,9 +25,9 @@ from prefect.transactions import Transaction, get_transaction
 
 from serving.api_client import ModelServer
 from serving.model_format import version_of_dir
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, ReplicaConfig
 from tasks.logs import logger
-from tasks.push import PushError, describe, wait_until_serving, withdraw
+from tasks.push import PushError, describe, move_stable, wait_until_serving, withdraw
 from tasks.tracking import (
     CHAMPION,
     PREVIOUS_CHAMPION,
@@ -31,6 +35,7 @@ from tasks.tracking import (
     alias_version,
     promote_champion,
 )
+from tasks.version_labels import STABLE
 
 Aliases = dict[str, str | None]  # alias -> registry version (None: not set)
 
@@ -47,7 +52,12 @@ def restore(client: MlflowClient, model_name: str, before: Aliases) -> None:
             client.delete_registered_model_alias(model_name, alias)
 
 
-@task(cache_policy=NO_CACHE)
+# Alias moves are a few MLflow calls (the client retries a failed one itself, for minutes): a
+# hung tracking server fails the promote, and with it the transaction, which withdraws the push.
+PROMOTE_TIMEOUT_S = 120
+
+
+@task(cache_policy=NO_CACHE, timeout_seconds=PROMOTE_TIMEOUT_S)
 def promote(tracker: RunTracker, model_name: str, registry_version: str, reason: str) -> None:
     before = aliases(tracker.client, model_name)
     transaction = get_transaction()
@@ -55,7 +65,7 @@ def promote(tracker: RunTracker, model_name: str, registry_version: str, reason:
         transaction.set("aliases", (tracker, model_name, before))
     try:
         promote_champion(tracker, model_name, registry_version, reason)
-    except Exception:  # a failed task's own hook does not run: undo half a move here
+    except BaseException:  # its own hook does not run when it fails (a timeout too): undo here
         restore(tracker.client, model_name, before)
         raise
 
@@ -71,6 +81,17 @@ def export_version(client: MlflowClient, model_name: str, registry_version: str)
     return int(client.get_model_version(model_name, registry_version).tags["export_version"])
 
 
+def on_each(replicas: list[ReplicaConfig], action: Callable[[ReplicaConfig], None]) -> list[str]:
+    """``action`` on every replica; one line per replica where it failed."""
+    failures = []
+    for replica in replicas:
+        try:
+            action(replica)
+        except Exception as error:
+            failures.append(f"{replica.name} ({replica.grpc}): {describe(error)}")
+    return failures
+
+
 @task(cache_policy=NO_CACHE)
 def roll_back_champion(cfg: PipelineConfig) -> str:
     """Every replica back to the previous champion; returns what was done."""
@@ -84,17 +105,27 @@ def roll_back_champion(cfg: PipelineConfig) -> str:
     missing = sorted(str(store) for store in stores if not (store / str(target)).is_dir())
     if missing:
         raise PushError(f"version {target} is no longer in {', '.join(missing)}: nothing changed")
+    timeout_s = cfg.push.timeout_s
+
+    def serves_target(replica: ReplicaConfig) -> None:
+        with ModelServer(replica.grpc, model_name) as server:
+            wait_until_serving(server, target, timeout_s)
+
+    # Labels first: the versions their labels name must not leave the stores before they move.
+    labelled = [r for r in cfg.push.replicas if r.mode == "labels"]
+    unmoved = on_each(labelled, lambda r: move_stable(r, model_name, target, timeout_s))
+    if unmoved:
+        raise PushError(
+            f"the {STABLE} label is not on version {target} on every labels replica: "
+            + "; ".join(unmoved)
+            + ": nothing withdrawn"
+        )
     for store in stores:
         for entry in store.iterdir():
             if (version_of_dir(entry.name) or 0) > target:
                 withdraw(entry)
-    failures = []
-    for replica in cfg.push.replicas:
-        try:
-            with ModelServer(replica.grpc, model_name) as server:
-                wait_until_serving(server, target, cfg.push.timeout_s)
-        except Exception as error:
-            failures.append(f"{replica.name} ({replica.grpc}): {describe(error)}")
+    # move_stable checked the labels replicas
+    failures = on_each([r for r in cfg.push.replicas if r.mode == "store"], serves_target)
     if failures:
         raise PushError(
             f"newer versions withdrawn, but not every replica serves version {target}: "

@@ -134,6 +134,20 @@ class ReplicaConfig(_Section):
     model_base_path: Path
     # Its Prometheus page (--monitoring_config_file), read while a stage bakes.
     metrics_url: str | None = Field(None, pattern=r"^https?://\S+$")
+    # store: the server swaps to the newest version by itself (tasks.push); labels: a server run
+    # with --model_config_file, rolled out by moving its version labels stable and canary
+    # (tasks.version_labels), with model_config_file the file it was started with.
+    mode: Literal["store", "labels"] = "store"
+    model_config_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _labels_need_the_config_file(self) -> ReplicaConfig:
+        if self.mode == "labels" and self.model_config_file is None:
+            raise ValueError(
+                f"replica {self.name}: mode labels needs model_config_file (the server's "
+                "--model_config_file)"
+            )
+        return self
 
 
 class PushConfig(_Section):
@@ -283,7 +297,8 @@ def _relative_to(base: Path, tree: dict[str, Any]) -> None:
         (section("push"), "model_base_path"),
     ]
     if isinstance(replicas, list):
-        holders += [(r, "model_base_path") for r in replicas if isinstance(r, dict)]
+        for key in ("model_base_path", "model_config_file"):
+            holders += [(r, key) for r in replicas if isinstance(r, dict)]
     for holder, key in holders:
         value = holder.get(key)
         if isinstance(value, str) and not Path(value).is_absolute():

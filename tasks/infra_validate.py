@@ -261,6 +261,14 @@ def _run_checks(box: _Sandbox, export: ExportResult, verdict: Verdict, timeout_s
     return seconds
 
 
+def infra_timeout_s(cfg: InfraConfig) -> float:
+    """The task's timeout (``infra_validate.with_options(timeout_seconds=...)``): the version
+    AVAILABLE within ``validate.infra.timeout_s``, each check's call at its deadline, the stop.
+    A backstop: each wait fails first, naming its check. No retries: the sandbox is this task's
+    own, so what fails in it is the candidate's."""
+    return cfg.timeout_s + len(CHECKS) * RPC_TIMEOUT_S + STOP_GRACE_S
+
+
 @task(name="infra_validate", cache_policy=NO_CACHE)
 def infra_validate(export: ExportResult, verdict: Verdict, cfg: InfraConfig) -> InfraResult:
     log = logger()

@@ -1,9 +1,10 @@
 """push: roll a blessed version out to the model servers in stages, and roll it back on any failure.
 
-Like TFX's Pusher, push only copies into the stores the servers poll; each server swaps versions
-itself (loads and warms the new one, then unloads the old), so the old version serves throughout.
-Everything else goes through TF Serving's public API (GetModelStatus, Predict, the Prometheus
-page), so the replicas may be ``tensorflow_model_server``.
+Like TFX's Pusher, push copies into the stores the servers poll; a replica in ``mode: store``
+(the default) swaps versions itself (loads and warms the new one, then unloads the old), so the
+old version serves throughout. Everything else goes through TF Serving's public API
+(GetModelStatus, Predict, HandleReloadConfigRequest, the Prometheus page), so the replicas may be
+``tensorflow_model_server``.
 
 The replicas (``push.replicas``) change in stages (``push.stages``, e.g. ``[1, all]``: one canary,
 then the rest; replicas that share a store change together). Per stage: publish into the stores of
@@ -15,6 +16,27 @@ version (``tasks.rollout_checks``). A failed check, one still inconclusive at
 replica changed so far: the version is taken out of each of their stores, and each must serve its
 previous version again. The task then fails with a message that names the stage, the replica and
 the reason.
+
+A replica in ``mode: labels`` runs with ``--model_config_file`` and is rolled out by moving the
+version labels of that file's entry for the model (TF Serving's canary pattern, serving_config.md;
+``tasks.version_labels`` reads, edits and writes the file, and every change is written first,
+then sent whole by ``HandleReloadConfigRequest``, so that a restarted server comes back the
+same). Its stage: publish into its store (its ``specific`` policy ignores the new directory);
+serve ``{old, new}`` with ``stable`` and ``canary`` on old, which answers once new is AVAILABLE;
+``canary`` onto new, whose canary Predict goes through the label; bake; then ``stable`` onto new.
+The old version stays loaded (``{old, new}``) after the rollout, so that undoing it -- this
+rollout's rollback, the transaction's, ``python -m flows.rollback`` -- only moves labels back,
+with no load; the next rollout unloads it. A rollback writes back and sends the file as it was
+before the rollout, then withdraws the version directory, and checks that ``stable`` answers
+with the old version. Only clients that ask for ``stable`` are isolated from the canary: TF
+Serving answers a request that names neither a version nor a label with the newest loaded
+version, which is the new one from the stage's start. The bake's live check compares replicas as
+in store mode: TF Serving's metrics have no version label, so a labels canary's numbers are its
+whole traffic (``stable``, ``canary`` and unlabelled requests together).
+
+In a flow, push runs with ``timeout_seconds=push_timeout_s(cfg)``, a backstop above every bounded
+wait; should it fire (Prefect raises it into the task), the rollout rolls back, then lets it
+through. No retries (see ``push``).
 
 ``push`` returns a ``RolloutReport`` (per replica: stage, previous version, outcome, seconds to
 AVAILABLE; and the timeline); a ``PushError`` carries the same report of a rolled-back rollout.
@@ -34,19 +56,35 @@ from pathlib import Path
 from typing import Literal
 
 import grpc
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction
 
-from serving.api_client import ModelServer, wait_for_available
+from serving.api_client import RPC_TIMEOUT_S, ModelServer, wait_for_available
 from tasks.config import ALL, PushConfig, ReplicaConfig
 from tasks.export import ExportResult
 from tasks.logs import logger
 from tasks.rollout_checks import Traffic, judge, read_traffic
 from tasks.validate import Verdict, canary_mismatch
+from tasks.version_labels import (
+    CANARY,
+    STABLE,
+    LabelsError,
+    ModelServerConfig,
+    entry_of,
+    labelled,
+    read_config,
+    stable_version,
+    write_config,
+)
 
 POLL_INTERVAL_S = 0.2
 BAKE_POLL_S = 0.5
+# The bounded waits of one replica's part in a rollout: answering before it, the version AVAILABLE
+# (a labels replica: a reload), its canary (labels: a reload), its promotion (labels: a reload).
+WAITS_PER_REPLICA = 4
+PROBE_IMAGE = np.zeros(784, np.float32)  # what a label's version is read with (any image does)
 
 Outcome = Literal["promoted", "rolled_back", "unverified", "untouched"]
 
@@ -157,14 +195,43 @@ def serving_before(server: ModelServer, timeout_s: float) -> int | None:
         time.sleep(POLL_INTERVAL_S)
 
 
-def check_canary(server: ModelServer, version: int, verdict: Verdict) -> None:
-    mismatch = canary_mismatch(
-        server.predict_scores(verdict.canary_images, version=version), verdict
-    )
+def check_canary(
+    server: ModelServer, verdict: Verdict, version: int | None = None, label: str | None = None
+) -> None:
+    """The scores of the version pinned by number or by label are validate's."""
+    scores = server.predict_scores(verdict.canary_images, version=version, label=label)
+    mismatch = canary_mismatch(scores, verdict)
     if mismatch is not None:
-        raise PushError(
-            f"{server.address} version {version} answers the canary images with {mismatch}"
-        )
+        pinned = f"version {version}" if label is None else f"label {label}"
+        raise PushError(f"{server.address} {pinned} answers the canary images with {mismatch}")
+
+
+def check_label(server: ModelServer, label: str, version: int) -> None:
+    answered = server.version_behind(label, PROBE_IMAGE)
+    if answered != version:
+        raise PushError(f"{server.address} label {label} answers version {answered}, not {version}")
+
+
+def move_stable(replica: ReplicaConfig, model_name: str, version: int, timeout_s: float) -> None:
+    """A labels replica's ``stable`` and ``canary`` onto ``version``, which then serves alone
+    (the rollback command). A label moves only onto an AVAILABLE version: one not loaded is
+    first loaded next to the others, as TF Serving's docs prescribe."""
+    path = replica.model_config_file
+    config = read_config(path)
+    stable_version(config, model_name, path)  # a config push can move (LabelsError otherwise)
+    with ModelServer(replica.grpc, model_name) as server:
+        loaded = {s.version for s in server.version_statuses() if s.state == "AVAILABLE"}
+        if version not in loaded:
+            entry = entry_of(config, model_name)
+            served = set(entry.model_version_policy.specific.versions) | {version}
+            config = labelled(config, model_name, served, dict(entry.version_labels))
+            write_config(path, config)
+            server.reload_config(config, timeout_s)
+            wait_until_available(server, version, timeout_s)
+        config = labelled(config, model_name, {version}, {STABLE: version, CANARY: version})
+        write_config(path, config)
+        server.reload_config(config, timeout_s)
+        check_label(server, STABLE, version)
 
 
 def plan_stages(
@@ -210,6 +277,7 @@ class Rollout:
         }
         self.published: dict[Path, tuple[Path, float]] = {}  # store -> (version dir, when)
         self.stopped: set[str] = set()
+        self.configs: dict[str, ModelServerConfig] = {}  # labels replica -> its config before
 
     def server(self, replica: ReplicaConfig) -> ModelServer:
         return ModelServer(replica.grpc, self.export.model_name)
@@ -231,17 +299,49 @@ class Rollout:
 
     def run(self, verdict: Verdict) -> RolloutReport:
         for replica in self.cfg.replicas:
-            with self.server(replica) as server:
-                previous = serving_before(server, self.cfg.timeout_s)
-            self.set(replica.name, previous_version=previous)
+            self.set(replica.name, previous_version=self.previous(replica))
         for number, group in enumerate(self.plan, start=1):
             try:
                 self.stage(number, group, verdict)
             except Exception as error:
                 raise self.failed(number, error) from error
+            except BaseException:  # the task's timeout (Prefect raises it in here), Ctrl-C
+                self.roll_back(f"stage {number} interrupted")
+                raise
         for replica in self.cfg.replicas:
             self.set(replica.name, outcome="promoted")
         return self.report()
+
+    def previous(self, replica: ReplicaConfig) -> int | None:
+        """What the replica serves before the rollout: its newest version, or what its label
+        ``stable`` names (the config file says so, and the server agrees)."""
+        if replica.mode == "labels":
+            try:
+                config = read_config(replica.model_config_file)
+                stable = stable_version(config, self.export.model_name, replica.model_config_file)
+            except LabelsError as error:
+                raise PushError(f"replica {replica.name}: {error}: nothing pushed") from None
+        with self.server(replica) as server:
+            serving = serving_before(server, self.cfg.timeout_s)
+            if replica.mode == "store":
+                return serving
+            try:
+                check_label(server, STABLE, stable)
+            except (PushError, grpc.RpcError) as error:
+                raise PushError(
+                    f"replica {replica.name}: {describe(error)} ({replica.model_config_file} "
+                    f"puts {STABLE} on version {stable}): nothing pushed"
+                ) from error
+        self.configs[replica.name] = config
+        return stable
+
+    def relabel(self, replica: ReplicaConfig, versions: set[int], labels: dict[str, int]) -> None:
+        """The replica's config file with this model serving ``versions`` under ``labels``,
+        written, then sent (HandleReloadConfigRequest); the labels must name AVAILABLE versions."""
+        config = labelled(self.configs[replica.name], self.export.model_name, versions, labels)
+        write_config(replica.model_config_file, config)
+        with self.server(replica) as server:
+            server.reload_config(config, self.cfg.timeout_s)
 
     def stage(self, number: int, group: list[ReplicaConfig], verdict: Verdict) -> None:
         for replica in group:
@@ -257,14 +357,38 @@ class Rollout:
                 raise PushError(f"replica {replica.name}: {describe(error)}") from error
         old = [r for r in self.cfg.replicas if self.outcomes[r.name].stage is None]
         self.bake(group, old)
+        for replica in group:
+            if replica.mode == "labels":
+                self.promote_label(replica)
 
     def serves_new(self, replica: ReplicaConfig, verdict: Verdict) -> None:
+        """Store: the server loads the version by itself. Labels: loaded next to the old one by
+        a reload (TF Serving answers it at once for a model it serves: AVAILABLE is waited for
+        here, in both modes), then labelled ``canary``; the canary Predict goes through it."""
+        old, new = self.outcomes[replica.name].previous_version, self.version
+        if replica.mode == "labels":
+            self.relabel(replica, {old, new}, {STABLE: old, CANARY: old})
         with self.server(replica) as server:
-            wait_until_available(server, self.version, self.cfg.timeout_s)
+            wait_until_available(server, new, self.cfg.timeout_s)
             seconds = time.monotonic() - self.published[replica.model_base_path][1]
             self.set(replica.name, seconds_to_available=seconds)
-            check_canary(server, self.version, verdict)
-        self.note(replica.name, f"AVAILABLE after {seconds:.1f} s, canary Predict matches")
+            if replica.mode == "labels":
+                self.relabel(replica, {old, new}, {STABLE: old, CANARY: new})
+                check_label(server, CANARY, new)
+                check_canary(server, verdict, label=CANARY)
+            else:
+                check_canary(server, verdict, version=new)
+        through = f" (through label {CANARY})" if replica.mode == "labels" else ""
+        self.note(replica.name, f"AVAILABLE after {seconds:.1f} s, canary Predict matches{through}")
+
+    def promote_label(self, replica: ReplicaConfig) -> None:
+        """``stable`` onto the new version; the old one stays loaded, so that a rollback (this
+        rollout's, its transaction's) only moves labels; the next rollout unloads it."""
+        old, new = self.outcomes[replica.name].previous_version, self.version
+        self.relabel(replica, {old, new}, {STABLE: new, CANARY: new})
+        with self.server(replica) as server:
+            check_label(server, STABLE, new)
+        self.note(replica.name, f"{STABLE} moved to version {new} (version {old} stays loaded)")
 
     def scrape(self, replica: ReplicaConfig) -> Traffic:
         try:
@@ -318,34 +442,68 @@ class Rollout:
         )
 
     def roll_back(self, why: str) -> str:
-        """Withdraw the version from every store it was published into, and confirm that each
-        changed replica serves its previous version again. Returns what happened, per replica."""
+        """Put back the config file of every changed labels replica (its labels back on the old
+        version before that version's directory goes), withdraw the version from every store it
+        was published into, and confirm that each changed replica serves its previous version
+        again. Returns what happened, per replica."""
+        changed = [r for r in self.cfg.replicas if self.outcomes[r.name].stage is not None]
+        refused = {r.name: self.put_config_back(r) for r in changed if r.mode == "labels"}
         for target, _ in self.published.values():
             withdraw(target)
         results = []
-        for replica in self.cfg.replicas:
-            outcome = self.outcomes[replica.name]
-            if outcome.stage is None:
-                continue
-            result = self.restore(replica, outcome.previous_version)
+        for replica in changed:
+            result = self.restore(replica, refused.get(replica.name))
             self.note(replica.name, f"{why}: {result}")
             results.append(f"{replica.name} {result}")
         return "; ".join(results) or "nothing had changed"
 
-    def restore(self, replica: ReplicaConfig, previous: int | None) -> str:
+    def put_config_back(self, replica: ReplicaConfig) -> str | None:
+        """The config file as it was, and sent to the server (one reload: the old version is
+        still loaded, so the labels may move onto it). None, or why the server did not take it;
+        a server that stopped answering reads the file when it starts again."""
+        original = self.configs[replica.name]
+        write_config(replica.model_config_file, original)
         if replica.name in self.stopped:
-            self.set(replica.name, outcome="unverified")
-            return "withdrawn, not verified: it stopped answering"
+            return None
         try:
             with self.server(replica) as server:
-                wait_until_serving(server, previous, self.cfg.timeout_s)
+                server.reload_config(original, self.cfg.timeout_s)
         except Exception as error:
+            return describe(error)
+        return None
+
+    def restore(self, replica: ReplicaConfig, refused: str | None) -> str:
+        previous = self.outcomes[replica.name].previous_version
+        problem = "it stopped answering" if replica.name in self.stopped else refused
+        if problem is None:
+            try:
+                with self.server(replica) as server:
+                    if replica.mode == "labels":
+                        check_label(server, STABLE, previous)
+                    else:
+                        wait_until_serving(server, previous, self.cfg.timeout_s)
+            except Exception as error:
+                problem = describe(error)
+        if problem is not None:
             self.set(replica.name, outcome="unverified")
-            return f"withdrawn, not verified: {describe(error)}"
+            return f"withdrawn, not verified: {problem}"
         self.set(replica.name, outcome="rolled_back")
+        if replica.mode == "labels":
+            return f"{STABLE} on version {previous} again, config file restored"
         return f"serves version {previous} again" if previous else "serves no version again"
 
 
+def push_timeout_s(cfg: PushConfig) -> float:
+    """The push task's timeout (``push.with_options(timeout_seconds=...)``): every wait of the
+    rollout at its bound, and each stage's bake deadline. Each wait fails first, with a better
+    message; this is the backstop for one that has no bound of its own (a copy into a hung
+    store). The rollback that follows a timeout runs after it, bounded by its own waits."""
+    per_wait = max(cfg.timeout_s, RPC_TIMEOUT_S)
+    return len(cfg.replicas) * WAITS_PER_REPLICA * per_wait + len(cfg.stages) * cfg.bake_deadline_s
+
+
+# No retries: a replica that does not answer yet is waited for (push.timeout_s) before anything
+# changes, and a rollout that failed later was rolled back for a reason a rerun would not remove.
 @task(cache_policy=NO_CACHE)
 def push(export: ExportResult, verdict: Verdict, cfg: PushConfig) -> RolloutReport:
     if not verdict.passed:

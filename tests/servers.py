@@ -119,12 +119,15 @@ class Server:
         inputs: dict | None = None,
         model_name: str | None = None,
         timeout: float = 10,
+        label: str = "",
     ):
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model_name or self.model_name
         request.model_spec.signature_name = signature
         if version is not None:
             request.model_spec.version.value = version
+        if label:
+            request.model_spec.version_label = label
         for key, value in (inputs if inputs is not None else {"images": images}).items():
             request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
         return self.predict_stub.Predict(request, timeout=timeout)
@@ -178,10 +181,12 @@ def rpc_error(fn, *args, **kwargs) -> grpc.RpcError:
 
 
 class Load:
-    """A client thread sending Predict continuously, recording versions seen and failures."""
+    """A client thread sending Predict continuously (through ``label``, if given), recording
+    versions seen and failures."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, label: str = "") -> None:
         self.server = server
+        self.label = label
         self.failures: list[str] = []
         self.answers: list[tuple[int, int]] = []  # (version, class)
         self._stop = threading.Event()
@@ -191,7 +196,7 @@ class Load:
         x = images(1)
         while not self._stop.is_set():
             try:
-                response = self.server.predict(x)
+                response = self.server.predict(x, label=self.label)
                 cls = int(tf.make_ndarray(response.outputs["classes"])[0])
                 self.answers.append((response.model_spec.version.value, cls))
             except grpc.RpcError as e:

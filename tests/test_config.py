@@ -23,7 +23,8 @@ def test_overrides_are_parsed_as_yaml_values():
         overrides=[
             "train.epochs=3",
             "train.device=gpu:1",
-            'push.replicas=[{name: a, grpc: "a:1"}, {name: b, grpc: "b:2", model_base_path: s}]',
+            'push.replicas=[{name: a, grpc: "a:1"}, {name: b, grpc: "b:2", model_base_path: s, '
+            "mode: labels, model_config_file: b.config}]",
             "validate.max_error_rate=0.2",
             "export.base_path=/tmp/x",
         ]
@@ -35,6 +36,10 @@ def test_overrides_are_parsed_as_yaml_values():
     assert [r.model_base_path for r in cfg.push.replicas] == [
         REPO_ROOT / ".stack" / "models",
         REPO_ROOT / "s",
+    ]
+    assert [(r.mode, r.model_config_file) for r in cfg.push.replicas] == [
+        ("store", None),
+        ("labels", REPO_ROOT / "b.config"),
     ]
     assert cfg.validate_.max_error_rate == 0.2
     assert cfg.export.base_path == Path("/tmp/x")
@@ -53,6 +58,11 @@ def test_overrides_are_parsed_as_yaml_values():
         ('push.replicas=[{name: a, grpc: "nohostport"}]', "push.replicas.0.grpc"),
         ('push.replicas=[{name: a, grpc: "h:1"}, {name: a, grpc: "h:2"}]', "same name: a"),
         ("push.servers=[a:1]", "push.servers: unknown key"),
+        (
+            'push.replicas=[{name: a, grpc: "h:1", mode: labels}]',
+            "push.replicas.0: Value error, replica a: mode labels needs model_config_file",
+        ),
+        ('push.replicas=[{name: a, grpc: "h:1", mode: label}]', "push.replicas.0.mode"),
         ("push.stages=[2, 1, all]", "push.stages"),
         ("push.stages=[1]", "push.stages"),
         ("push.bake_s=200", "push.bake_deadline_s must be at least push.bake_s"),

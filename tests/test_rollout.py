@@ -203,18 +203,25 @@ def kill(server: Server) -> None:
     server.proc.wait()
 
 
-def test_a_replica_killed_mid_rollout_fails_it_naming_the_replica(stack):
-    rollout = Rollout(stack.export(6), stack.cfg(bake_s=60, bake_deadline_s=60))
+def in_background(rollout: Rollout, version: int) -> tuple[threading.Thread, list[PushError]]:
+    """The rollout of ``version``, blessed, started on a thread; its PushError lands in the
+    list."""
     failures: list[PushError] = []
 
     def run() -> None:
         try:
-            rollout.run(blessed(6))
+            rollout.run(blessed(version))
         except PushError as error:
             failures.append(error)
 
     thread = threading.Thread(target=run)
     thread.start()
+    return thread, failures
+
+
+def test_a_replica_killed_mid_rollout_fails_it_naming_the_replica(stack):
+    rollout = Rollout(stack.export(6), stack.cfg(bake_s=60, bake_deadline_s=60))
+    thread, failures = in_background(rollout, 6)
     stack.servers[0].wait_for(
         lambda _: any("canary Predict matches" in e.event for e in rollout.timeline),
         "r1 serving version 6",
