@@ -24,13 +24,10 @@ store again when a later step fails (``tasks.champion.promote``).
 
 from __future__ import annotations
 
-import shutil
 import time
 import urllib.error
 import urllib.request
-import uuid
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Literal
 
 import grpc
@@ -42,6 +39,7 @@ from serving.api_client import ModelServer, wait_for_available
 from tasks.config import ALL, PushConfig, ReplicaConfig
 from tasks.export import ExportResult
 from tasks.logs import logger
+from tasks.model_store import ModelStore, VersionExists, model_store
 from tasks.rollout_checks import Traffic, judge, read_traffic
 from tasks.validate import Verdict, canary_mismatch
 
@@ -94,28 +92,6 @@ class PushError(RuntimeError):
     def __init__(self, message: str, report: RolloutReport | None = None):
         super().__init__(message)
         self.report = report
-
-
-def publish(export: ExportResult, model_base_path: Path) -> Path:
-    """Copy the version into the store under a hidden name, then rename: servers never see it
-    half-copied."""
-    store = model_base_path / export.model_name
-    store.mkdir(parents=True, exist_ok=True)
-    target = store / str(export.version)
-    if target.exists():
-        raise PushError(f"{target} already exists: version {export.version} was pushed before")
-    staging = store / f".push-{export.version}-{uuid.uuid4().hex}"
-    shutil.copytree(export.path, staging)
-    staging.rename(target)
-    return target
-
-
-def withdraw(target: Path) -> None:
-    """Take a version out of the store atomically (rename away first), then delete it."""
-    if target.exists():
-        trash = target.with_name(f".rollback-{target.name}-{uuid.uuid4().hex}")
-        target.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 def wait_until_available(server: ModelServer, version: int, timeout_s: float) -> None:
@@ -208,7 +184,7 @@ class Rollout:
             r.name: ReplicaOutcome(r.name, r.grpc, None, None, "untouched", None)
             for r in cfg.replicas
         }
-        self.published: dict[Path, tuple[Path, float]] = {}  # store -> (version dir, when)
+        self.published: dict[str, tuple[ModelStore, float]] = {}  # base path -> (store, when)
         self.stopped: set[str] = set()
 
     def server(self, replica: ReplicaConfig) -> ModelServer:
@@ -247,8 +223,12 @@ class Rollout:
         for replica in group:
             self.set(replica.name, stage=number)
             if replica.model_base_path not in self.published:
-                target = publish(self.export, replica.model_base_path)
-                self.published[replica.model_base_path] = (target, time.monotonic())
+                store = model_store(replica.model_base_path, self.export.model_name)
+                try:
+                    store.publish(self.export.path, self.version)
+                except VersionExists as error:
+                    raise PushError(str(error)) from error
+                self.published[replica.model_base_path] = (store, time.monotonic())
             self.note(replica.name, f"stage {number}: version {self.version} published")
         for replica in group:
             try:
@@ -320,8 +300,8 @@ class Rollout:
     def roll_back(self, why: str) -> str:
         """Withdraw the version from every store it was published into, and confirm that each
         changed replica serves its previous version again. Returns what happened, per replica."""
-        for target, _ in self.published.values():
-            withdraw(target)
+        for store, _ in self.published.values():
+            store.withdraw(self.version)
         results = []
         for replica in self.cfg.replicas:
             outcome = self.outcomes[replica.name]

@@ -188,3 +188,37 @@ def mlflow_server(directory: Path) -> Iterator[str]:
         uri = f"http://127.0.0.1:{port}"
         wait_for_http(f"{uri}/health", process, log)
         yield uri
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    env: dict[str, str]  # the AWS variables that point boto3 (and our server) at it
+
+
+@contextmanager
+def s3_server(directory: Path) -> Iterator[S3Server]:
+    """moto's S3 API (``moto_server``) on a free loopback port, with dummy credentials; the
+    variables are also set in this process for as long as it runs."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    log = directory / "moto-server.log"
+    command = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    saved = {key: os.environ.get(key) for key in env}
+    with running(command, log) as process:
+        wait_for_http(f"{endpoint}/moto-api/", process, log, timeout_s=60)
+        os.environ.update(env)
+        try:
+            yield S3Server(endpoint, env)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
