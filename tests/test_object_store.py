@@ -4,6 +4,9 @@ polling ``s3://`` and push publishing there."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -37,6 +40,18 @@ def s3(tmp_path_factory):
 def templates(tmp_path_factory):
     directory = tmp_path_factory.mktemp("templates")
     return {bias: make_template(directory / str(bias), bias) for bias in (3, 7)}
+
+
+@contextmanager
+def serving(base_path: str, log: Path) -> Iterator[Server]:
+    """Our server polling ``base_path``; a long start bound, as TensorFlow imports slowly on a
+    busy machine."""
+    server = Server(base_path, log)
+    try:
+        server.wait_ready(timeout=180)
+        yield server
+    finally:
+        server.stop()
 
 
 def keys(url: S3Url) -> list[str]:
@@ -79,7 +94,7 @@ def test_listing_skips_versions_without_saved_model_pb(s3, templates):
 def test_server_serves_swaps_and_withdraws_versions_from_s3(s3, templates, tmp_path):
     base = S3Url.parse(f"s3://{BUCKET}/serve/mnist")
     object_store.upload_version(templates[3], base.child("1"))
-    with Server(str(base), tmp_path / "server.log") as server:
+    with serving(str(base), tmp_path / "server.log") as server:
         server.wait_for(lambda s: s.get(1, (0,))[0] == AVAILABLE, "version 1 from S3")
         np.testing.assert_allclose(
             server.predict(images()).outputs["scores"].float_val, expected_scores(3)[0], atol=1e-6
@@ -100,7 +115,7 @@ def test_an_unreadable_store_keeps_what_serves(s3, templates, tmp_path):
     s3_client.create_bucket(Bucket="outage")
     base = S3Url.parse("s3://outage/mnist")
     object_store.upload_version(templates[3], base.child("1"))
-    with Server(str(base), tmp_path / "server.log") as server:
+    with serving(str(base), tmp_path / "server.log") as server:
         server.wait_for(lambda s: s.get(1, (0,))[0] == AVAILABLE, "version 1 from S3")
         # The bucket disappears (as when credentials or the endpoint go wrong): the server keeps
         # version 1 and says why, instead of unloading it as "no versions".
@@ -121,7 +136,7 @@ def test_push_rolls_out_into_an_s3_store_and_withdraws_a_bad_version(s3, tmp_pat
     exports = tmp_path / "exports" / "mnist"
     store = S3Store(base, "mnist")
     store.publish(saved_models.write_version(exports, 1, 1), 1)
-    with Server(f"{base}/mnist", tmp_path / "server.log") as server:
+    with serving(f"{base}/mnist", tmp_path / "server.log") as server:
         server.wait_for(lambda s: s.get(1, (0,))[0] == AVAILABLE, "version 1 from S3")
         cfg = PushConfig(
             model_base_path=base, replicas=[{"name": "s3", "grpc": f"127.0.0.1:{server.port}"}]
