@@ -65,18 +65,20 @@ class RemoteVersion:
     etag: str  # of its saved_model.pb: changes when the version is rewritten
 
 
-_clients: dict[int, Any] = {}
+_clients: dict[tuple[int, str | None, str | None], Any] = {}
 _clients_lock = threading.Lock()
 
 
 def client() -> Any:
-    """One boto3 S3 client per process (clients are thread-safe; creating one costs ~50 ms)."""
+    """One boto3 S3 client per process and endpoint (clients are thread-safe, and creating one
+    costs tens of milliseconds); a changed ``AWS_ENDPOINT_URL`` gets a new one."""
+    key = (os.getpid(), os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ENDPOINT_URL_S3"))
     with _clients_lock:
-        if os.getpid() not in _clients:
+        if key not in _clients:
             import boto3
 
-            _clients[os.getpid()] = boto3.session.Session().client("s3")
-        return _clients[os.getpid()]
+            _clients[key] = boto3.session.Session().client("s3")
+        return _clients[key]
 
 
 def list_versions(base: S3Url) -> dict[int, RemoteVersion]:
