@@ -8,7 +8,7 @@ startup, re-reads of that file every ``--model_config_file_poll_wait_seconds``, 
    (INVALID_ARGUMENT) before anything changes;
 2. ``ModelConfigController`` checks the version labels against what is loaded (FAILED_PRECONDITION,
    as TF Serving: "Request to assign label to version ..."), again before anything changes;
-3. it applies exactly the new list: one ``FileSystemSource`` per model, models left out are removed
+3. it applies exactly the new list: one ``StoragePathSource`` per model, models left out are removed
    from the manager (unloaded, then NOT_FOUND), new and changed ones get their aspired versions;
 4. a reload then waits -- bounded, unlike TF Serving, which hangs forever when a load fails -- until
    the manager has acted and reports every version of the new list that failed to load.
@@ -20,6 +20,7 @@ reported in well under a second.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,8 @@ from tensorflow_serving.config import model_server_config_pb2
 from serving import textproto
 from serving.errors import ServingError, invalid
 from serving.manager import Manager
-from serving.source import DEFAULT_POLICY, FileSystemSource, VersionPolicy
+from serving.object_store import VersionCache, is_s3
+from serving.source import DEFAULT_POLICY, StoragePathSource, VersionPolicy
 from serving.types import State
 
 log = logging.getLogger("serving.model_config")
@@ -132,8 +134,14 @@ class ModelConfigController:
         self._allow_unavailable = allow_labels_for_unavailable
         self._poll_filesystem = poll_filesystem  # False: --file_system_poll_wait_seconds < 0
         self._lock = threading.Lock()
-        self._sources: dict[str, FileSystemSource] = {}
+        self._sources: dict[str, StoragePathSource] = {}
         self._configs: dict[str, ModelConfig] = {}
+        self._cache: VersionCache | None = None  # for s3:// base paths, made on first use
+
+    def close(self) -> None:
+        """Delete the local copies of remote versions (loaded versions no longer need them)."""
+        if self._cache is not None:
+            shutil.rmtree(self._cache.root, ignore_errors=True)
 
     def start(self, configs: list[ModelConfig]) -> None:
         """Startup: load the first list fully, then check and set its labels.
@@ -197,7 +205,9 @@ class ModelConfigController:
                 config.base_path,
                 config.policy,
             )
-            source = FileSystemSource(config.name, config.base_path, config.policy)
+            if is_s3(config.base_path) and self._cache is None:
+                self._cache = VersionCache.temporary()
+            source = StoragePathSource(config.name, config.base_path, config.policy, self._cache)
             self._sources[config.name] = source
             self._manager.add_model(config.name)
             if with_labels:

@@ -122,6 +122,7 @@ async def serve(options: Options) -> int:
     finally:
         await loop.run_in_executor(None, supervisor.workers.stop)
         await loop.run_in_executor(None, supervisor.manager.stop)
+        supervisor.controller.close()
         log.info("stopped")
     return 1 if supervisor.lost_worker else 0
 

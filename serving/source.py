@@ -1,4 +1,4 @@
-"""Filesystem source: which versions of a model exist on disk, and which of them to serve.
+"""Storage path source: which versions of a model exist in its store, and which of them to serve.
 
 Mirrors TF Serving's ``FileSystemStoragePathSource`` + its version policies (``latest{N}``, default
 N=1; ``all{}``; ``specific{versions}``).
@@ -7,6 +7,12 @@ A version is a directory ``<base>/<n>`` whose name is a positive int64 in plain 
 ignored, as is a version directory without ``saved_model.pb``: pushers write elsewhere and rename,
 but a dir without the graph can never load, so it is not aspired. A missing base path is simply
 "no versions" so the server can start before the first push.
+
+An ``s3://bucket/prefix`` base path is listed through ``serving.object_store``; the aspired
+versions are downloaded into the server's local cache before they are reported, so the manager
+and the workers only ever see local directories. A store that cannot be read (no endpoint, no
+bucket, no credentials) keeps the last aspired versions: an outage of the object store must not
+unload what serves.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from serving import object_store
 from serving.model_format import SAVED_MODEL_FILE, version_of_dir
 
 log = logging.getLogger("serving.source")
@@ -24,11 +31,12 @@ log = logging.getLogger("serving.source")
 
 @dataclass(frozen=True)
 class VersionDir:
-    """One version on disk; ``fingerprint`` changes when the directory is replaced or rewritten."""
+    """One version on disk; ``fingerprint`` changes when the directory is replaced or rewritten
+    (inode and mtime; for a cached remote version, the ETag of its ``saved_model.pb``)."""
 
     version: int
     path: str
-    fingerprint: tuple[int, int]
+    fingerprint: tuple[int | str, ...]
 
 
 def list_versions(base_path: str | os.PathLike[str]) -> dict[int, VersionDir]:
@@ -89,21 +97,31 @@ class VersionPolicy:
 DEFAULT_POLICY = VersionPolicy()
 
 
-class FileSystemSource:
+class StoragePathSource:
     """Polls one model's base path and reports the aspired versions (logging what changed)."""
 
     def __init__(
-        self, model_name: str, base_path: str, policy: VersionPolicy = DEFAULT_POLICY
+        self,
+        model_name: str,
+        base_path: str,
+        policy: VersionPolicy = DEFAULT_POLICY,
+        cache: object_store.VersionCache | None = None,  # for s3:// base paths
     ) -> None:
         self.model_name = model_name
         self.base_path = base_path
         self.policy = policy
         self.last_aspired: tuple[int, ...] = ()  # what the last poll reported, ascending
         self._polled = False
+        self._cache = cache
+        self._aspired: dict[int, VersionDir] = {}
 
     def poll(self) -> dict[int, VersionDir]:
-        """One poll of the filesystem; returns the aspired versions."""
-        aspired = self.policy.select(list_versions(self.base_path))
+        """One poll of the store; returns the aspired versions."""
+        if object_store.is_s3(self.base_path):
+            aspired = self._poll_object_store()
+        else:
+            aspired = self.policy.select(list_versions(self.base_path))
+        self._aspired = aspired
         key = tuple(sorted(aspired))
         if key != self.last_aspired or not self._polled:
             if aspired:
@@ -131,4 +149,29 @@ class FileSystemSource:
                     self.base_path,
                 )
             self.last_aspired, self._polled = key, True
+        return aspired
+
+    def _poll_object_store(self) -> dict[int, VersionDir]:
+        """The aspired remote versions, each downloaded into the cache (or the last poll's
+        versions when the store cannot be read)."""
+        assert self._cache is not None, "an s3:// source needs a cache"
+        base = object_store.S3Url.parse(self.base_path)
+        try:
+            remote = object_store.list_versions(base)
+            listed = {v: VersionDir(v, str(r.url), (r.etag,)) for v, r in remote.items()}
+            aspired = {
+                v: VersionDir(v, str(self._cache.fetch(remote[v])), (remote[v].etag,))
+                for v in self.policy.select(listed)
+            }
+        except Exception as error:  # botocore's errors have no common base worth importing
+            log.warning(
+                "model %s: cannot read %s (%s: %s); keeping versions %s",
+                self.model_name,
+                self.base_path,
+                error.__class__.__name__,
+                error,
+                sorted(self._aspired),
+            )
+            return self._aspired
+        self._cache.keep_only(base, {Path(d.path) for d in aspired.values()})
         return aspired

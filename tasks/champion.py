@@ -24,10 +24,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction
 
 from serving.api_client import ModelServer
-from serving.model_format import version_of_dir
 from tasks.config import PipelineConfig, ReplicaConfig
 from tasks.logs import logger
-from tasks.push import PushError, describe, move_stable, wait_until_serving, withdraw
+from tasks.model_store import model_store
+from tasks.push import PushError, describe, move_stable, wait_until_serving
 from tasks.tracking import (
     CHAMPION,
     PREVIOUS_CHAMPION,
@@ -101,8 +101,9 @@ def roll_back_champion(cfg: PipelineConfig) -> str:
     if before[PREVIOUS_CHAMPION] is None:
         raise PushError(f"{model_name} has no {PREVIOUS_CHAMPION} alias: nothing to roll back to")
     target = export_version(client, model_name, before[PREVIOUS_CHAMPION])
-    stores = {r.model_base_path / model_name for r in cfg.push.replicas}
-    missing = sorted(str(store) for store in stores if not (store / str(target)).is_dir())
+    bases = {replica.model_base_path for replica in cfg.push.replicas}
+    stores = [model_store(base, model_name) for base in bases]
+    missing = sorted(str(store) for store in stores if not store.has_complete(target))
     if missing:
         raise PushError(f"version {target} is no longer in {', '.join(missing)}: nothing changed")
     timeout_s = cfg.push.timeout_s
@@ -121,9 +122,9 @@ def roll_back_champion(cfg: PipelineConfig) -> str:
             + ": nothing withdrawn"
         )
     for store in stores:
-        for entry in store.iterdir():
-            if (version_of_dir(entry.name) or 0) > target:
-                withdraw(entry)
+        for version in store.versions():
+            if version > target:
+                store.withdraw(version)
     # move_stable checked the labels replicas
     failures = on_each([r for r in cfg.push.replicas if r.mode == "store"], serves_target)
     if failures:

@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
+
+from serving.object_store import S3Url, is_s3
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "mnist.yaml"
@@ -121,7 +125,20 @@ class ValidateConfig(_Section):
         return bounds
 
 
-DEFAULT_STORE = REPO_ROOT / ".stack" / "models"
+DEFAULT_STORE = str(REPO_ROOT / ".stack" / "models")
+
+
+def _store_path(value: Any) -> Any:
+    """A directory (a string or a path), or ``s3://bucket/prefix`` (serving.object_store)."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, str) and is_s3(value):
+        S3Url.parse(value)  # raises, naming the URL, when it has no bucket
+    return value
+
+
+# Where a serving model store lives: ``<it>/<model>/<version>/``.
+StorePath = Annotated[str, BeforeValidator(_store_path)]
 ALL = "all"  # the last rollout stage: every replica
 
 
@@ -131,7 +148,7 @@ class ReplicaConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # in messages and MLflow metric names
     grpc: str = Field(pattern=r"^[^\s:]+:\d+$")  # host:port
     # The store this server polls; filled from push.model_base_path when not given (shared).
-    model_base_path: Path
+    model_base_path: StorePath
     # Its Prometheus page (--monitoring_config_file), read while a stage bakes.
     metrics_url: str | None = Field(None, pattern=r"^https?://\S+$")
     # store: the server swaps to the newest version by itself (tasks.push); labels: a server run
@@ -151,7 +168,7 @@ class ReplicaConfig(_Section):
 
 
 class PushConfig(_Section):
-    model_base_path: Path = DEFAULT_STORE
+    model_base_path: StorePath = DEFAULT_STORE
     replicas: list[ReplicaConfig] = [
         ReplicaConfig(name="local", grpc="127.0.0.1:8500", model_base_path=DEFAULT_STORE)
     ]
@@ -301,7 +318,7 @@ def _relative_to(base: Path, tree: dict[str, Any]) -> None:
             holders += [(r, key) for r in replicas if isinstance(r, dict)]
     for holder, key in holders:
         value = holder.get(key)
-        if isinstance(value, str) and not Path(value).is_absolute():
+        if isinstance(value, str) and not is_s3(value) and not Path(value).is_absolute():
             holder[key] = str(base / value)
 
 

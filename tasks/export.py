@@ -45,6 +45,7 @@ from serving.model_format import (
 )
 from tasks.config import ExportConfig
 from tasks.logs import logger as _logger
+from tasks.model_store import ModelStore, model_store
 
 CLASSIFY_SIGNATURE = "classify"
 TUTORIAL_SIGNATURE = "predict_images"
@@ -82,7 +83,9 @@ def next_version(*model_dirs: Path) -> int:
     return highest + 1
 
 
-def claim_next_version(staging: Path, export_dir: Path, serving_dir: Path) -> tuple[int, Path]:
+def claim_next_version(
+    staging: Path, export_dir: Path, serving_store: ModelStore
+) -> tuple[int, Path]:
     """Claim the next free version number under ``export_dir`` by renaming the complete
     SavedModel at ``staging`` to it; returns the number and the version's directory.
 
@@ -90,7 +93,11 @@ def claim_next_version(staging: Path, export_dir: Path, serving_dir: Path) -> tu
     export takes the number between the scan and the rename, the rename fails because the target is
     non-empty, and the next number is tried.
     """
-    candidate = next_version(export_dir, serving_dir)
+
+    def free() -> int:
+        return max(next_version(export_dir), max(serving_store.versions(), default=0) + 1)
+
+    candidate = free()
     for _ in range(_MAX_ATTEMPTS):
         target = export_dir / str(candidate)
         try:
@@ -100,7 +107,7 @@ def claim_next_version(staging: Path, export_dir: Path, serving_dir: Path) -> tu
             if exc.errno not in _TAKEN:
                 raise
         # Rescan too: a concurrent export may have pushed the highest version further than +1.
-        candidate = max(candidate + 1, next_version(export_dir, serving_dir))
+        candidate = max(candidate + 1, free())
     raise RuntimeError(f"no free version under {export_dir} after {_MAX_ATTEMPTS} attempts")
 
 
@@ -228,14 +235,14 @@ def _check_images(warmup_images: np.ndarray) -> np.ndarray:
 def export(
     model: keras.Model,
     cfg: ExportConfig,
-    serving_base_path: Path,
+    serving_base_path: str,
     warmup_images: np.ndarray,
 ) -> ExportResult:
     """Write ``model`` as the next version of ``cfg.model_name`` under ``cfg.base_path``."""
     logger = _logger()
     images = _check_images(warmup_images)
     export_dir = Path(cfg.base_path) / cfg.model_name
-    serving_dir = Path(serving_base_path) / cfg.model_name
+    serving_store = model_store(serving_base_path, cfg.model_name)
     export_dir.mkdir(parents=True, exist_ok=True)
     # Hidden, and in the same directory as the final version so the rename is atomic.
     staging = export_dir / f".tmp-{uuid.uuid4().hex}"
@@ -252,7 +259,7 @@ def export(
         )
         _set_classify_method_name(staging)
         _write_warmup(staging, warmup_records(cfg.model_name, images, cfg.warmup_requests))
-        version, path = claim_next_version(staging, export_dir, serving_dir)
+        version, path = claim_next_version(staging, export_dir, serving_store)
     finally:
         # Only left when something failed before or during the rename.
         shutil.rmtree(staging, ignore_errors=True)

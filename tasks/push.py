@@ -46,13 +46,10 @@ store again when a later step fails (``tasks.champion.promote``).
 
 from __future__ import annotations
 
-import shutil
 import time
 import urllib.error
 import urllib.request
-import uuid
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Literal
 
 import grpc
@@ -65,6 +62,7 @@ from serving.api_client import RPC_TIMEOUT_S, ModelServer, wait_for_available
 from tasks.config import ALL, PushConfig, ReplicaConfig
 from tasks.export import ExportResult
 from tasks.logs import logger
+from tasks.model_store import ModelStore, VersionExists, model_store
 from tasks.rollout_checks import Traffic, judge, read_traffic
 from tasks.validate import Verdict, canary_mismatch
 from tasks.version_labels import (
@@ -132,28 +130,6 @@ class PushError(RuntimeError):
     def __init__(self, message: str, report: RolloutReport | None = None):
         super().__init__(message)
         self.report = report
-
-
-def publish(export: ExportResult, model_base_path: Path) -> Path:
-    """Copy the version into the store under a hidden name, then rename: servers never see it
-    half-copied."""
-    store = model_base_path / export.model_name
-    store.mkdir(parents=True, exist_ok=True)
-    target = store / str(export.version)
-    if target.exists():
-        raise PushError(f"{target} already exists: version {export.version} was pushed before")
-    staging = store / f".push-{export.version}-{uuid.uuid4().hex}"
-    shutil.copytree(export.path, staging)
-    staging.rename(target)
-    return target
-
-
-def withdraw(target: Path) -> None:
-    """Take a version out of the store atomically (rename away first), then delete it."""
-    if target.exists():
-        trash = target.with_name(f".rollback-{target.name}-{uuid.uuid4().hex}")
-        target.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 def wait_until_available(server: ModelServer, version: int, timeout_s: float) -> None:
@@ -275,7 +251,7 @@ class Rollout:
             r.name: ReplicaOutcome(r.name, r.grpc, None, None, "untouched", None)
             for r in cfg.replicas
         }
-        self.published: dict[Path, tuple[Path, float]] = {}  # store -> (version dir, when)
+        self.published: dict[str, tuple[ModelStore, float]] = {}  # base path -> (store, when)
         self.stopped: set[str] = set()
         self.configs: dict[str, ModelServerConfig] = {}  # labels replica -> its config before
 
@@ -347,8 +323,12 @@ class Rollout:
         for replica in group:
             self.set(replica.name, stage=number)
             if replica.model_base_path not in self.published:
-                target = publish(self.export, replica.model_base_path)
-                self.published[replica.model_base_path] = (target, time.monotonic())
+                store = model_store(replica.model_base_path, self.export.model_name)
+                try:
+                    store.publish(self.export.path, self.version)
+                except VersionExists as error:
+                    raise PushError(str(error)) from error
+                self.published[replica.model_base_path] = (store, time.monotonic())
             self.note(replica.name, f"stage {number}: version {self.version} published")
         for replica in group:
             try:
@@ -448,8 +428,8 @@ class Rollout:
         again. Returns what happened, per replica."""
         changed = [r for r in self.cfg.replicas if self.outcomes[r.name].stage is not None]
         refused = {r.name: self.put_config_back(r) for r in changed if r.mode == "labels"}
-        for target, _ in self.published.values():
-            withdraw(target)
+        for store, _ in self.published.values():
+            store.withdraw(self.version)
         results = []
         for replica in changed:
             result = self.restore(replica, refused.get(replica.name))

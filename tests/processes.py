@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -165,9 +167,11 @@ def model_server(
 
 
 @contextmanager
-def mlflow_server(directory: Path) -> Iterator[str]:
-    """``mlflow server`` on a SQLite backend with a local artifact store; yields its tracking
-    URI."""
+def mlflow_server(
+    directory: Path, backend_store_uri: str | None = None, artifacts_destination: str | None = None
+) -> Iterator[str]:
+    """``mlflow server``, by default on a SQLite backend with a local artifact store; yields its
+    tracking URI."""
     port = free_port()
     command = [
         str(BIN / "mlflow"),
@@ -179,12 +183,115 @@ def mlflow_server(directory: Path) -> Iterator[str]:
         "--workers",
         "1",
         "--backend-store-uri",
-        f"sqlite:///{directory / 'mlflow.db'}",
+        backend_store_uri or f"sqlite:///{directory / 'mlflow.db'}",
         "--artifacts-destination",
-        str(directory / "artifacts"),
+        artifacts_destination or str(directory / "artifacts"),
     ]
     log = directory / "mlflow-server.log"
     with running(command, log) as process:
         uri = f"http://127.0.0.1:{port}"
         wait_for_http(f"{uri}/health", process, log)
         yield uri
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    env: dict[str, str]  # the AWS variables that point boto3 (and our server) at it
+
+
+@contextmanager
+def s3_server(directory: Path) -> Iterator[S3Server]:
+    """moto's S3 API (``moto_server``) on a free loopback port, with dummy credentials; the
+    variables are also set in this process for as long as it runs."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,  # MLflow's own name, for its artifact store
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    log = directory / "moto-server.log"
+    command = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    saved = {key: os.environ.get(key) for key in env}
+    with running(command, log) as process:
+        wait_for_http(f"{endpoint}/moto-api/", process, log, timeout_s=60)
+        os.environ.update(env)
+        try:
+            yield S3Server(endpoint, env)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def postgres_binaries() -> Path:
+    """The directory of Debian's PostgreSQL server programs (package ``postgresql``)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+    if not found:
+        raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql")
+    return found[-1].parent
+
+
+@contextmanager
+def postgres_server(directory: Path) -> Iterator[str]:
+    """A PostgreSQL cluster on a free loopback port, with a database ``mlflow``; yields its
+    SQLAlchemy URI; its log is ``directory/postgres.log``. PostgreSQL refuses to run as root: as
+    root, it runs as the ``postgres`` user the Debian package creates, in a directory of its own
+    (the test's directories are root's alone)."""
+    binaries, port, log = postgres_binaries(), free_port(), directory / "postgres.log"
+    cluster = Path(tempfile.mkdtemp(prefix="postgres-"))
+    data, as_owner = cluster / "data", []
+    if os.geteuid() == 0:
+        as_owner = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(cluster, "postgres")
+    try:
+        yield from _postgres(binaries, port, cluster, data, log, as_owner)
+    finally:
+        shutil.rmtree(cluster, ignore_errors=True)
+
+
+def _postgres(
+    binaries: Path, port: int, cluster: Path, data: Path, log: Path, as_owner: list[str]
+) -> Iterator[str]:
+    initdb = subprocess.run(
+        [*as_owner, str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", "mlflow"],
+        capture_output=True,
+        text=True,
+    )
+    if initdb.returncode:
+        raise RuntimeError(f"initdb failed:\n{initdb.stdout}{initdb.stderr}")
+    command = [
+        *as_owner,
+        str(binaries / "postgres"),
+        "-D",
+        str(data),
+        "-p",
+        str(port),
+        "-k",
+        str(cluster),
+        "-c",
+        "listen_addresses=127.0.0.1",
+        "-c",
+        "fsync=off",
+    ]
+    with running(command, log) as process:
+        deadline = time.monotonic() + 60
+        while subprocess.run(
+            [str(binaries / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+            capture_output=True,
+        ).returncode:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        subprocess.run(
+            [str(binaries / "createdb"), "-h", "127.0.0.1", "-p", str(port)]
+            + ["-U", "mlflow", "mlflow"],
+            check=True,
+            capture_output=True,
+        )
+        yield f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow"

@@ -34,8 +34,8 @@ def test_overrides_are_parsed_as_yaml_values():
     assert cfg.push.servers == ["a:1", "b:2"]
     # a replica without a store of its own polls push.model_base_path; paths from the repo root
     assert [r.model_base_path for r in cfg.push.replicas] == [
-        REPO_ROOT / ".stack" / "models",
-        REPO_ROOT / "s",
+        str(REPO_ROOT / ".stack" / "models"),
+        str(REPO_ROOT / "s"),
     ]
     assert [(r.mode, r.model_config_file) for r in cfg.push.replicas] == [
         ("store", None),
@@ -66,6 +66,7 @@ def test_overrides_are_parsed_as_yaml_values():
         ("push.stages=[2, 1, all]", "push.stages"),
         ("push.stages=[1]", "push.stages"),
         ("push.bake_s=200", "push.bake_deadline_s must be at least push.bake_s"),
+        ("push.model_base_path=s3:///models", "push.model_base_path: Value error, s3:///models"),
         ("train.epochs.deep=1", "train.epochs"),
         ("noequals", "noequals"),
         ("data.drift=ignore", "data.drift"),

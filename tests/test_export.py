@@ -28,6 +28,7 @@ from tasks.export import (
     image_example,
     next_version,
 )
+from tasks.model_store import LocalStore
 from tasks.train import build_model
 
 LABELS = [str(digit).encode() for digit in range(10)]
@@ -77,7 +78,7 @@ def test_claim_retries_when_the_version_was_taken(
     _version_dirs(exports, [staging.name])
     # A scan that is always stale: as if other exports took each version between scan and rename.
     monkeypatch.setattr(export_module, "next_version", lambda *dirs: 1)
-    version, path = claim_next_version(staging, exports, serving)
+    version, path = claim_next_version(staging, exports, LocalStore(serving.parent, "mnist"))
     assert (version, path) == (4, exports / "4")
     assert (path / "saved_model.pb").read_bytes() == b"x"
     assert not staging.exists()
@@ -96,7 +97,8 @@ def test_concurrent_claims_get_distinct_versions(tmp_path: Path) -> None:
 
     def run(staging: Path) -> None:
         start.wait()
-        results[staging.name] = claim_next_version(staging, exports, serving)[0]
+        store = LocalStore(serving.parent, "mnist")
+        results[staging.name] = claim_next_version(staging, exports, store)[0]
 
     threads = [threading.Thread(target=run, args=(staging,)) for staging in stagings]
     for thread in threads:

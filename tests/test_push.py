@@ -8,7 +8,8 @@ import pytest
 
 from tasks.config import PushConfig, ReplicaConfig
 from tasks.export import ExportResult
-from tasks.push import PushError, plan_stages, publish, push
+from tasks.model_store import LocalStore, VersionExists
+from tasks.push import PushError, plan_stages, push
 from tasks.validate import Judgement, Verdict
 from tests.processes import free_port
 
@@ -49,12 +50,12 @@ def test_a_failed_verdict_is_never_published(tmp_path):
 
 def test_a_version_is_published_atomically_and_only_once(tmp_path):
     store, export = tmp_path / "models", fake_export(tmp_path, 4)
-    path = publish(export, store)
-    assert path == store / "mnist" / "4"
-    assert (path / "saved_model.pb").read_bytes() == b"not read by push"
+    LocalStore(store, "mnist").publish(export.path, 4)
+    assert (store / "mnist" / "4" / "saved_model.pb").read_bytes() == b"not read by push"
     assert store_entries(store) == ["4"]  # no staging directory left behind
-    with pytest.raises(PushError, match="already exists"):
-        publish(export, store)
+    assert LocalStore(store, "mnist").versions() == {4}
+    with pytest.raises(VersionExists, match="already exists"):
+        LocalStore(store, "mnist").publish(export.path, 4)
 
 
 def test_an_unreachable_replica_fails_the_push_before_anything_is_published(tmp_path):

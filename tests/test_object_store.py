@@ -1,0 +1,154 @@
+"""A model store on S3-compatible object storage: moto's real S3 API on loopback, our server
+polling ``s3://`` and push publishing there."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+from serving import object_store
+from serving.object_store import S3Url
+from tasks.config import PushConfig
+from tasks.export import ExportResult
+from tasks.model_store import S3Store
+from tasks.push import PushError, push
+from tests import saved_models
+from tests.processes import s3_server
+from tests.saved_models import expected_scores, make_template
+from tests.servers import AVAILABLE, END, Server, images
+from tests.test_push import verdict
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "models"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("s3")
+    with s3_server(directory) as server:
+        object_store.client().create_bucket(Bucket=BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("templates")
+    return {bias: make_template(directory / str(bias), bias) for bias in (3, 7)}
+
+
+@contextmanager
+def serving(base_path: str, log: Path) -> Iterator[Server]:
+    """Our server polling ``base_path``; a long start bound, as TensorFlow imports slowly on a
+    busy machine."""
+    server = Server(base_path, log)
+    try:
+        server.wait_ready(timeout=180)
+        yield server
+    finally:
+        server.stop()
+
+
+def keys(url: S3Url) -> list[str]:
+    listing = object_store.client().list_objects_v2(Bucket=url.bucket, Prefix=url.key(""))
+    return [obj["Key"] for obj in listing.get("Contents", [])]
+
+
+def served_class(server: Server) -> int:
+    return int(np.argmax(server.predict(images()).outputs["scores"].float_val))
+
+
+def test_upload_puts_saved_model_pb_last_and_delete_takes_it_first(s3, templates):
+    url = S3Url.parse(f"s3://{BUCKET}/order/mnist").child("1")
+    uploaded = []
+    s3_client = object_store.client()
+    s3_client.meta.events.register(
+        "before-parameter-build.s3.PutObject", lambda params, **_: uploaded.append(params["Key"])
+    )
+    try:
+        object_store.upload_version(templates[3], url)
+    finally:
+        s3_client.meta.events.unregister("before-parameter-build.s3.PutObject")
+    assert uploaded[-1] == url.key("saved_model.pb")
+    assert len(uploaded) > 1 and object_store.version_exists(url)
+    assert list(object_store.list_versions(S3Url.parse(f"s3://{BUCKET}/order/mnist"))) == [1]
+    object_store.delete_version(url)
+    assert keys(url) == [] and not object_store.version_exists(url)
+
+
+def test_listing_skips_versions_without_saved_model_pb(s3, templates):
+    base = S3Url.parse(f"s3://{BUCKET}/partial/mnist")
+    object_store.upload_version(templates[3], base.child("1"))
+    object_store.client().put_object(
+        Bucket=BUCKET, Key=base.child("2").key("variables/variables.index"), Body=b"half"
+    )
+    object_store.client().put_object(Bucket=BUCKET, Key=base.key("notaversion/x"), Body=b"")
+    assert list(object_store.list_versions(base)) == [1]
+
+
+def test_server_serves_swaps_and_withdraws_versions_from_s3(s3, templates, tmp_path):
+    base = S3Url.parse(f"s3://{BUCKET}/serve/mnist")
+    object_store.upload_version(templates[3], base.child("1"))
+    with serving(str(base), tmp_path / "server.log") as server:
+        server.wait_for(lambda s: s.get(1, (0,))[0] == AVAILABLE, "version 1 from S3")
+        np.testing.assert_allclose(
+            server.predict(images()).outputs["scores"].float_val, expected_scores(3)[0], atol=1e-6
+        )
+        object_store.upload_version(templates[7], base.child("2"))
+        server.wait_for(lambda s: s.get(2, (0,))[0] == AVAILABLE, "version 2 from S3")
+        assert served_class(server) == 7
+        object_store.delete_version(base.child("2"))  # a rollback: version 1 serves again
+        server.wait_for(
+            lambda s: s.get(1, (0,))[0] == AVAILABLE and s.get(2, (0,))[0] == END,
+            "version 2 withdrawn, 1 back",
+        )
+        assert served_class(server) == 3
+
+
+def test_an_unreadable_store_keeps_what_serves(s3, templates, tmp_path):
+    s3_client = object_store.client()
+    s3_client.create_bucket(Bucket="outage")
+    base = S3Url.parse("s3://outage/mnist")
+    object_store.upload_version(templates[3], base.child("1"))
+    with serving(str(base), tmp_path / "server.log") as server:
+        server.wait_for(lambda s: s.get(1, (0,))[0] == AVAILABLE, "version 1 from S3")
+        # The bucket disappears (as when credentials or the endpoint go wrong): the server keeps
+        # version 1 and says why, instead of unloading it as "no versions".
+        for key in keys(base):
+            s3_client.delete_object(Bucket="outage", Key=key)
+        s3_client.delete_bucket(Bucket="outage")
+        deadline = time.monotonic() + 30
+        while "cannot read" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "cannot read s3://outage/mnist" in server.log()
+        time.sleep(1)  # several more polls
+        assert server.states()[1][0] == AVAILABLE
+        assert served_class(server) == 3
+
+
+def test_push_rolls_out_into_an_s3_store_and_withdraws_a_bad_version(s3, tmp_path):
+    base = f"s3://{BUCKET}/push"
+    exports = tmp_path / "exports" / "mnist"
+    store = S3Store(base, "mnist")
+    store.publish(saved_models.write_version(exports, 1, 1), 1)
+    with serving(f"{base}/mnist", tmp_path / "server.log") as server:
+        server.wait_for(lambda s: s.get(1, (0,))[0] == AVAILABLE, "version 1 from S3")
+        cfg = PushConfig(
+            model_base_path=base, replicas=[{"name": "s3", "grpc": f"127.0.0.1:{server.port}"}]
+        )
+        two = ExportResult("mnist", 2, saved_models.write_version(exports, 2, 2))
+        report = push.fn(two, verdict(True, expected_scores(2, 2)), cfg)
+        assert [r.outcome for r in report.replicas] == ["promoted"]
+        assert served_class(server) == 2
+        # Version 3 answers its canary images unlike validate said: withdrawn from S3 again.
+        three = ExportResult("mnist", 3, saved_models.write_version(exports, 3, 3))
+        with pytest.raises(PushError, match="canary images"):
+            push.fn(three, verdict(True, expected_scores(4, 2)), cfg)
+        assert store.versions() == {1, 2}
+        server.wait_for(lambda s: s.get(3, (0,))[0] in (END, 0), "version 3 gone")
+        assert served_class(server) == 2
