@@ -4,7 +4,7 @@ polling ``s3://`` and push publishing there."""
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -110,19 +110,20 @@ def test_server_serves_swaps_and_withdraws_versions_from_s3(s3, templates, tmp_p
         assert served_class(server) == 3
 
 
-def test_an_unreadable_store_keeps_what_serves(s3, templates, tmp_path):
-    s3_client = object_store.client()
-    s3_client.create_bucket(Bucket="outage")
+def test_an_unreachable_store_keeps_what_serves(templates, tmp_path):
+    """The S3 endpoint goes away under a serving server (its own moto, stopped): the server keeps
+    version 1 and says why, instead of unloading it as "no versions"."""
     base = S3Url.parse("s3://outage/mnist")
-    object_store.upload_version(templates[3], base.child("1"))
-    with serving(str(base), tmp_path / "server.log") as server:
-        server.wait_for(lambda s: s.get(1, (0,))[0] == AVAILABLE, "version 1 from S3")
-        # The bucket disappears (as when credentials or the endpoint go wrong): the server keeps
-        # version 1 and says why, instead of unloading it as "no versions".
-        for key in keys(base):
-            s3_client.delete_object(Bucket="outage", Key=key)
-        s3_client.delete_bucket(Bucket="outage")
-        deadline = time.monotonic() + 30
+    with ExitStack() as stopped_last:
+        with s3_server(tmp_path):
+            object_store.client().create_bucket(Bucket="outage")
+            object_store.upload_version(templates[3], base.child("1"))
+            server = Server(str(base), tmp_path / "server.log")
+            stopped_last.callback(server.stop)
+            server.wait_ready(timeout=180)
+            server.wait_for(lambda s: s.get(1, (0,))[0] == AVAILABLE, "version 1 from S3")
+        # moto has stopped; the server runs on
+        deadline = time.monotonic() + 60
         while "cannot read" not in server.log() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "cannot read s3://outage/mnist" in server.log()
