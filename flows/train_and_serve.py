@@ -49,9 +49,11 @@ from tasks.logs import artifact_key, logger
 from tasks.push import PushError, RolloutReport, push, push_timeout_s
 from tasks.tracking import (
     RunTracker,
+    TrackingServerDown,
     metric_key,
     record_gate,
     register_model,
+    require_tracking_server,
     set_rollout,
     snapshot_inputs,
     source_tags,
@@ -120,6 +122,10 @@ def train_and_serve(
 ) -> Outcome | State:
     cfg = load_config(config_path, overrides or [])
     tag_flow_run(f"model:{cfg.model.kind}")
+    try:
+        require_tracking_server(cfg.mlflow.tracking_uri, "the run stops before it starts")
+    except TrackingServerDown as error:
+        return untracked(error)
     if landed_at:
         wait_for_landing_window(landed_at, landing_window_s)
     # The slot is a lease the run renews while it lives: a crashed run frees it when it lapses.
@@ -134,7 +140,17 @@ def train_and_serve(
             logger().info("%s: not training (force=true retrains anyway)", unchanged)
             tag_flow_run("outcome:skipped")
             return Completed(message=unchanged)
-        return train_and_push(cfg, taken, inputs, champion)
+        try:
+            return train_and_push(cfg, taken, inputs, champion)
+        except TrackingServerDown as error:
+            return untracked(error)
+
+
+def untracked(error: TrackingServerDown) -> State:
+    """A run without its tracking server ends Failed with the reason, no traceback."""
+    logger().error("%s", error)
+    tag_flow_run("outcome:tracking-down")
+    return Failed(message=str(error))
 
 
 def gate_metrics(verdict: Verdict) -> dict[str, float]:
@@ -215,8 +231,14 @@ def roll_out(
 ) -> RolloutReport:
     """Push and promote in one Prefect transaction: a failure after the publish, the alias move
     included, rolls both back (their on_rollback hooks). The registry version's ``rollout`` tag
-    and the timeline artifact say how it went."""
+    and the timeline artifact say how it went. With the tracking server down nothing is pushed:
+    the champion alias must name what serves, and it cannot move."""
     model_name = exported.model_name
+    require_tracking_server(
+        tracker.tracking_uri,
+        f"{model_name} version {exported.version} is not pushed; what serves, and the champion "
+        "alias, stay as they were",
+    )
     timeout_s = push_timeout_s(cfg.push)
     try:
         with transaction():

@@ -9,15 +9,22 @@ training (not GenAI), runs with source tags, the model as a logged model with a 
 input example (the runs table's Models column), system metrics while training. A registry version
 carries where it stands: ``gate`` (passed/failed), ``gate_reason`` and the gate's numbers in its
 description, ``rollout`` (``set_rollout``) with ``rollout_reason``.
+
+``require_tracking_server`` is the flow's quick check that the tracking server answers, at the
+start of a run and again before its push: MLflow's own client retries a dead server for about a
+minute before it raises, and a push whose champion alias cannot move must not happen.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import ssl
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,6 +72,36 @@ UI_QUERY = "?workflowType=machine_learning"
 RolloutState = Literal["canary", "promoted", "rolled_back", "gate_failed"]
 
 PREVIOUS_CHAMPION = "previous_champion"  # the champion before it: what flows.rollback restores
+
+
+PROBE_TIMEOUT_S = 3.0
+
+
+class TrackingServerDown(RuntimeError):
+    """The tracking server does not answer; the message names its URI and the key that sets it."""
+
+
+def require_tracking_server(tracking_uri: str, consequence: str) -> None:
+    """Return if the tracking server answers ``/health`` within ``PROBE_TIMEOUT_S`` (any HTTP
+    status: it is up), or if the URI names no server (``sqlite:``, ``file:``, a path); else
+    raise ``TrackingServerDown`` saying ``consequence``."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S)
+        return
+    except urllib.error.HTTPError:
+        return
+    except urllib.error.URLError as error:
+        if isinstance(error.reason, ssl.SSLError):
+            return  # a TLS server answered: its certificate is for MLflow's client to judge
+        reason = error.reason
+    except OSError as error:  # a timeout
+        reason = error
+    raise TrackingServerDown(
+        f"the MLflow tracking server {tracking_uri} (mlflow.tracking_uri) does not answer "
+        f"({reason}): {consequence}"
+    )
 
 
 @dataclass(frozen=True)
@@ -261,6 +298,8 @@ def tracked_run(
     client.log_batch(run.info.run_id, params=[Param(key, value) for key, value in params.items()])
     try:
         yield tracker
+    except TrackingServerDown:
+        raise  # nothing can tell it the run failed: the run stays RUNNING there
     except BaseException:
         client.set_terminated(run.info.run_id, "FAILED")
         raise

@@ -138,6 +138,33 @@ def test_every_anomaly_is_rejected_by_name_and_nothing_is_published(store, held,
     assert len(store.quarantined()) == len(bad)
 
 
+class Tripwire:
+    """Unpickling it makes a directory: the trace a loader that unpickles leaves."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_a_batch_of_pickled_objects_is_rejected_without_unpickling_them(store, held, tmp_path):
+    images, labels = arrays(held / "batch-1.npz")
+    marker = tmp_path / "unpickled"
+    objects = np.array([Tripwire(marker), *labels[1:].tolist()], dtype=object)
+    path = tmp_path / "objects.npz"
+    np.savez(path, images=images, labels=objects)  # object arrays are saved as pickles
+
+    result = store.add(path)
+
+    assert result.verdict == "quarantined"
+    [anomaly] = result.anomalies
+    assert anomaly.kind == "corrupt_file" and "Object arrays cannot be loaded" in anomaly.detail
+    assert not marker.exists(), "the batch was unpickled"
+    np.load(path, allow_pickle=True)["labels"]  # what loading it would have done
+    assert marker.exists()
+
+
 def test_drift_is_accepted_with_a_warning_when_data_drift_is_warn(tmp_path, held):
     images, labels = arrays(held / "batch-4.npz")
     inverted = write_npz(tmp_path / "inverted.npz", 255 - images, labels)
