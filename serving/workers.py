@@ -17,7 +17,8 @@ the kernel hands it connections once it serves everything the others do. It join
 lock under which ``load``, ``unload`` and ``set_labels`` change the record and pick the workers
 they reach, and only once what it holds equals the record (else it syncs again), so a version
 loaded or unloaded during its start is not missed. Only the requests in flight on the dead
-worker fail (its connections are reset).
+worker fail (its connections are reset). The metrics page sums the serving workers: a dead
+worker's counts go with it (Prometheus' ``rate`` reads the drop as a counter reset).
 
 Restart policy (``RestartBackoff``, per slot): at once after a worker that ran ``STABLE_S``,
 else 1 s, 2 s, 4 s ... up to ``MAX_BACKOFF_S`` -- a crash loop backs off, each restart is logged.
