@@ -5,10 +5,15 @@ scenario modules it runs (``paired``, ``swaps``) import it; it imports none of t
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -77,6 +82,30 @@ def build_model(directory: Path) -> Path:
     shutil.copytree(exported.path, store / "1")
     register_in_mlflow(directory, trained.model, data.test.images[:3])
     return store
+
+
+@contextmanager
+def scratch_and_version(name: str, source: Path | None) -> Iterator[tuple[Path, Path]]:
+    """A temporary directory for a run of benchmark ``name``, and the version it serves:
+    ``source`` (an exported version directory), or version 1 of a model built there now."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as scratch_name:
+        scratch = Path(scratch_name)
+        if source is None:
+            print("building the model (1 epoch) ...", flush=True)
+            source = build_model(scratch / "model") / "1"
+        yield scratch, source
+
+
+def save_json(name: str, data: Any) -> None:
+    """A run's raw figures as ``benchmarks/out/<name>`` (not committed)."""
+    out = Path(__file__).parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / name).write_text(json.dumps(data, indent=1))
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """How this run was started, for RESULTS.md."""
+    return f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:]).strip()
 
 
 def register_in_mlflow(directory: Path, keras_model, example_images) -> None:

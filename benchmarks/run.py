@@ -11,7 +11,9 @@ gRPC over HTTP/2, REST over HTTP/1.1. Scenarios:
   c. the model alone, in-process, at batch 1 and 128 (the compute limit);
   d. hot swaps under load: versions published like push does while a multiprocess gRPC generator
      checks every answer (benchmarks/swaps.py);
-  e. the server's RSS after 1 swap and after 50 swaps, under a light load (benchmarks/swaps.py).
+  e. the server's RSS after 1 swap and after 50 swaps, under a light load (benchmarks/swaps.py);
+  f. a worker SIGKILLed under load: requests failed, seconds until full capacity again
+     (benchmarks/heal.py).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Iterator
 
 import numpy as np
 
-from benchmarks import payloads, swaps
+from benchmarks import heal, payloads, swaps
 from benchmarks.common import (
     BATCHING_PARAMETERS,
     GRPC_PREDICT_PATH,
@@ -342,6 +344,9 @@ def main(argv: list[str] | None = None) -> None:
         "--skip-swaps", action="store_true", help="leave out d and e (hot swaps, memory)"
     )
     parser.add_argument(
+        "--skip-heal", action="store_true", help="leave out f (a worker killed under load)"
+    )
+    parser.add_argument(
         "--paired-rounds",
         type=int,
         default=4,
@@ -439,6 +444,10 @@ def main(argv: list[str] | None = None) -> None:
                 processes=2,
                 in_flight=8,
             )
+        healed = None
+        if not args.skip_heal:
+            print("f: a worker killed under load ...", flush=True)
+            healed = heal.worker_killed(store / "1", scratch)
     (REPO_ROOT / "benchmarks" / "out").mkdir(exist_ok=True)
     (REPO_ROOT / "benchmarks" / "out" / "results.json").write_text(
         json.dumps([asdict(r) for r in results], indent=1)
@@ -455,7 +464,8 @@ def main(argv: list[str] | None = None) -> None:
             command,
             time.monotonic() - started,
             args.workers,
-            swaps.markdown(hot, memory, command),
+            swaps.markdown(hot, memory, command)
+            + (heal.markdown(healed, command) if healed else ""),
         )
         print(f"wrote {args.write}")
 

@@ -34,14 +34,13 @@ import multiprocessing
 import queue
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import GRPC_PREDICT_PATH, MODEL, build_model
+from benchmarks.common import GRPC_PREDICT_PATH, MODEL, scratch_and_version
 from tests.processes import model_server, rss_kib
 
 SETTLE_S = 1.0  # after the old version's END: the unload's gc + malloc_trim run then
@@ -685,12 +684,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-memory", action="store_true", help="leave out e")
     parser.add_argument("--write", type=Path, help="write the sections as Markdown to this file")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-swaps-") as scratch_name:
-        scratch = Path(scratch_name)
-        source = args.source
-        if source is None:
-            print("building the model (1 epoch) ...", flush=True)
-            source = build_model(scratch / "model") / "1"
+    with scratch_and_version("swaps", args.source) as (scratch, source):
         hot, memory = run_all(
             source,
             scratch,

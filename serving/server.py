@@ -8,8 +8,10 @@ that connects as soon as the port answers finds the model (an empty or missing b
 opens the ports with nothing loaded). Afterwards the sources are polled every
 ``--file_system_poll_wait_seconds``, the config file is re-read every
 ``--model_config_file_poll_wait_seconds``, and the manager's loader thread applies changes in the
-background, loading each version into every worker. SIGTERM/SIGINT stop the workers (they stop
-accepting requests, let in-flight ones finish, then unload) and then the supervisor.
+background, loading each version into every worker. A worker process that dies is replaced by a
+new one that serves every version before it takes connections (``serving.workers``); the
+supervisor never stops for it. SIGTERM/SIGINT stop the workers (they stop accepting requests, let
+in-flight ones finish, then unload) and then the supervisor; nothing is restarted from then on.
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ class Supervisor:
         self.options = options
         self.loop = asyncio.get_running_loop()
         self.stop = asyncio.Event()
-        self.lost_worker = False
         self.workers = Workers(
             options,
             {
@@ -67,7 +68,6 @@ class Supervisor:
                 "reload": self.reload,
                 "metrics_page": lambda: self.workers.metrics_page(),
             },
-            on_lost=self._worker_lost,
         )
         self.manager = Manager(
             self.workers.load,
@@ -91,13 +91,10 @@ class Supervisor:
 
         self.controller.reload(ModelServerConfig.FromString(config), timeout_s)
 
-    def _worker_lost(self) -> None:
-        self.lost_worker = True
-        self.loop.call_soon_threadsafe(self.stop.set)
-
 
 async def serve(options: Options) -> int:
-    """Run the server until SIGTERM/SIGINT (0) or until a worker process dies (1)."""
+    """Run the server until SIGTERM/SIGINT (0); a worker process that dies is replaced
+    (``serving.workers``)."""
     # The model list first: a bad config file is reported before any worker starts.
     file_config, configs = _model_list(options)
     check_ports_free(options)
@@ -112,7 +109,7 @@ async def serve(options: Options) -> int:
         log.warning("%s=%s ignored: %s", flag, value, IGNORED[flag.removeprefix("--")])
     try:
         if not await _start_unless_stopped(supervisor, configs):
-            return 1 if supervisor.lost_worker else 0
+            return 0
         _log_ready(options, configs)
         pollers = _start_pollers(supervisor, file_config)
         await stop.wait()
@@ -124,7 +121,7 @@ async def serve(options: Options) -> int:
         await loop.run_in_executor(None, supervisor.manager.stop)
         supervisor.controller.close()
         log.info("stopped")
-    return 1 if supervisor.lost_worker else 0
+    return 0
 
 
 def _model_list(options: Options) -> tuple[ModelServerConfig | None, list[ModelConfig]]:
@@ -145,10 +142,11 @@ def _model_list(options: Options) -> tuple[ModelServerConfig | None, list[ModelC
 
 
 async def _start_unless_stopped(supervisor: Supervisor, configs: list[ModelConfig]) -> bool:
-    """Start the server; False when a signal (or a lost worker) stopped it first.
+    """Start the server; False when a signal stopped it first.
 
     A signal during startup (TensorFlow imports, first loads) stops the server at once instead of
-    after the loads it interrupts. A refused config or a worker that failed to start is raised."""
+    after the loads it interrupts. A refused config or a worker that failed to start (or was lost
+    during startup) is raised."""
     startup = asyncio.create_task(_start(supervisor, configs))
     stopped = asyncio.create_task(supervisor.stop.wait())
     await asyncio.wait({startup, stopped}, return_when=asyncio.FIRST_COMPLETED)

@@ -78,6 +78,46 @@ def worker_pids(server_pid: int) -> list[int]:
     return pids
 
 
+def established_connections(pid: int, port: int) -> int:
+    """TCP connections on local ``port`` whose socket ``pid`` holds (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):  # gRPC listens on a v4-mapped IPv6 socket
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == "01" and fields[9] in inodes:  # ESTABLISHED
+                count += 1
+    return count
+
+
+def connections_per_worker(address: str, workers: list[int], count: int) -> list[int]:
+    """Open ``count`` new gRPC connections to ``address`` (host:port) at once; how many of them
+    each worker process holds (the kernel spreads new connections over the workers' listening
+    sockets)."""
+    import grpc
+
+    port = int(address.rsplit(":", 1)[1])
+    channels = [
+        grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(count)
+    ]
+    try:
+        for channel in channels:
+            grpc.channel_ready_future(channel).result(timeout=10)
+        return [established_connections(pid, port) for pid in workers]
+    finally:
+        for channel in channels:
+            channel.close()
+
+
 def rss_kib(pid: int) -> int:
     """VmRSS of ``pid`` and of all its descendants, KiB (the whole server: its workers too)."""
     total = 0

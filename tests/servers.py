@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -170,6 +171,28 @@ class Server:
             return e.code, json.loads(e.read())
 
 
+def predict_on_fresh_connection(port: int, model: str = "mnist", version: int | None = None):
+    """One Predict on a new TCP connection: (version, class) or the gRPC error code."""
+    with grpc.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+    ) as channel:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model
+        if version is not None:
+            request.model_spec.version.value = version
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(images(1)))
+        try:
+            response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+                request, timeout=10
+            )
+        except grpc.RpcError as e:
+            return e.code()
+        return (
+            response.model_spec.version.value,
+            tf.make_ndarray(response.outputs["classes"]).tolist()[0],
+        )
+
+
 def images(n: int = 1, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((n, 784), dtype=np.float32)
 
@@ -215,6 +238,90 @@ class Load:
         while time.monotonic() < deadline and answer not in self.answers[-5:]:
             time.sleep(0.05)
         assert answer in self.answers[-5:], (answer, self.answers[-5:], self.server.log())
+
+
+class MixedLoad:
+    """Client threads sending gRPC Predict (each thread its own kept connection) and REST
+    :predict (a new connection each) to a server until stopped, each outcome recorded with its
+    time, latency and the version that answered (gRPC); with ``status``, a thread calling it
+    every 50 ms records GetModelStatus's states meanwhile."""
+
+    GRPC_CLIENTS = 3
+    REST_CLIENTS = 3
+    CLIENTS = GRPC_CLIENTS + REST_CLIENTS
+
+    def __init__(self, grpc_address: str, rest_port: int, model: str = "mnist", status=None):
+        self.grpc_address = grpc_address
+        self.rest_url = f"http://127.0.0.1:{rest_port}/v1/models/{model}:predict"
+        self.model = model
+        # (answered at, "grpc"|"rest", "ok"|the error, latency s, version or 0)
+        self.outcomes: list[tuple[float, str, str, float, int]] = []
+        self.statuses: list[tuple[float, object]] = []  # (time, {version: state} or error)
+        self._status = status
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(self.CLIENTS + 1)
+
+    def __enter__(self) -> "MixedLoad":
+        for _ in range(self.GRPC_CLIENTS):
+            self._pool.submit(self._grpc_client)
+        for _ in range(self.REST_CLIENTS):
+            self._pool.submit(self._rest_client)
+        if self._status is not None:
+            self._pool.submit(self._status_client)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=True)
+
+    def _grpc_client(self) -> None:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = self.model
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(images(1)))
+        with grpc.insecure_channel(
+            self.grpc_address, options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    response = stub.Predict(request, timeout=10)
+                    self._record(started, "grpc", "ok", response.model_spec.version.value)
+                except grpc.RpcError as e:
+                    self._record(started, "grpc", f"{e.code().name}: {e.details()}")
+
+    def _rest_client(self) -> None:
+        body = json.dumps({"instances": images(1).tolist()}).encode()
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                with urllib.request.urlopen(
+                    urllib.request.Request(self.rest_url, body), timeout=10
+                ) as response:
+                    json.loads(response.read())
+                self._record(started, "rest", "ok")
+            except OSError as e:  # URLError, HTTPError, a reset connection
+                self._record(started, "rest", f"{type(e).__name__}: {e}")
+
+    def _status_client(self) -> None:
+        while not self._stop.is_set():
+            try:
+                response = self._status()
+                states = {s.version: s.state for s in response.model_version_status}
+            except grpc.RpcError as e:
+                states = e.code().name
+            self.statuses.append((time.monotonic(), states))
+            time.sleep(0.05)
+
+    def _record(self, started: float, kind: str, outcome: str, version: int = 0) -> None:
+        now = time.monotonic()
+        self.outcomes.append((now, kind, outcome, now - started, version))
+
+    def failures(self) -> list[tuple[float, str, str, float, int]]:
+        return [o for o in self.outcomes if o[2] != "ok"]
+
+    def answered_since(self, since: float) -> int:
+        return sum(1 for o in self.outcomes if o[0] > since and o[2] == "ok")
 
 
 # -- model config files and reloads ----------------------------------------------------------------

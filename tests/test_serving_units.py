@@ -1,5 +1,5 @@
 """In-process tests of the server's parts: flags, filesystem source, manager with real SavedModels,
-the session callable's fallback, REST's JSON codec, deadlines."""
+the session callable's fallback, REST's JSON codec, deadlines, the workers' restart policy."""
 
 from __future__ import annotations
 
@@ -184,6 +184,19 @@ def test_warmup_runs_unless_disabled(tmp_path):
         assert "serving_default" in servable.signatures
     finally:
         servable.close()
+
+
+# -- worker restarts: the crash-loop policy --------------------------------------------------------
+
+
+def test_restart_backoff_doubles_in_a_crash_loop_up_to_its_cap_and_resets_after_a_stable_run():
+    from serving.workers import RestartBackoff
+
+    backoff = RestartBackoff(first_s=1.0, max_s=8.0, stable_s=60.0)
+    assert [backoff.delay(lived_s=2.0) for _ in range(6)] == [0.0, 1.0, 2.0, 4.0, 8.0, 8.0]
+    assert backoff.in_a_row == 6
+    assert backoff.delay(lived_s=60.0) == 0.0  # it ran long enough: no crash loop
+    assert backoff.delay(lived_s=0.5) == 1.0
 
 
 # -- load settings: retries, parallel loads, tags, warmup iterations -------------------------------

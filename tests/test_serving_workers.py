@@ -1,6 +1,7 @@
 """Several worker processes behind one server (``--num_workers``): every worker serves, a version
 is AVAILABLE only once every worker routes it, swaps and reloads fail no request whichever worker
-answers, metrics are the whole server's, and a lost process takes nothing down silently.
+answers, metrics are the whole server's, and workers do not outlive their supervisor (a lost
+worker is replaced: tests/test_serving_heal.py).
 
 Each test opens many TCP connections (a fresh gRPC channel or HTTP connection each): the kernel
 spreads new connections over the workers' shared listening sockets, so a behaviour that holds
@@ -9,8 +10,6 @@ for every one of them holds for every worker.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import time
@@ -19,15 +18,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-import tensorflow as tf  # noqa: E402
-from tensorflow_serving.apis import (  # noqa: E402
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
 
 from serving.worker import LOAD_NICENESS  # noqa: E402
 from tests import saved_models  # noqa: E402
-from tests.processes import free_port, worker_pids  # noqa: E402
+from tests.processes import connections_per_worker, free_port, worker_pids  # noqa: E402
 from tests.prometheus import parse_exposition, value  # noqa: E402
 from tests.servers import (  # noqa: E402  # noqa: E402
     AVAILABLE,  # noqa: E402
@@ -37,8 +31,8 @@ from tests.servers import (  # noqa: E402  # noqa: E402
     Load,
     Server,
     config_text,
-    images,
     model_entry,
+    predict_on_fresh_connection,
     reload,
 )
 
@@ -52,48 +46,6 @@ CONNECTIONS = 24  # all on one worker by chance: 2 * 2^-24
 def templates(tmp_path_factory) -> dict[int, Path]:
     root = tmp_path_factory.mktemp("templates")
     return {c: saved_models.make_template(root / f"c{c}", c) for c in (3, 5)}
-
-
-def predict_on_fresh_connection(port: int, model: str = "mnist", version: int | None = None):
-    """One Predict on a new TCP connection: (version, class) or the gRPC error code."""
-    with grpc.insecure_channel(
-        f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
-    ) as channel:
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = model
-        if version is not None:
-            request.model_spec.version.value = version
-        request.inputs["images"].CopyFrom(tf.make_tensor_proto(images(1)))
-        try:
-            response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
-                request, timeout=10
-            )
-        except grpc.RpcError as e:
-            return e.code()
-        return (
-            response.model_spec.version.value,
-            tf.make_ndarray(response.outputs["classes"]).tolist()[0],
-        )
-
-
-def established_connections(pid: int, port: int) -> int:
-    """TCP connections on local ``port`` whose socket ``pid`` holds (from /proc)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    count = 0
-    for table in ("tcp", "tcp6"):  # gRPC listens on a v4-mapped IPv6 socket
-        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-            fields = line.split()
-            local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if local_port == port and fields[3] == "01" and fields[9] in inodes:  # ESTABLISHED
-                count += 1
-    return count
 
 
 def thread_niceness(pid: int) -> dict[int, int]:
@@ -122,19 +74,7 @@ def server(tmp_path, templates):
 def test_every_worker_serves_the_shared_ports(server):
     workers = worker_pids(server.proc.pid)
     assert len(workers) == WORKERS, server.log()
-    channels = [
-        grpc.insecure_channel(
-            f"127.0.0.1:{server.port}", options=[("grpc.use_local_subchannel_pool", 1)]
-        )
-        for _ in range(CONNECTIONS)
-    ]
-    try:
-        for channel in channels:
-            grpc.channel_ready_future(channel).result(timeout=10)
-        per_worker = [established_connections(pid, server.port) for pid in workers]
-    finally:
-        for channel in channels:
-            channel.close()
+    per_worker = connections_per_worker(f"127.0.0.1:{server.port}", workers, CONNECTIONS)
     assert sum(per_worker) >= CONNECTIONS  # and the fixture's own channel
     assert min(per_worker) > 0, per_worker
 
@@ -200,17 +140,6 @@ def test_metrics_page_sums_all_workers(server):
             )
             == WORKERS
         )
-
-
-def test_a_lost_worker_stops_the_server_with_an_error(server):
-    workers = worker_pids(server.proc.pid)
-    os.kill(workers[0], signal.SIGKILL)
-    assert server.proc.wait(timeout=30) == 1
-    assert "exited unexpectedly: stopping the server" in server.log()
-    deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
 
 
 def test_workers_exit_when_the_supervisor_is_killed(server):
