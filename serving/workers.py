@@ -146,6 +146,8 @@ class Workers:
         )
         with self._lock:
             if self._stopping.is_set():
+                here.close()
+                there.close()
                 return None
             process.start()
             there.close()
