@@ -146,6 +146,8 @@ class Workers:
         )
         with self._lock:
             if self._stopping.is_set():
+                here.close()
+                there.close()
                 return None
             process.start()
             there.close()
@@ -175,14 +177,19 @@ class Workers:
     def _replace(self, dead: _Process) -> None:
         lost_at = time.monotonic()
         lived_s = lost_at - dead.started
-        how = _reap(dead)
+        with self._lock:  # out of stop()'s reach, before its handle is closed below
+            if self._stopping.is_set():
+                return  # stop() waits for it
+            if self._processes.get(dead.index) is dead:
+                del self._processes[dead.index]
+        pid, how = dead.process.pid, _reap(dead)
         backoff = self._backoff[dead.index]
         delay = backoff.delay(lived_s)
         log.error(
             "worker %d (pid %d) exited unexpectedly (%s) after %.1f s: restart %d in a row "
             "in %.0f s",
             dead.index,
-            dead.process.pid,
+            pid,
             how,
             lived_s,
             backoff.in_a_row,
@@ -341,13 +348,14 @@ def _sync(channel: Channel, held: dict[VersionKey, _Wanted], wanted: dict[Versio
 
 def _reap(dead: _Process) -> str:
     """Wait for a lost worker to exit (kill it if its pipe broke but it lives on: it must not
-    serve unsupervised); how it ended."""
+    serve unsupervised), release its pipe and handle; how it ended."""
     dead.channel.close()
     dead.process.join(EXIT_STATUS_WAIT_S)
     if dead.process.exitcode is None:
         dead.process.kill()
         dead.process.join()
     code = dead.process.exitcode
+    dead.process.close()  # its sentinel's descriptor, now rather than at a garbage collection
     if code >= 0:
         return f"exit status {code}"
     try:

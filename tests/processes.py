@@ -194,6 +194,7 @@ def model_server(
     log: Path,
     poll_s: float = 0.2,
     extra_flags: tuple[str, ...] = (),
+    start_timeout_s: float = 120.0,
 ) -> Iterator[ModelServerProcess]:
     """``python -m serving`` on free ports, once its REST port answers (tests and benchmarks)."""
     grpc_port, rest_port = free_port(), free_port()
@@ -202,7 +203,7 @@ def model_server(
     )
     with running(command, log) as process:
         rest_url = f"http://127.0.0.1:{rest_port}"
-        wait_for_http(f"{rest_url}/v1/models/{model_name}", process, log)
+        wait_for_http(f"{rest_url}/v1/models/{model_name}", process, log, start_timeout_s)
         yield ModelServerProcess(process, f"127.0.0.1:{grpc_port}", rest_url, log)
 
 

@@ -244,7 +244,11 @@ class MixedLoad:
     """Client threads sending gRPC Predict (each thread its own kept connection) and REST
     :predict (a new connection each) to a server until stopped, each outcome recorded with its
     time, latency and the version that answered (gRPC); with ``status``, a thread calling it
-    every 50 ms records GetModelStatus's states meanwhile."""
+    every 50 ms records GetModelStatus's states meanwhile.
+
+    gRPC calls wait for the channel to be ready, as a client that reconnects does: a call made
+    while the channel reconnects waits for it instead of failing at once through gRPC's
+    reconnect backoff (a second), while a call in flight on a connection that breaks fails."""
 
     GRPC_CLIENTS = 3
     REST_CLIENTS = 3
@@ -285,7 +289,7 @@ class MixedLoad:
             while not self._stop.is_set():
                 started = time.monotonic()
                 try:
-                    response = stub.Predict(request, timeout=10)
+                    response = stub.Predict(request, timeout=10, wait_for_ready=True)
                     self._record(started, "grpc", "ok", response.model_spec.version.value)
                 except grpc.RpcError as e:
                     self._record(started, "grpc", f"{e.code().name}: {e.details()}")

@@ -22,7 +22,7 @@ from tests import saved_models
 from tests.processes import TEST_WORKERS, connections_per_worker, worker_pids
 from tests.servers import AVAILABLE, END, MixedLoad, Server, predict_on_fresh_connection
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a start takes minutes on a busy machine
 
 CONNECTIONS = 24  # fresh connections all on one worker by chance: 2 * 2^-24
 
@@ -54,6 +54,14 @@ def wait_until(condition, what: str, server: Server, timeout: float = 90) -> Non
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}\n{server.log()[-4000:]}")
         time.sleep(0.05)
+
+
+def summary(failures: list[tuple], since: float) -> dict[tuple[str, str], tuple[int, float, float]]:
+    """Failures by (API, error): how many, the first and the last (seconds after ``since``)."""
+    by_kind: dict[tuple[str, str], list[float]] = {}
+    for at, kind, error, *_ in failures:
+        by_kind.setdefault((kind, error), []).append(at - since)
+    return {k: (len(t), round(min(t), 2), round(max(t), 2)) for k, t in by_kind.items()}
 
 
 def replaced(server: Server, times: int) -> bool:
@@ -106,11 +114,15 @@ def test_a_killed_worker_is_replaced_and_serves_every_version(server, templates)
         time.sleep(1.0)
     log = server.log()
     assert "exited unexpectedly (killed by SIGKILL)" in log
-    # Only requests in flight on the killed worker failed; the rest of the time every request
-    # was answered, before, during and after the replacement.
+    # Only requests in flight on the killed worker failed, when it died (the kernel resets its
+    # connections, and those still queued on its listening sockets while it exits: a client may
+    # lose two); every other request was answered, before, during and after the replacement.
     failures = load.failures()
-    assert len(failures) <= MixedLoad.CLIENTS, failures
-    assert all(failure[0] >= killed_at for failure in failures), failures
+    assert len(failures) <= 2 * MixedLoad.CLIENTS, summary(failures, killed_at)
+    died = [failure[0] for failure in failures]
+    assert not died or (min(died) >= killed_at and max(died) - min(died) < 1.0), summary(
+        failures, killed_at
+    )
     assert load.answered_since(killed_at) > 50
     # GetModelStatus answered AVAILABLE for a serving version at every poll.
     answered = [states for _, states in load.statuses if isinstance(states, dict)]
