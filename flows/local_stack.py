@@ -17,12 +17,12 @@ checks every ``CHECK_S`` s each service that has a pid file, i.e. that ``up`` st
 ``down`` has not stopped: one whose process has gone is started again, after its old process
 group is killed (a dead leader's children still hold its ports), with a back-off that doubles
 with each restart (``BACKOFF_S`` up to ``MAX_BACKOFF_S``) and starts over once the service has
-run ``STABLE_S`` s; ``.stack/logs/supervisor.log`` says what it restarted and why. ``status``
-shows each service's pid, whether it is alive and answers its health URL, and its restarts;
-with the supervisor gone, it restarts the dead services itself, then the supervisor. ``down``
-stops the supervisor first, so that nothing it stops comes back. A service that is alive but
-does not answer is reported, not killed: a slow start (Prefect's server takes ~20 s) looks the
-same.
+run ``STABLE_S`` s. One that answered its health URL and then has not for ``UNANSWERED_S`` s
+(hung) is killed, and so restarted; one that has not answered since it started is only reported
+(a slow start, Prefect's server takes ~20 s, looks the same). ``.stack/logs/supervisor.log``
+says what it did and why. ``status`` shows each service's pid, whether it is alive and answers,
+and its restarts; with the supervisor gone, it restarts the dead services itself, then the
+supervisor. ``down`` stops the supervisor first, so that nothing it stops comes back.
 
 Why a supervisor of our own rather than systemd units (or launchd, supervisord): the stack must
 behave the same on any Linux or macOS clone, without root and without installing anything, from
@@ -33,8 +33,8 @@ Kubernetes Deployment whose liveness probe is the same health URL.
 Where and on which ports (defaults ``.stack/``, Prefect 4200, MLflow 5000, the model servers'
 gRPC 8500 and REST 8501, ten more per replica) can be moved with the variables
 ``LOCAL_STACK_DIR``, ``LOCAL_STACK_PREFECT_PORT``, ``LOCAL_STACK_MLFLOW_PORT`` and
-``LOCAL_STACK_SERVING_PORT``: tests run a stack of their own so. The Makefile and
-``configs/mnist.yaml`` assume the defaults.
+``LOCAL_STACK_SERVING_PORT``, and ``UNANSWERED_S`` with ``LOCAL_STACK_UNANSWERED_S``: tests run a
+stack of their own so. The Makefile and ``configs/mnist.yaml`` assume the defaults.
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ CHECK_S = 1.0  # how often the supervisor looks
 BACKOFF_S = 1.0  # before the second restart in a row; doubles with each next one
 MAX_BACKOFF_S = 60.0
 STABLE_S = 30.0  # a service that ran this long after a restart starts its back-off over
-START_TIMEOUT_S = 120.0  # for `up` and `status`: from the start until it answers
+# A service that answered its health URL and then did not for this long hangs: it is restarted.
+UNANSWERED_S = float(os.environ.get("LOCAL_STACK_UNANSWERED_S", "60"))
+START_TIMEOUT_S = 180.0  # for `up` and `status`: from the start until it answers (a busy machine)
 
 
 @dataclass(frozen=True)
@@ -413,13 +415,16 @@ def status_line(service: Service) -> str:
 
 
 @dataclass
-class Backoff:
-    """When a service may be restarted next: at once the first time, then after a delay that
-    doubles, until it has run ``STABLE_S`` s."""
+class Watch:
+    """What the supervisor knows of one service: when it may be restarted next (at once the first
+    time, then after a delay that doubles, until it has run ``STABLE_S`` s), and when its process
+    last answered."""
 
     delay_s: float = 0.0
     not_before: float = 0.0
     restarted_at: float = 0.0
+    answered_pid: int | None = None
+    answered_at: float = 0.0
 
     def allows(self, now: float) -> bool:
         return now >= self.not_before
@@ -433,25 +438,48 @@ class Backoff:
         if now - self.restarted_at >= STABLE_S:
             self.delay_s = 0.0
 
+    def silent_s(self, pid: int, answers: bool, now: float) -> float:
+        """How long the process ``pid``, having answered since it started, has not; 0 while it
+        answers or until it first does (a slow start is not a hang)."""
+        if answers:
+            self.answered_pid, self.answered_at = pid, now
+        return now - self.answered_at if self.answered_pid == pid and not answers else 0.0
+
 
 def supervise(_replicas: int) -> None:
-    """Until SIGTERM: every ``CHECK_S`` s, restart each service that was started and died."""
+    """Until SIGTERM: every ``CHECK_S`` s, restart each service that was started and died, and
+    kill one that stopped answering for ``UNANSWERED_S`` s (to restart it)."""
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    backoffs: dict[str, Backoff] = {}
+    watches: dict[str, Watch] = {}
     children: list[subprocess.Popen] = []
     note(f"supervising the services of {_shown(STACK)} every {CHECK_S:g} s")
     while not stopping.wait(CHECK_S):
         children = [child for child in children if child.poll() is None]  # reaps the dead
-        now = time.monotonic()
         for service in services(started_replicas()):
-            backoff = backoffs.setdefault(service.name, Backoff())
-            if not service.dead():
-                backoff.running(now)
-            elif backoff.allows(now):
-                children.append(restart(service))
-                backoff.restarted(now)
+            watch = watches.setdefault(service.name, Watch())
+            if (process := check(service, watch, time.monotonic())) is not None:
+                children.append(process)
     note("stopped")
+
+
+def check(service: Service, watch: Watch, now: float) -> subprocess.Popen | None:
+    """Restart ``service`` if it died (its new process), kill it if it hangs (restarted at the
+    next check)."""
+    pid = service.pid()
+    if pid is not None:
+        watch.running(now)
+        silent_s = watch.silent_s(pid, service.answers(), now)
+        if silent_s > UNANSWERED_S:
+            note(
+                f"{service.name} (pid {pid}) has not answered {service.ready_url} for "
+                f"{silent_s:.0f} s: killed"
+            )
+            _kill_group(pid)
+    elif service.dead() and watch.allows(now):
+        watch.restarted(now)
+        return restart(service)
+    return None
 
 
 def restart(service: Service) -> subprocess.Popen:
