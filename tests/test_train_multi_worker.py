@@ -1,11 +1,14 @@
 """train.strategy: multi_worker: two local worker processes (MultiWorkerMirroredStrategy, ring
 all-reduce over 127.0.0.1 on CPU) against single-worker training of the same tiny configuration;
-the launcher's failure and timeout paths; the configuration's rules."""
+a cluster of two on loopback as the README starts one; the launcher's failure and timeout paths;
+the configuration's rules."""
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -14,11 +17,13 @@ import numpy as np
 import pytest
 
 from serving.mnist import Mnist, Split, load
-from tasks.config import ConfigError, ModelConfig, TrainConfig, load_config
+from tasks import data
+from tasks.config import ConfigError, DataConfig, ModelConfig, TrainConfig, load_config
+from tasks.data.store import DataStore
 from tasks.multi_worker import WorkerFailed, run_workers, write_job
 from tasks.processes import free_port
 from tasks.train import train
-from tests.processes import descendants_running
+from tests.processes import descendants_running, running
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Two workers training the same global batches reach the same weights up to float rounding (the
@@ -77,6 +82,7 @@ def test_two_workers_match_one(tiny_mnist: Mnist, caplog: pytest.LogCaptureFixtu
     assert _workers_of_this_process() == []
 
 
+@pytest.mark.slow  # worker processes
 def test_a_failing_worker_fails_the_task_with_its_exit_code_and_log(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -134,3 +140,45 @@ def test_where_it_trains_is_not_what_it_learns() -> None:
     base = load_config().training_digest()
     across = ["train.strategy=multi_worker", "train.workers=3"]
     assert load_config(overrides=across).training_digest() == base
+
+
+def _cluster_config(tmp_path: Path, snapshot: str, cluster: list[str]) -> Path:
+    config = tmp_path / "cluster.yaml"
+    config.write_text(
+        f"data:\n  store: {tmp_path / 'store'}\n  base_rows: 3000\n  snapshot: {snapshot}\n"
+        f"train:\n  epochs: 1\n  strategy: multi_worker\n  cluster: [{', '.join(cluster)}]\n"
+    )
+    return config
+
+
+@pytest.mark.slow  # worker processes
+def test_a_cluster_machine_needs_its_place_in_the_cluster(tmp_path: Path) -> None:
+    config = _cluster_config(tmp_path, "0123456789abcdef", ["a:1", "b:2", "c:3"])
+    for index in ("0", "3"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tasks.train_worker", "--config", str(config), "--index", index],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 1
+        assert "--index: expected 1 to 2" in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow  # a cluster of two on loopback: the chief's train task and a machine's worker
+def test_a_cluster_machine_joins_the_chief_s_train_task(tmp_path: Path) -> None:
+    """The README's commands with two "machines" on 127.0.0.1: the second started with
+    ``python -m tasks.train_worker --config --index 1``, the first the train task."""
+    taken = DataStore(DataConfig(store=tmp_path / "store", base_rows=3000)).snapshot()
+    cluster = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    config = _cluster_config(tmp_path, taken.id, cluster)
+    cfg = load_config(config)
+    peer_log = tmp_path / "peer.log"
+    command = [sys.executable, "-m", "tasks.train_worker", "--config", str(config), "--index", "1"]
+    with running(command, peer_log) as peer:
+        result = train.fn(data.load(cfg.data, taken).mnist, cfg.model, cfg.train)
+        assert peer.wait(timeout=120) == 0, peer_log.read_text()[-3000:]
+    assert result.device == "MultiWorkerMirroredStrategy(2 workers)"
+    assert result.history["val_accuracy"][-1] > 0.75
+    assert "worker 1 done" in peer_log.read_text()
