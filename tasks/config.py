@@ -68,6 +68,12 @@ class TrainConfig(_Section):
     device: str = "auto"
     log_device_placement: bool = False
     seed: int = 0
+    # auto: this process, on train.device's plan. multi_worker: MultiWorkerMirroredStrategy over
+    # train.workers local processes, or as the chief (worker 0) of train.cluster's machines.
+    strategy: Literal["auto", "multi_worker"] = "auto"
+    workers: int | None = Field(None, ge=2)
+    cluster: list[str] | None = None  # every worker's host:port, the chief's (this machine's) first
+    worker_timeout_s: float = Field(3600.0, gt=0)  # multi_worker: from the launch to the last exit
 
     @field_validator("device")
     @classmethod
@@ -75,6 +81,40 @@ class TrainConfig(_Section):
         if not re.fullmatch(r"auto|cpu|gpu|gpu:\d+", value):
             raise ValueError("must be auto, cpu, gpu or gpu:N")
         return value
+
+    @field_validator("cluster")
+    @classmethod
+    def _addresses(cls, cluster: list[str] | None) -> list[str] | None:
+        if cluster is None:
+            return None
+        bad = [a for a in cluster if not re.fullmatch(r"[^\s:]+:\d+", a)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: expected host:port")
+        if len(cluster) < 2 or len(set(cluster)) != len(cluster):
+            raise ValueError("expected at least two distinct host:port addresses")
+        return cluster
+
+    @model_validator(mode="after")
+    def _workers_for_the_strategy(self) -> TrainConfig:
+        given = [key for key in ("workers", "cluster") if getattr(self, key) is not None]
+        if self.strategy == "auto" and given:
+            raise ValueError(f"train.{given[0]}: only with train.strategy=multi_worker")
+        if self.strategy == "multi_worker" and len(given) != 1:
+            raise ValueError(
+                "train.strategy=multi_worker: set exactly one of train.workers (N >= 2 local "
+                "processes) and train.cluster (host:port of every machine)"
+            )
+        if self.strategy == "multi_worker" and self.device != "auto":
+            raise ValueError(
+                "train.device: leave it auto with train.strategy=multi_worker (each machine's "
+                "worker trains on all its GPUs, else its CPU; local workers on the CPU)"
+            )
+        return self
+
+    @property
+    def worker_count(self) -> int:
+        """How many processes train together: 1, train.workers or len(train.cluster)."""
+        return self.workers or len(self.cluster or ()) or 1
 
 
 class ExportConfig(_Section):
@@ -239,6 +279,18 @@ class PushConfig(_Section):
         return [replica.grpc for replica in self.replicas]
 
 
+# TrainConfig's keys that say where training runs, not what it learns: one worker or several
+# train on the same global batches (tasks.train_worker) and reach the same weights.
+_WHERE_IT_TRAINS = {
+    "device",
+    "log_device_placement",
+    "strategy",
+    "workers",
+    "cluster",
+    "worker_timeout_s",
+}
+
+
 class MlflowConfig(_Section):
     tracking_uri: str = "http://127.0.0.1:5000"
     experiment: str = "train-and-serve"
@@ -259,12 +311,19 @@ class PipelineConfig(_Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _cluster_pins_the_snapshot(self) -> PipelineConfig:
+        # Every machine of a cluster loads the data itself: "latest" could differ between them.
+        if self.train.cluster is not None and self.data.snapshot == "latest":
+            raise ValueError("train.cluster: needs data.snapshot pinned to a snapshot id")
+        return self
+
     def training_digest(self) -> str:
         """A digest of the keys that shape the trained weights (the data is the snapshot's part;
         where training runs is not part of what it learns)."""
         shaping = {
             "model": self.model.model_dump(mode="json"),
-            "train": self.train.model_dump(mode="json", exclude={"device", "log_device_placement"}),
+            "train": self.train.model_dump(mode="json", exclude=_WHERE_IT_TRAINS),
         }
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -5,23 +5,35 @@
 (a pure function), ``build_model`` builds and compiles the network, and ``fit`` trains it under the
 plan's distribution strategy, logging one line per epoch and, given a ``RunTracker``, one MLflow
 value per metric per epoch.
+
+``train.strategy: multi_worker`` trains in ``tasks.train_worker`` processes instead, under a
+``MultiWorkerPlan`` (``tasks.multi_worker`` launches them); the task loads the chief's weights into
+a model of its own, so that this process alone logs to MLflow and exports. Every plan trains on
+the same batches (``training_batches``): ``train.batch_size`` is the global batch, split between
+the replicas, so that one worker or several reach the same weights up to float rounding.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from serving.mnist import IMAGE_PIXELS, NUM_CLASSES, Mnist
+from serving.mnist import IMAGE_PIXELS, NUM_CLASSES, Mnist, Split
+from tasks import multi_worker
 from tasks.config import ModelConfig, TrainConfig
 from tasks.logs import logger as _logger
+from tasks.processes import free_port
 from tasks.tracking import RunTracker
 
 # The metrics Keras reports per epoch with validation data, in the order they are logged.
@@ -52,6 +64,51 @@ class DevicePlan:
         if len(self.devices) == 1:
             return tf.distribute.OneDeviceStrategy(self.devices[0])
         return tf.distribute.MirroredStrategy(list(self.devices))
+
+
+class _KerasMultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """MultiWorkerMirroredStrategy as Keras 3's ``fit`` calls it (keras-team/keras#20585): its
+    ``reduce`` across workers takes neither a nest of values (the first batch, which Keras reduces
+    for its shapes) nor ``axis=0`` on scalars (the per-step logs); this one maps over the nest and
+    reduces scalars whole."""
+
+    def reduce(self, reduce_op, value, axis):
+        def one(replicated):
+            rank = self.experimental_local_results(replicated)[0].shape.rank
+            return super(_KerasMultiWorkerStrategy, self).reduce(
+                reduce_op, replicated, None if rank == 0 else axis
+            )
+
+        return tf.nest.map_structure(one, value)
+
+
+def multi_worker_description(workers: int) -> str:
+    return f"MultiWorkerMirroredStrategy({workers} workers)"
+
+
+@dataclass(frozen=True)
+class MultiWorkerPlan:
+    """This process as one worker of ``TF_CONFIG``'s cluster, each worker's replicas its own
+    devices (its GPUs, else its CPU). Only a ``tasks.train_worker`` process makes one: the strategy
+    must exist before TensorFlow does anything else in the process, and only once."""
+
+    workers: int
+    distributed: tf.distribute.Strategy
+
+    @classmethod
+    def from_tf_config(cls, workers: int) -> MultiWorkerPlan:
+        # AUTO: ring all-reduce over gRPC on CPUs, NCCL where there are GPUs.
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=tf.distribute.experimental.CommunicationImplementation.AUTO
+        )
+        return cls(workers, _KerasMultiWorkerStrategy(communication_options=options))
+
+    @property
+    def description(self) -> str:
+        return multi_worker_description(self.workers)
+
+    def strategy(self) -> tf.distribute.Strategy:
+        return self.distributed
 
 
 def resolve_devices(requested: str, accelerators: Sequence[str], cpu: str = "/CPU:0") -> DevicePlan:
@@ -133,18 +190,37 @@ class _EpochLog(keras.callbacks.Callback):
         self._logger.info("epoch %d/%d: %s (%.1f s)", epoch + 1, self._epochs, values, seconds)
 
 
-class _TrackMetrics(keras.callbacks.Callback):
-    """Per-epoch metrics into the flow's MLflow run; steps count epochs from 1, as the log lines
+def _log_epoch(tracker: RunTracker, epoch: int, logs: dict) -> None:
+    """One epoch's metrics into the flow's MLflow run; steps count epochs from 1, as the log lines
     do."""
+    metrics = {key: float(logs[key]) for key in EPOCH_METRICS if key in logs}
+    tracker.log_metrics(metrics, step=epoch + 1)
 
+
+class _TrackMetrics(keras.callbacks.Callback):
     def __init__(self, tracker: RunTracker) -> None:
         super().__init__()
         self._tracker = tracker
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = logs or {}
-        metrics = {key: float(logs[key]) for key in EPOCH_METRICS if key in logs}
-        self._tracker.log_metrics(metrics, step=epoch + 1)
+        _log_epoch(self._tracker, epoch, logs or {})
+
+
+def training_batches(split: Split, batch_size: int, shuffle_seed: int | None) -> tf.data.Dataset:
+    """``split`` in global batches of ``batch_size``, reshuffled each epoch when given a seed.
+
+    The order is a function of the seed alone, so every worker of a cluster produces the same
+    batches; sharding by DATA then gives each replica its slice of every global batch (images
+    stay in memory, there are no files to shard by)."""
+    labels = split.labels.astype(np.int64, copy=False)  # collective ops take no uint8
+    dataset = tf.data.Dataset.from_tensor_slices((split.images, labels))
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(
+            len(split.labels), seed=shuffle_seed, reshuffle_each_iteration=True
+        )
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.batch(batch_size).with_options(options)
 
 
 def _variable_devices(variable: keras.Variable) -> str:
@@ -159,7 +235,9 @@ def _variable_devices(variable: keras.Variable) -> str:
 class TrainResult:
     model: keras.Model
     history: dict[str, list[float]]  # metric -> one value per epoch
-    device: str  # e.g. "/CPU:0", "/GPU:0", "MirroredStrategy(/GPU:0,/GPU:1)"
+    # e.g. "/CPU:0", "/GPU:0", "MirroredStrategy(/GPU:0,/GPU:1)",
+    # "MultiWorkerMirroredStrategy(2 workers)"
+    device: str
     seconds: float  # building and fitting, wall time
 
 
@@ -167,7 +245,7 @@ def fit(
     data: Mnist,
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
-    plan: DevicePlan,
+    plan: DevicePlan | MultiWorkerPlan,
     tracker: RunTracker | None = None,
     logger: Logger | None = None,
 ) -> TrainResult:
@@ -203,12 +281,10 @@ def fit(
         if tracker is not None:
             callbacks.append(_TrackMetrics(tracker))
         history = model.fit(
-            data.train.images,
-            data.train.labels,
-            batch_size=train_cfg.batch_size,
+            training_batches(data.train, train_cfg.batch_size, train_cfg.seed),
             epochs=train_cfg.epochs,
-            validation_data=(data.test.images, data.test.labels),
-            shuffle=True,
+            validation_data=training_batches(data.test, train_cfg.batch_size, None),
+            shuffle=False,  # the batches are shuffled already, the same way in every worker
             callbacks=callbacks,
             verbose=0,
         )
@@ -236,9 +312,48 @@ def train(
     train_cfg: TrainConfig,
     tracker: RunTracker | None = None,
 ) -> TrainResult:
-    """Train ``model_cfg``'s network on ``data`` on the device ``train_cfg.device`` names."""
+    """Train ``model_cfg``'s network on ``data`` on the device ``train_cfg.device`` names, or
+    across ``train.workers`` / ``train.cluster`` (``train.strategy: multi_worker``)."""
     logger = _logger()
+    if train_cfg.strategy == "multi_worker":
+        return train_across_workers(data, model_cfg, train_cfg, tracker=tracker, logger=logger)
     gpus = available_gpus()
     logger.info("train.device=%s; GPUs visible: %s", train_cfg.device, ", ".join(gpus) or "none")
     plan = resolve_devices(train_cfg.device, gpus)
     return fit(data, model_cfg, train_cfg, plan, tracker=tracker, logger=logger)
+
+
+def train_across_workers(
+    data: Mnist,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    tracker: RunTracker | None = None,
+    logger: Logger | None = None,
+) -> TrainResult:
+    """``train.workers`` local worker processes, or worker 0 of ``train.cluster`` (whose other
+    machines each run ``python -m tasks.train_worker --config``); the chief's weights, loaded here.
+
+    Local workers train on the CPU: several processes on one machine would each take all its GPUs.
+    """
+    logger = logger or _logger()
+    started = time.perf_counter()
+    if train_cfg.cluster is None:
+        cluster = [f"127.0.0.1:{free_port()}" for _ in range(train_cfg.worker_count)]
+        indices, env = range(len(cluster)), {"CUDA_VISIBLE_DEVICES": "-1"}
+    else:
+        cluster, indices, env = train_cfg.cluster, [0], {}
+    with tempfile.TemporaryDirectory(prefix="train-workers-") as scratch:
+        job = multi_worker.write_job(Path(scratch), data, model_cfg, train_cfg)
+        chief = multi_worker.run_workers(
+            job, cluster, indices, train_cfg.worker_timeout_s, logger, env
+        )
+        model = build_model(model_cfg, train_cfg.learning_rate)
+        model.load_weights(chief / multi_worker.WEIGHTS_FILE)
+        history = json.loads((chief / multi_worker.HISTORY_FILE).read_text())
+    if tracker is not None:
+        for epoch in range(train_cfg.epochs):
+            _log_epoch(tracker, epoch, {key: values[epoch] for key, values in history.items()})
+    seconds = time.perf_counter() - started
+    device = multi_worker_description(len(cluster))
+    logger.info("trained %s on %s in %.1f s", model.name, device, seconds)
+    return TrainResult(model=model, history=history, device=device, seconds=seconds)

@@ -65,17 +65,22 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def worker_pids(server_pid: int) -> list[int]:
-    """The worker processes of a ``python -m serving`` (multiprocessing's resource tracker is
-    a child too, but serves nothing)."""
+def descendants_running(pid: int, marker: bytes) -> list[int]:
+    """The descendants of ``pid`` whose command line contains ``marker``."""
     pids = []
-    for pid in descendants(server_pid):
+    for child in descendants(pid):
         try:
-            if b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.append(pid)
+            if marker in Path(f"/proc/{child}/cmdline").read_bytes():
+                pids.append(child)
         except FileNotFoundError:
             continue
     return pids
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    """The worker processes of a ``python -m serving`` (multiprocessing's resource tracker is
+    a child too, but serves nothing)."""
+    return descendants_running(server_pid, b"multiprocessing.spawn")
 
 
 def established_connections(pid: int, port: int) -> int:
