@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import re
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -30,7 +31,7 @@ import yaml
 
 from tasks.config import REPO_ROOT, load_config
 from tests.prefect_stack import prefect_server
-from tests.processes import model_server
+from tests.processes import free_port, running, wait_for_http
 
 KUBERNETES = REPO_ROOT / "deploy" / "kubernetes"
 PREFECT = REPO_ROOT / "deploy" / "prefect"
@@ -174,22 +175,32 @@ def http_status(url: str) -> int:
 
 @pytest.mark.slow
 def test_probes_on_a_server_with_an_empty_store(tmp_path: Path) -> None:
-    """The pod's probes against a real server with the pod's monitoring config: an empty store
-    is not ready (TF Serving's 404, no version of the model) but alive, so it is not restarted
-    while it waits for push's first version."""
+    """The pod's command line (the image's entrypoint, the StatefulSet's args) and monitoring
+    config, run here: the server takes every flag; with an empty store it is not ready (TF
+    Serving's 404: no version of the model) but alive, so it is not restarted while it waits for
+    push's first version. Only the store (a directory, not S3), the ports (free ones) and the
+    address (loopback, not every interface) are this machine's."""
     container = serving_container()
     monitoring = tmp_path / "monitoring.config"
-    config_map = objects()["ConfigMap", "mnist-monitoring"]
-    monitoring.write_text(config_map["data"]["monitoring.config"])
-    model = flags(container["args"])["model_name"]
-    store = tmp_path / "store" / model
+    monitoring.write_text(objects()["ConfigMap", "mnist-monitoring"]["data"]["monitoring.config"])
+    served = {**entrypoint_flags(), **flags(container["args"])}
+    store = tmp_path / "store" / served["model_name"]
     store.mkdir(parents=True)
-    extra = (f"--monitoring_config_file={monitoring}",)
-    with model_server(store, model, tmp_path / "server.log", extra_flags=extra) as server:
-        readiness = container["readinessProbe"]["httpGet"]["path"]
-        liveness = container["livenessProbe"]["httpGet"]["path"]
-        assert http_status(server.rest_url + readiness) == 404
-        assert http_status(server.rest_url + liveness) == 200
+    rest_port = free_port()
+    served |= {
+        "model_base_path": str(store),
+        "monitoring_config_file": str(monitoring),
+        "port": str(free_port()),
+        "rest_api_port": str(rest_port),
+        "bind_address": "127.0.0.1",
+    }
+    command = [sys.executable, "-m", "serving", *(f"--{k}={v}" for k, v in served.items())]
+    rest_url = f"http://127.0.0.1:{rest_port}"
+    log = tmp_path / "server.log"
+    with running(command, log) as process:
+        wait_for_http(f"{rest_url}/", process, log)
+        for probe, status in (("readinessProbe", 404), ("livenessProbe", 200)):
+            assert http_status(rest_url + container[probe]["httpGet"]["path"]) == status, probe
 
 
 def test_templates_keep_every_variable_of_the_plugins_defaults() -> None:
