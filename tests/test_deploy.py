@@ -38,7 +38,8 @@ PREFECT = REPO_ROOT / "deploy" / "prefect"
 CLUSTER_CONFIG = REPO_ROOT / "configs" / "cluster.yaml"
 SERVING_DOCKERFILE = REPO_ROOT / "deploy" / "docker" / "Dockerfile.serving"
 KUBERNETES_VERSION = "1.34"
-NOT_APPLIED = {"kustomization.yaml", "secret.example.yaml"}  # kustomize's file; the template
+# kustomize's file; the Secret's template; the worker, which needs a Prefect server's address
+NOT_APPLIED = {"kustomization.yaml", "secret.example.yaml", "prefect-worker.yaml"}
 POOLS = {"kubernetes": "train-and-serve-k8s", "docker": "train-and-serve-docker"}
 
 
@@ -214,6 +215,23 @@ def test_templates_keep_every_variable_of_the_plugins_defaults() -> None:
         default = worker.get_default_base_job_template()
         assert ours["variables"]["properties"].keys() == default["variables"]["properties"].keys()
         assert ours["job_configuration"].keys() == default["job_configuration"].keys()
+
+
+def test_cluster_worker_serves_the_kubernetes_pool() -> None:
+    """deploy/kubernetes/prefect-worker.yaml: the pool, namespace and image of kubernetes.json."""
+    docs = {d["kind"]: d for d in manifests(KUBERNETES / "prefect-worker.yaml")}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    template = json.loads((PREFECT / "kubernetes.json").read_text())["variables"]["properties"]
+    command = container["command"]
+    assert command[command.index("--pool") + 1] == POOLS["kubernetes"]
+    assert container["image"] == template["image"]["default"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    namespace = template["namespace"]["default"]
+    assert env["PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES"] == namespace
+    assert {d["metadata"]["namespace"] for d in docs.values()} == {namespace}
+    assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
+    assert docs["RoleBinding"]["roleRef"]["name"] == docs["Role"]["metadata"]["name"]
 
 
 async def resolved_job(kind: str, api_url: str, deployment_name: str) -> Any:
