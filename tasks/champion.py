@@ -8,11 +8,15 @@ replicas' stores again (``tasks.push``'s hook); should a later step of the trans
 
 ``roll_back_champion`` (``python -m flows.rollback``, deployment ``rollback``) returns every
 replica to the previous champion: checks that each replica's store still holds its version,
-takes every newer version out of the stores, waits until every replica serves it, then moves
-``champion`` back to it and drops ``previous_champion`` (there is no champion before it to keep).
+takes every newer version out of the stores (holding their rollout locks), waits until every
+replica serves it, then moves ``champion`` back to it and drops ``previous_champion`` (there is no
+champion before it to keep). With ``to=champion`` it returns them to the champion itself and
+changes no alias: what a rollout killed before its promote left serving unverified goes.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 from prefect import task
@@ -23,7 +27,7 @@ from serving.api_client import ModelServer
 from serving.model_format import version_of_dir
 from tasks.config import PipelineConfig
 from tasks.logs import logger
-from tasks.push import PushError, describe, wait_until_serving, withdraw
+from tasks.push import PushError, describe, rollout_lock, wait_until_serving, withdraw
 from tasks.tracking import (
     CHAMPION,
     PREVIOUS_CHAMPION,
@@ -72,15 +76,31 @@ def export_version(client: MlflowClient, model_name: str, registry_version: str)
 
 
 @task(cache_policy=NO_CACHE)
-def roll_back_champion(cfg: PipelineConfig) -> str:
-    """Every replica back to the previous champion; returns what was done."""
+def roll_back_champion(cfg: PipelineConfig, to: str = PREVIOUS_CHAMPION) -> str:
+    """Every replica back to the version alias ``to`` names; returns what was done."""
     model_name = cfg.export.model_name
     client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     before = aliases(client, model_name)
-    if before[PREVIOUS_CHAMPION] is None:
-        raise PushError(f"{model_name} has no {PREVIOUS_CHAMPION} alias: nothing to roll back to")
-    target = export_version(client, model_name, before[PREVIOUS_CHAMPION])
-    stores = {r.model_base_path / model_name for r in cfg.push.replicas}
+    if before[to] is None:
+        raise PushError(f"{model_name} has no {to} alias: nothing to roll back to")
+    target = export_version(client, model_name, before[to])
+    stores = sorted({r.model_base_path / model_name for r in cfg.push.replicas})
+    with rollout_lock(stores, cfg.push.timeout_s):
+        return_stores_to(stores, target)
+        wait_until_all_serve(cfg, target)
+    if to == PREVIOUS_CHAMPION:
+        client.set_registered_model_alias(model_name, CHAMPION, before[PREVIOUS_CHAMPION])
+        client.delete_registered_model_alias(model_name, PREVIOUS_CHAMPION)
+    done = (
+        f"{model_name} version {target} (registry version {before[to]}) serves on "
+        f"{', '.join(r.name for r in cfg.push.replicas)} again and is the {CHAMPION}"
+    )
+    logger().info(done)
+    return done
+
+
+def return_stores_to(stores: list[Path], target: int) -> None:
+    """Withdraw every version above ``target``; nothing changes unless every store holds it."""
     missing = sorted(str(store) for store in stores if not (store / str(target)).is_dir())
     if missing:
         raise PushError(f"version {target} is no longer in {', '.join(missing)}: nothing changed")
@@ -88,10 +108,13 @@ def roll_back_champion(cfg: PipelineConfig) -> str:
         for entry in store.iterdir():
             if (version_of_dir(entry.name) or 0) > target:
                 withdraw(entry)
+
+
+def wait_until_all_serve(cfg: PipelineConfig, target: int) -> None:
     failures = []
     for replica in cfg.push.replicas:
         try:
-            with ModelServer(replica.grpc, model_name) as server:
+            with ModelServer(replica.grpc, cfg.export.model_name) as server:
                 wait_until_serving(server, target, cfg.push.timeout_s)
         except Exception as error:
             failures.append(f"{replica.name} ({replica.grpc}): {describe(error)}")
@@ -100,11 +123,3 @@ def roll_back_champion(cfg: PipelineConfig) -> str:
             f"newer versions withdrawn, but not every replica serves version {target}: "
             + "; ".join(failures)
         )
-    client.set_registered_model_alias(model_name, CHAMPION, before[PREVIOUS_CHAMPION])
-    client.delete_registered_model_alias(model_name, PREVIOUS_CHAMPION)
-    done = (
-        f"{model_name} version {target} (registry version {before[PREVIOUS_CHAMPION]}) serves on "
-        f"{', '.join(r.name for r in cfg.push.replicas)} again and is the {CHAMPION}"
-    )
-    logger().info(done)
-    return done

@@ -16,6 +16,12 @@ replica changed so far: the version is taken out of each of their stores, and ea
 previous version again. The task then fails with a message that names the stage, the replica and
 the reason.
 
+One rollout at a time per store: push holds an exclusive ``flock`` on each store's
+``.rollout.lock`` for the whole rollout (waiting up to ``push.timeout_s`` for another run's), and
+pushes nothing when the first replica no longer serves the version the gate compared with (another
+run's rollout came between): the verdict is about another baseline. A publish that fails, a full
+disk among others (``tasks.staging.DiskFull``), leaves nothing in the store.
+
 ``push`` returns a ``RolloutReport`` (per replica: stage, previous version, outcome, seconds to
 AVAILABLE; and the timeline); a ``PushError`` carries the same report of a rolled-back rollout.
 Inside a Prefect transaction, the push task's ``on_rollback`` hook takes the version out of every
@@ -24,11 +30,15 @@ store again when a later step fails (``tasks.champion.promote``).
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
+import socket
 import time
 import urllib.error
 import urllib.request
-import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -43,10 +53,12 @@ from tasks.config import ALL, PushConfig, ReplicaConfig
 from tasks.export import ExportResult
 from tasks.logs import logger
 from tasks.rollout_checks import Traffic, judge, read_traffic
+from tasks.staging import PUBLISH, WITHDRAW, DiskFull, disk_full, staging_path, sweep
 from tasks.validate import Verdict, canary_mismatch
 
 POLL_INTERVAL_S = 0.2
 BAKE_POLL_S = 0.5
+LOCK_FILE = ".rollout.lock"
 
 Outcome = Literal["promoted", "rolled_back", "unverified", "untouched"]
 
@@ -98,24 +110,83 @@ class PushError(RuntimeError):
 
 def publish(export: ExportResult, model_base_path: Path) -> Path:
     """Copy the version into the store under a hidden name, then rename: servers never see it
-    half-copied."""
+    half-copied. A failed copy (a full disk among others) leaves nothing behind."""
     store = model_base_path / export.model_name
     store.mkdir(parents=True, exist_ok=True)
+    sweep(store)
     target = store / str(export.version)
     if target.exists():
         raise PushError(f"{target} already exists: version {export.version} was pushed before")
-    staging = store / f".push-{export.version}-{uuid.uuid4().hex}"
-    shutil.copytree(export.path, staging)
-    staging.rename(target)
+    staging = staging_path(store, PUBLISH, export.version)
+    try:
+        shutil.copytree(export.path, staging, copy_function=_copy_or_disk_full)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # only there when the copy or rename failed
     return target
+
+
+def _copy_or_disk_full(source: str, destination: str) -> None:
+    try:
+        shutil.copy2(source, destination)
+    except OSError as error:
+        if disk_full(error):
+            raise DiskFull(Path(destination).parent, error) from error
+        raise
 
 
 def withdraw(target: Path) -> None:
     """Take a version out of the store atomically (rename away first), then delete it."""
     if target.exists():
-        trash = target.with_name(f".rollback-{target.name}-{uuid.uuid4().hex}")
+        trash = staging_path(target.parent, WITHDRAW, target.name)
         target.rename(trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextmanager
+def rollout_lock(stores: list[Path], timeout_s: float) -> Iterator[None]:
+    """One rollout at a time into each of ``stores``: an exclusive ``flock`` on each store's
+    ``.rollout.lock``, taken in path order (two rollouts over overlapping stores cannot deadlock),
+    waited for up to ``timeout_s``. The kernel drops it when its process dies, even by SIGKILL."""
+    deadline = time.monotonic() + timeout_s
+    with ExitStack() as held:
+        for store in sorted(set(stores)):
+            store.mkdir(parents=True, exist_ok=True)
+            lock = held.enter_context((store / LOCK_FILE).open("a+"))
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        lock.seek(0)
+                        raise PushError(
+                            f"another rollout into {store} still runs after push.timeout_s="
+                            f"{timeout_s:g} s (holder: {lock.read().strip() or 'unknown'}): "
+                            "nothing pushed"
+                        ) from None
+                    time.sleep(POLL_INTERVAL_S)
+            lock.truncate(0)
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            lock.flush()
+        yield
+
+
+def stores_of(export: ExportResult, cfg: PushConfig) -> list[Path]:
+    return [replica.model_base_path / export.model_name for replica in cfg.replicas]
+
+
+def check_baseline(export: ExportResult, verdict: Verdict, cfg: PushConfig) -> None:
+    """The gate compared the candidate with what the first replica served at validate time; if
+    another rollout changed that since, the verdict is about another baseline: push nothing."""
+    with ModelServer(cfg.replicas[0].grpc, export.model_name) as server:
+        serving = serving_before(server, cfg.timeout_s)
+    if serving != verdict.baseline_version:
+        raise PushError(
+            f"refusing to push {export.model_name} version {export.version}: the gate compared it "
+            f"with version {verdict.baseline_version}, but {cfg.replicas[0].name} serves "
+            f"{serving} now (another rollout since): nothing pushed, validate it again"
+        )
 
 
 def wait_until_available(server: ModelServer, version: int, timeout_s: float) -> None:
@@ -357,16 +428,17 @@ def push(export: ExportResult, verdict: Verdict, cfg: PushConfig) -> RolloutRepo
     transaction = get_transaction()
     if transaction is not None:  # for the on_rollback hook
         transaction.set("rollout", rollout)
-    return rollout.run(verdict)
+    with rollout_lock(stores_of(export, cfg), cfg.timeout_s):
+        check_baseline(export, verdict, cfg)
+        return rollout.run(verdict)
 
 
 @push.on_rollback
 def _withdraw_everywhere(transaction: Transaction) -> None:
     """A step after the push failed: every replica goes back to what it served before."""
     rollout: Rollout = transaction.get("rollout")
+    with rollout_lock(stores_of(rollout.export, rollout.cfg), rollout.cfg.timeout_s):
+        undone = rollout.roll_back("transaction rolled back")
     logger().warning(
-        "rolled back %s version %d: %s",
-        rollout.export.model_name,
-        rollout.version,
-        rollout.roll_back("transaction rolled back"),
+        "rolled back %s version %d: %s", rollout.export.model_name, rollout.version, undone
     )
