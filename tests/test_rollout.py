@@ -84,8 +84,9 @@ class Stack:
         return versions
 
 
-def blessed(version: int):
-    return verdict(True, saved_models.expected_scores(version, 2))
+def blessed(version: int, baseline: int):
+    """Version ``version`` passed the gate against ``baseline``, which the replicas serve."""
+    return verdict(True, saved_models.expected_scores(version, 2), baseline)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def stack(tmp_path_factory) -> Stack:
 
 
 def test_a_staged_rollout_changes_one_canary_then_the_rest(stack):
-    report = push.fn(stack.export(2), blessed(2), stack.cfg())
+    report = push.fn(stack.export(2), blessed(2, 1), stack.cfg())
     assert stack.serving() == [2, 2, 2]
     assert [(r.name, r.stage, r.previous_version, r.outcome) for r in report.replicas] == [
         ("r1", 1, 1, "promoted"),
@@ -145,7 +146,7 @@ def test_a_staged_rollout_changes_one_canary_then_the_rest(stack):
 )
 def test_a_canary_that_fails_its_live_check_is_rolled_back(stack, version, keys, reason):
     with pytest.raises(PushError) as failed:
-        push.fn(stack.export(version), blessed(version), stack.cfg(**keys))
+        push.fn(stack.export(version), blessed(version, 2), stack.cfg(**keys))
     message = str(failed.value)
     assert re.search(rf"failed at stage 1 of 2 \(r1\): {reason}", message), message
     assert message.endswith("rolled back: r1 serves version 2 again"), message
@@ -159,7 +160,7 @@ def test_a_canary_that_fails_its_live_check_is_rolled_back(stack, version, keys,
 def push_and_promote(export: ExportResult, cfg: PushConfig, tracker: RunTracker, registry: str):
     """The flow's last steps, as ``flows.train_and_serve`` runs them."""
     with transaction():
-        push(export, blessed(export.version), cfg)
+        push(export, blessed(export.version, 2), cfg)  # version 2 serves when it runs
         promote(tracker, MODEL, registry, "test")
 
 
@@ -209,7 +210,7 @@ def test_a_replica_killed_mid_rollout_fails_it_naming_the_replica(stack):
 
     def run() -> None:
         try:
-            rollout.run(blessed(6))
+            rollout.run(blessed(6, 1))
         except PushError as error:
             failures.append(error)
 
