@@ -41,6 +41,7 @@ from serving.model_format import (
     DEFAULT_SIGNATURE,
     PREDICT_METHOD,
     REGRESS_METHOD,
+    SAVED_MODEL_FILE,
 )
 from serving.signatures import SignatureInfo, signature_info, validate_predict
 from serving.tf_runtime import SessionCallable, session_callable, session_config
@@ -107,8 +108,14 @@ class Servable:
                 meta_graph = tf.compat.v1.saved_model.loader.load(
                     session, list(settings.tags), self.path
                 )
-        except BaseException:
+        except BaseException as error:
             session.close()
+            if isinstance(error, OSError) and "Cannot parse file" in str(error):
+                # TF Serving's status for a corrupt saved_model.pb (ReadBinaryProto's).
+                pb = f"{self.path.rstrip('/')}/{SAVED_MODEL_FILE}"
+                raise ServingError(
+                    grpc.StatusCode.DATA_LOSS, f"Can't parse {pb} as binary proto"
+                ) from error
             raise
         self._graph, self._session = graph, session
         for name, sig in meta_graph.signature_def.items():

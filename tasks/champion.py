@@ -9,9 +9,11 @@ replicas' stores again (``tasks.push``'s hook); should a later step of the trans
 ``roll_back_champion`` (``python -m flows.rollback``, deployment ``rollback``) returns every
 replica to the previous champion: checks that each replica's store still holds its version,
 moves the labels of every labels replica onto it (``tasks.push.move_stable``; nothing is
-withdrawn unless all moved), takes every newer version out of the stores, waits until every
-replica serves it, then moves ``champion`` back to it and drops ``previous_champion`` (there is
-no champion before it to keep).
+withdrawn unless all moved), takes every newer version out of the stores (holding their rollout
+locks), waits until every replica serves it, then moves ``champion`` back to it and drops
+``previous_champion`` (there is no champion before it to keep). With ``to=champion`` it returns
+them to the champion itself and changes no alias: what a rollout killed before its promote left
+serving unverified goes.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from prefect.transactions import Transaction, get_transaction
 from serving.api_client import ModelServer
 from tasks.config import PipelineConfig, ReplicaConfig
 from tasks.logs import logger
-from tasks.model_store import model_store
-from tasks.push import PushError, describe, move_stable, wait_until_serving
+from tasks.model_store import ModelStore, model_store
+from tasks.push import PushError, describe, move_stable, rollout_lock, wait_until_serving
 from tasks.tracking import (
     CHAMPION,
     PREVIOUS_CHAMPION,
@@ -93,20 +95,36 @@ def on_each(replicas: list[ReplicaConfig], action: Callable[[ReplicaConfig], Non
 
 
 @task(cache_policy=NO_CACHE)
-def roll_back_champion(cfg: PipelineConfig) -> str:
-    """Every replica back to the previous champion; returns what was done."""
+def roll_back_champion(cfg: PipelineConfig, to: str = PREVIOUS_CHAMPION) -> str:
+    """Every replica back to the version alias ``to`` names; returns what was done."""
     model_name = cfg.export.model_name
     client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     before = aliases(client, model_name)
-    if before[PREVIOUS_CHAMPION] is None:
-        raise PushError(f"{model_name} has no {PREVIOUS_CHAMPION} alias: nothing to roll back to")
-    target = export_version(client, model_name, before[PREVIOUS_CHAMPION])
+    if before[to] is None:
+        raise PushError(f"{model_name} has no {to} alias: nothing to roll back to")
+    target = export_version(client, model_name, before[to])
     bases = {replica.model_base_path for replica in cfg.push.replicas}
     stores = [model_store(base, model_name) for base in bases]
+    with rollout_lock(stores, cfg.push.timeout_s):
+        return_replicas_to(cfg, stores, target)
+    if to == PREVIOUS_CHAMPION:
+        client.set_registered_model_alias(model_name, CHAMPION, before[PREVIOUS_CHAMPION])
+        client.delete_registered_model_alias(model_name, PREVIOUS_CHAMPION)
+    done = (
+        f"{model_name} version {target} (registry version {before[to]}) serves on "
+        f"{', '.join(r.name for r in cfg.push.replicas)} again and is the {CHAMPION}"
+    )
+    logger().info(done)
+    return done
+
+
+def return_replicas_to(cfg: PipelineConfig, stores: list[ModelStore], target: int) -> None:
+    """Labels onto ``target``, every newer version withdrawn, every replica serving it; nothing
+    changes unless every store holds it."""
+    model_name, timeout_s = cfg.export.model_name, cfg.push.timeout_s
     missing = sorted(str(store) for store in stores if not store.has_complete(target))
     if missing:
         raise PushError(f"version {target} is no longer in {', '.join(missing)}: nothing changed")
-    timeout_s = cfg.push.timeout_s
 
     def serves_target(replica: ReplicaConfig) -> None:
         with ModelServer(replica.grpc, model_name) as server:
@@ -132,11 +150,3 @@ def roll_back_champion(cfg: PipelineConfig) -> str:
             f"newer versions withdrawn, but not every replica serves version {target}: "
             + "; ".join(failures)
         )
-    client.set_registered_model_alias(model_name, CHAMPION, before[PREVIOUS_CHAMPION])
-    client.delete_registered_model_alias(model_name, PREVIOUS_CHAMPION)
-    done = (
-        f"{model_name} version {target} (registry version {before[PREVIOUS_CHAMPION]}) serves on "
-        f"{', '.join(r.name for r in cfg.push.replicas)} again and is the {CHAMPION}"
-    )
-    logger().info(done)
-    return done

@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from serving.model_format import (
 from tasks.config import ExportConfig
 from tasks.logs import logger as _logger
 from tasks.model_store import ModelStore, model_store
+from tasks.staging import EXPORT, DiskFull, disk_full, staging_path, sweep
 
 CLASSIFY_SIGNATURE = "classify"
 TUTORIAL_SIGNATURE = "predict_images"
@@ -231,6 +231,23 @@ def _check_images(warmup_images: np.ndarray) -> np.ndarray:
     return images
 
 
+def _write_saved_model(
+    model: keras.Model, path: Path, model_name: str, images: np.ndarray, warmup_requests: int
+) -> None:
+    module = _ServingModule(model)
+    tf.saved_model.save(
+        module,
+        str(path),
+        signatures={
+            DEFAULT_SIGNATURE: module.serve,
+            TUTORIAL_SIGNATURE: module.predict_images,
+            CLASSIFY_SIGNATURE: module.classify,
+        },
+    )
+    _set_classify_method_name(path)
+    _write_warmup(path, warmup_records(model_name, images, warmup_requests))
+
+
 @task(name="export", cache_policy=NO_CACHE)
 def export(
     model: keras.Model,
@@ -244,22 +261,16 @@ def export(
     export_dir = Path(cfg.base_path) / cfg.model_name
     serving_store = model_store(serving_base_path, cfg.model_name)
     export_dir.mkdir(parents=True, exist_ok=True)
+    sweep(export_dir)
     # Hidden, and in the same directory as the final version so the rename is atomic.
-    staging = export_dir / f".tmp-{uuid.uuid4().hex}"
+    staging = staging_path(export_dir, EXPORT)
     try:
-        module = _ServingModule(model)
-        tf.saved_model.save(
-            module,
-            str(staging),
-            signatures={
-                DEFAULT_SIGNATURE: module.serve,
-                TUTORIAL_SIGNATURE: module.predict_images,
-                CLASSIFY_SIGNATURE: module.classify,
-            },
-        )
-        _set_classify_method_name(staging)
-        _write_warmup(staging, warmup_records(cfg.model_name, images, cfg.warmup_requests))
+        _write_saved_model(model, staging, cfg.model_name, images, cfg.warmup_requests)
         version, path = claim_next_version(staging, export_dir, serving_store)
+    except Exception as error:
+        if disk_full(error):
+            raise DiskFull(export_dir, error) from error
+        raise
     finally:
         # Only left when something failed before or during the rename.
         shutil.rmtree(staging, ignore_errors=True)

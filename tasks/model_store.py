@@ -3,7 +3,8 @@
 What push, rollback and export need of a store, whichever it is: which versions it holds, and
 publishing or withdrawing one so that a polling server never sees half of it.
 - A directory: publish copies under a hidden name and renames; withdraw renames away, then
-  deletes.
+  deletes (``tasks.staging`` names those working directories after their owner, and publish
+  sweeps away what killed runs left). A full disk is ``DiskFull``, with nothing published.
 - S3 (``serving.object_store``): publish uploads ``saved_model.pb`` last; withdraw deletes it
   first. Servers list only versions that have it.
 """
@@ -11,12 +12,16 @@ publishing or withdrawing one so that a polling server never sees half of it.
 from __future__ import annotations
 
 import shutil
-import uuid
+import tempfile
+import urllib.parse
 from pathlib import Path
 
 from serving import object_store
 from serving.model_format import SAVED_MODEL_FILE, version_of_dir
 from serving.object_store import S3Url
+from tasks.staging import PUBLISH, WITHDRAW, DiskFull, disk_full, staging_path, sweep
+
+ROLLOUT_LOCK = ".rollout.lock"
 
 
 class VersionExists(RuntimeError):
@@ -43,24 +48,37 @@ class LocalStore:
     def has_complete(self, version: int) -> bool:
         return (self.root / str(version) / SAVED_MODEL_FILE).is_file()
 
+    def lock_path(self) -> Path:
+        return self.root / ROLLOUT_LOCK
+
     def publish(self, export_dir: Path, version: int) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        sweep(self.root)
         target = self.root / str(version)
         if target.exists():
             raise VersionExists(f"{target} already exists: version {version} was pushed before")
-        staging = self.root / f".push-{version}-{uuid.uuid4().hex}"
+        staging = staging_path(self.root, PUBLISH, version)
         try:
-            shutil.copytree(export_dir, staging)
+            shutil.copytree(export_dir, staging, copy_function=_copy_or_disk_full)
             staging.rename(target)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)  # only there when the copy or rename failed
 
     def withdraw(self, version: int) -> None:
         target = self.root / str(version)
         if target.exists():
-            trash = target.with_name(f".rollback-{target.name}-{uuid.uuid4().hex}")
+            trash = staging_path(self.root, WITHDRAW, version)
             target.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
+
+
+def _copy_or_disk_full(source: str, destination: str) -> None:
+    try:
+        shutil.copy2(source, destination)
+    except OSError as error:
+        if disk_full(error):
+            raise DiskFull(Path(destination).parent, error) from error
+        raise
 
 
 class S3Store:
@@ -85,6 +103,11 @@ class S3Store:
 
     def has_complete(self, version: int) -> bool:
         return version in object_store.list_versions(self.root)
+
+    def lock_path(self) -> Path:
+        """A bucket has no lock of its own: rollouts from this host take turns on a local file."""
+        name = urllib.parse.quote(str(self.root), safe="")
+        return Path(tempfile.gettempdir()) / "train-and-serve-rollout-locks" / f"{name}.lock"
 
     def publish(self, export_dir: Path, version: int) -> None:
         target = self.root.child(str(version))

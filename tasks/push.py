@@ -38,6 +38,13 @@ In a flow, push runs with ``timeout_seconds=push_timeout_s(cfg)``, a backstop ab
 wait; should it fire (Prefect raises it into the task), the rollout rolls back, then lets it
 through. No retries (see ``push``).
 
+One rollout at a time per store: push holds an exclusive ``flock`` on each store's lock file
+(``.rollout.lock`` in a directory store; for an S3 store a file in this host's temporary directory,
+so one per host) for the whole rollout (waiting up to ``push.timeout_s`` for another run's), and
+pushes nothing when the first replica no longer serves the version the gate compared with (another
+run's rollout came between): the verdict is about another baseline. A publish that fails, a full
+disk among others (``tasks.staging.DiskFull``), leaves nothing in the store.
+
 ``push`` returns a ``RolloutReport`` (per replica: stage, previous version, outcome, seconds to
 AVAILABLE; and the timeline); a ``PushError`` carries the same report of a rolled-back rollout.
 Inside a Prefect transaction, the push task's ``on_rollback`` hook takes the version out of every
@@ -46,9 +53,14 @@ store again when a later step fails (``tasks.champion.promote``).
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -83,6 +95,7 @@ BAKE_POLL_S = 0.5
 # (a labels replica: a reload), its canary (labels: a reload), its promotion (labels: a reload).
 WAITS_PER_REPLICA = 4
 PROBE_IMAGE = np.zeros(784, np.float32)  # what a label's version is read with (any image does)
+LOCK_FILE = ".rollout.lock"
 
 Outcome = Literal["promoted", "rolled_back", "unverified", "untouched"]
 
@@ -130,6 +143,42 @@ class PushError(RuntimeError):
     def __init__(self, message: str, report: RolloutReport | None = None):
         super().__init__(message)
         self.report = report
+
+
+@contextmanager
+def rollout_lock(stores: list[ModelStore], timeout_s: float) -> Iterator[None]:
+    """One rollout at a time into each of ``stores``: an exclusive ``flock`` on each store's
+    lock file (``ModelStore.lock_path``), taken in path order (two rollouts over overlapping stores
+    cannot deadlock), waited for up to ``timeout_s``. The kernel drops it when its process dies,
+    even by SIGKILL."""
+    deadline = time.monotonic() + timeout_s
+    with ExitStack() as held:
+        for store in sorted(stores, key=str):
+            path = store.lock_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = held.enter_context(path.open("a+"))
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        lock.seek(0)
+                        raise PushError(
+                            f"another rollout into {store} still runs after push.timeout_s="
+                            f"{timeout_s:g} s (holder: {lock.read().strip() or 'unknown'}): "
+                            "nothing pushed"
+                        ) from None
+                    time.sleep(POLL_INTERVAL_S)
+            lock.truncate(0)
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            lock.flush()
+        yield
+
+
+def stores_of(export: ExportResult, cfg: PushConfig) -> list[ModelStore]:
+    bases = {replica.model_base_path for replica in cfg.replicas}
+    return [model_store(base, export.model_name) for base in bases]
 
 
 def wait_until_available(server: ModelServer, version: int, timeout_s: float) -> None:
@@ -276,6 +325,7 @@ class Rollout:
     def run(self, verdict: Verdict) -> RolloutReport:
         for replica in self.cfg.replicas:
             self.set(replica.name, previous_version=self.previous(replica))
+        self.check_baseline(verdict)
         for number, group in enumerate(self.plan, start=1):
             try:
                 self.stage(number, group, verdict)
@@ -287,6 +337,18 @@ class Rollout:
         for replica in self.cfg.replicas:
             self.set(replica.name, outcome="promoted")
         return self.report()
+
+    def check_baseline(self, verdict: Verdict) -> None:
+        """The gate compared the candidate with what the first replica served at validate time; if
+        another rollout changed that since, the verdict is about another baseline: push nothing."""
+        first = self.cfg.replicas[0]
+        serving = self.outcomes[first.name].previous_version
+        if serving != verdict.baseline_version:
+            raise PushError(
+                f"refusing to push {self.export.model_name} version {self.version}: the gate "
+                f"compared it with version {verdict.baseline_version}, but {first.name} serves "
+                f"{serving} now (another rollout since): nothing pushed, validate it again"
+            )
 
     def previous(self, replica: ReplicaConfig) -> int | None:
         """What the replica serves before the rollout: its newest version, or what its label
@@ -495,16 +557,16 @@ def push(export: ExportResult, verdict: Verdict, cfg: PushConfig) -> RolloutRepo
     transaction = get_transaction()
     if transaction is not None:  # for the on_rollback hook
         transaction.set("rollout", rollout)
-    return rollout.run(verdict)
+    with rollout_lock(stores_of(export, cfg), cfg.timeout_s):
+        return rollout.run(verdict)
 
 
 @push.on_rollback
 def _withdraw_everywhere(transaction: Transaction) -> None:
     """A step after the push failed: every replica goes back to what it served before."""
     rollout: Rollout = transaction.get("rollout")
+    with rollout_lock(stores_of(rollout.export, rollout.cfg), rollout.cfg.timeout_s):
+        undone = rollout.roll_back("transaction rolled back")
     logger().warning(
-        "rolled back %s version %d: %s",
-        rollout.export.model_name,
-        rollout.version,
-        rollout.roll_back("transaction rolled back"),
+        "rolled back %s version %d: %s", rollout.export.model_name, rollout.version, undone
     )

@@ -143,13 +143,13 @@ def test_push_rolls_out_into_an_s3_store_and_withdraws_a_bad_version(s3, tmp_pat
             model_base_path=base, replicas=[{"name": "s3", "grpc": f"127.0.0.1:{server.port}"}]
         )
         two = ExportResult("mnist", 2, saved_models.write_version(exports, 2, 2))
-        report = push.fn(two, verdict(True, expected_scores(2, 2)), cfg)
+        report = push.fn(two, verdict(True, expected_scores(2, 2), 1), cfg)
         assert [r.outcome for r in report.replicas] == ["promoted"]
         assert served_class(server) == 2
         # Version 3 answers its canary images unlike validate said: withdrawn from S3 again.
         three = ExportResult("mnist", 3, saved_models.write_version(exports, 3, 3))
         with pytest.raises(PushError, match="canary images"):
-            push.fn(three, verdict(True, expected_scores(4, 2)), cfg)
+            push.fn(three, verdict(True, expected_scores(4, 2), 2), cfg)
         assert store.versions() == {1, 2}
         server.wait_for(lambda s: s.get(3, (0,))[0] in (END, 0), "version 3 gone")
         assert served_class(server) == 2

@@ -14,13 +14,15 @@ from tasks.validate import Judgement, Verdict
 from tests.processes import free_port
 
 
-def verdict(passed: bool, canary_scores: np.ndarray | None = None) -> Verdict:
-    """A verdict as validate returns it; the canary images are zeros, and push expects the
-    server to answer them with ``canary_scores``."""
+def verdict(
+    passed: bool, canary_scores: np.ndarray | None = None, baseline_version: int | None = None
+) -> Verdict:
+    """A verdict as validate returns it, against ``baseline_version``; the canary images are
+    zeros, and push expects the server to answer them with ``canary_scores``."""
     scores = np.full((2, 10), 0.1, np.float32) if canary_scores is None else canary_scores
     return Verdict(
         error_rate=0.08,
-        baseline_version=None,
+        baseline_version=baseline_version,
         judgement=Judgement(passed, "test", (), {}),
         confusion=np.zeros((10, 10), np.int64),
         canary_images=np.zeros((len(scores), 784), np.float32),
@@ -38,6 +40,13 @@ def fake_export(tmp_path: Path, version: int) -> ExportResult:
 
 def store_entries(store: Path) -> list[str]:
     return sorted(entry.name for entry in (store / "mnist").iterdir())
+
+
+def store_versions(store: Path) -> list[str]:
+    """What a server would see: the store's entries but the hidden ones (the rollout lock)."""
+    if not (store / "mnist").exists():
+        return []
+    return [name for name in store_entries(store) if not name.startswith(".")]
 
 
 def test_a_failed_verdict_is_never_published(tmp_path):
@@ -69,7 +78,7 @@ def test_an_unreachable_replica_fails_the_push_before_anything_is_published(tmp_
         PushError, match=r"did not answer GetModelStatus within push.timeout_s=1 s .*nothing pushed"
     ):
         push.fn(fake_export(tmp_path, 3), verdict(True), cfg)
-    assert not (store / "mnist").exists()
+    assert store_versions(store) == []
 
 
 def test_stages_take_replicas_in_order_and_those_sharing_a_store_together(tmp_path):

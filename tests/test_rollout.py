@@ -84,8 +84,9 @@ class Stack:
         return versions
 
 
-def blessed(version: int):
-    return verdict(True, saved_models.expected_scores(version, 2))
+def blessed(version: int, baseline: int | None):
+    """Version ``version`` passed the gate against ``baseline``, which the replicas serve."""
+    return verdict(True, saved_models.expected_scores(version, 2), baseline)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def stack(tmp_path_factory) -> Stack:
 
 
 def test_a_staged_rollout_changes_one_canary_then_the_rest(stack):
-    report = push.fn(stack.export(2), blessed(2), stack.cfg())
+    report = push.fn(stack.export(2), blessed(2, 1), stack.cfg())
     assert stack.serving() == [2, 2, 2]
     assert [(r.name, r.stage, r.previous_version, r.outcome) for r in report.replicas] == [
         ("r1", 1, 1, "promoted"),
@@ -145,7 +146,7 @@ def test_a_staged_rollout_changes_one_canary_then_the_rest(stack):
 )
 def test_a_canary_that_fails_its_live_check_is_rolled_back(stack, version, keys, reason):
     with pytest.raises(PushError) as failed:
-        push.fn(stack.export(version), blessed(version), stack.cfg(**keys))
+        push.fn(stack.export(version), blessed(version, 2), stack.cfg(**keys))
     message = str(failed.value)
     assert re.search(rf"failed at stage 1 of 2 \(r1\): {reason}", message), message
     assert message.endswith("rolled back: r1 serves version 2 again"), message
@@ -159,7 +160,7 @@ def test_a_canary_that_fails_its_live_check_is_rolled_back(stack, version, keys,
 def push_and_promote(export: ExportResult, cfg: PushConfig, tracker: RunTracker, registry: str):
     """The flow's last steps, as ``flows.train_and_serve`` runs them."""
     with transaction():
-        push(export, blessed(export.version), cfg)
+        push(export, blessed(export.version, 2), cfg)  # version 2 serves when it runs
         promote(tracker, MODEL, registry, "test")
 
 
@@ -203,14 +204,16 @@ def kill(server: Server) -> None:
     server.proc.wait()
 
 
-def in_background(rollout: Rollout, version: int) -> tuple[threading.Thread, list[PushError]]:
-    """The rollout of ``version``, blessed, started on a thread; its PushError lands in the
-    list."""
+def in_background(
+    rollout: Rollout, version: int, baseline: int
+) -> tuple[threading.Thread, list[PushError]]:
+    """The rollout of ``version``, blessed against ``baseline``, started on a thread; its
+    PushError lands in the list."""
     failures: list[PushError] = []
 
     def run() -> None:
         try:
-            rollout.run(blessed(version))
+            rollout.run(blessed(version, baseline))
         except PushError as error:
             failures.append(error)
 
@@ -221,7 +224,7 @@ def in_background(rollout: Rollout, version: int) -> tuple[threading.Thread, lis
 
 def test_a_replica_killed_mid_rollout_fails_it_naming_the_replica(stack):
     rollout = Rollout(stack.export(6), stack.cfg(bake_s=60, bake_deadline_s=60))
-    thread, failures = in_background(rollout, 6)
+    thread, failures = in_background(rollout, 6, 1)
     stack.servers[0].wait_for(
         lambda _: any("canary Predict matches" in e.event for e in rollout.timeline),
         "r1 serving version 6",

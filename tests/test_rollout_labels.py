@@ -49,7 +49,7 @@ class LabelledStack(Stack):
         versions = []
         for server in servers or self.servers:
             with ModelServer(f"127.0.0.1:{server.port}", MODEL) as client:
-                versions.append(client.version_behind(STABLE, blessed(1).canary_images[0]))
+                versions.append(client.version_behind(STABLE, blessed(1, None).canary_images[0]))
         return versions
 
 
@@ -99,7 +99,7 @@ def moved_once(answers: list[tuple[int, int]], old: int, new: int) -> bool:
 
 def test_a_labels_rollout_moves_stable_only_once_the_canary_label_has_baked(stack):
     seen = [len(load.answers) for load in stack.loads]
-    report = push.fn(stack.export(2), blessed(2), stack.cfg())
+    report = push.fn(stack.export(2), blessed(2, 1), stack.cfg())
     assert stack.stable() == [2, 2]
     assert [stack.labels(i) for i in (1, 2)] == [([1, 2], {STABLE: 2, CANARY: 2})] * 2
     assert [(r.name, r.stage, r.previous_version, r.outcome) for r in report.replicas] == [
@@ -122,7 +122,7 @@ def test_a_labels_rollout_moves_stable_only_once_the_canary_label_has_baked(stac
 def test_a_canary_label_that_answers_wrong_is_rolled_back_with_the_config_file(stack):
     before = [stack.config_file(i).read_text() for i in (1, 2)]
     with pytest.raises(PushError) as failed:
-        push.fn(stack.export(3), blessed(2), stack.cfg())  # validate scored another model
+        push.fn(stack.export(3), blessed(2, 2), stack.cfg())  # validate scored another model
     message = str(failed.value)
     assert re.search(
         r"failed at stage 1 of 2 \(r1\): replica r1: \S+ label canary answers the canary images",
@@ -141,7 +141,7 @@ def test_a_finished_labels_rollout_is_undone_by_moving_the_labels_back(stack):
     """What the push task's on_rollback hook does when a later step of its transaction fails."""
     before = [stack.config_file(i).read_text() for i in (1, 2)]
     rollout = Rollout(stack.export(4), stack.cfg(stages=["all"], bake_s=0))
-    rollout.run(blessed(4))
+    rollout.run(blessed(4, 2))
     assert stack.stable() == [4, 4]
     assert rollout.roll_back("transaction rolled back") == (
         "r1 stable on version 2 again, config file restored; "
@@ -174,7 +174,7 @@ def test_a_rollout_cut_short_by_its_task_timeout_is_rolled_back_before_it_ends(s
     before = [stack.config_file(i).read_text() for i in (1, 2)]
     rollout = Rollout(stack.export(5), stack.cfg(bake_s=60, bake_deadline_s=60))
     with pytest.raises(TimeoutError), timeout(seconds=4):
-        rollout.run(blessed(5))
+        rollout.run(blessed(5, 2))
     assert rollout.timeline[-1].event == (
         "stage 1 interrupted: stable on version 2 again, config file restored"
     )
@@ -187,7 +187,7 @@ def test_a_rollout_cut_short_by_its_task_timeout_is_rolled_back_before_it_ends(s
 def test_a_replica_killed_in_a_later_stage_rolls_back_the_labels_of_the_earlier(stack):
     before = [stack.config_file(i).read_text() for i in (1, 2)]
     rollout = Rollout(stack.export(6), stack.cfg(bake_s=2))
-    thread, failures = in_background(rollout, 6)
+    thread, failures = in_background(rollout, 6, 2)
     stack.servers[0].wait_for(
         lambda _: any(e.event.startswith("stable moved") for e in rollout.timeline),
         "r1's stable label on version 6",
