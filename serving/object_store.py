@@ -173,11 +173,27 @@ def version_exists(url: S3Url) -> bool:
     return listing.get("KeyCount", 0) > 0
 
 
-def delete_version(url: S3Url) -> None:
-    """Delete a version, ``saved_model.pb`` first: from then on listings skip it."""
+def create_if_absent(url: S3Url, name: str, body: bytes) -> bool:
+    """Create the object ``<url>/<name>`` unless one exists: a conditional PUT (``If-None-Match:
+    *``), which S3 applies atomically, so of two writers exactly one creates it. False when it
+    existed (412), or when a concurrent conditional write of it was under way (409)."""
+    s3 = client()
+    try:
+        s3.put_object(Bucket=url.bucket, Key=url.key(name), Body=body, IfNoneMatch="*")
+    except s3.exceptions.ClientError as error:
+        if error.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return False
+        raise
+    return True
+
+
+def delete_version(url: S3Url, keep: frozenset[str] = frozenset()) -> None:
+    """Delete a version, ``saved_model.pb`` first: from then on listings skip it. Objects named in
+    ``keep`` (relative to the version's prefix) stay."""
     s3 = client()
     s3.delete_object(Bucket=url.bucket, Key=url.key(SAVED_MODEL_FILE))
+    kept = {url.key(name) for name in keep}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=url.bucket, Prefix=url.key("")):
-        keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+        keys = [{"Key": obj["Key"]} for obj in page.get("Contents", []) if obj["Key"] not in kept]
         if keys:
             s3.delete_objects(Bucket=url.bucket, Delete={"Objects": keys})

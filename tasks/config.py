@@ -117,8 +117,25 @@ class TrainConfig(_Section):
         return self.workers or len(self.cluster or ()) or 1
 
 
+DEFAULT_STORE = str(REPO_ROOT / ".stack" / "models")
+
+
+def _store_path(value: Any) -> Any:
+    """A directory (a string or a path), or ``s3://bucket/prefix`` (serving.object_store)."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, str) and is_s3(value):
+        S3Url.parse(value)  # raises, naming the URL, when it has no bucket
+    return value
+
+
+# Where a model store (the exports, or a serving store) lives: ``<it>/<model>/<version>/``.
+StorePath = Annotated[str, BeforeValidator(_store_path)]
+
+
 class ExportConfig(_Section):
-    base_path: Path = REPO_ROOT / ".stack" / "exports"
+    # A directory, or s3://bucket/prefix (the version claimed there; tasks.export).
+    base_path: StorePath = str(REPO_ROOT / ".stack" / "exports")
     model_name: str = Field("mnist", pattern=r"^[A-Za-z0-9_.-]+$")
     warmup_requests: int = Field(4, ge=0, le=1000)
 
@@ -165,20 +182,6 @@ class ValidateConfig(_Section):
         return bounds
 
 
-DEFAULT_STORE = str(REPO_ROOT / ".stack" / "models")
-
-
-def _store_path(value: Any) -> Any:
-    """A directory (a string or a path), or ``s3://bucket/prefix`` (serving.object_store)."""
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, str) and is_s3(value):
-        S3Url.parse(value)  # raises, naming the URL, when it has no bucket
-    return value
-
-
-# Where a serving model store lives: ``<it>/<model>/<version>/``.
-StorePath = Annotated[str, BeforeValidator(_store_path)]
 ALL = "all"  # the last rollout stage: every replica
 
 

@@ -14,8 +14,16 @@ Layout: ``<export.base_path>/<model_name>/<version>/`` with
 
 Versions are never reused: the new one is above every version in the export base *and* in the
 serving store (a version pushed earlier and since deleted from the exports must not be shadowed),
-and the SavedModel appears under its number only when complete (written under a hidden temporary
-name, then renamed), so neither a concurrent export nor a model server ever sees half a model.
+and the SavedModel appears under its number only when complete, so neither a concurrent export nor
+a model server ever sees half a model. It is written under a hidden temporary name
+(``.tmp@<owner>``, ``tasks.staging``) in a local directory, then its number is claimed: one loop
+for both kinds of base (``claim_next_version``), which tries the next free number and, when
+another export took it meanwhile, the one after.
+* A directory: the claim is the rename of the finished SavedModel to ``<n>``.
+* ``s3://bucket/prefix``: the claim is ``<n>/.claim``, created by a conditional PUT; then the
+  SavedModel is uploaded, ``saved_model.pb`` last (a failed upload is deleted, the number stays
+  claimed). The local copy, which validate, infra_validate and push read, is renamed to ``<n>``
+  in ``S3Store.local_dir()``, under this host's temporary directory.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +49,11 @@ from serving.model_format import (
     DEFAULT_SIGNATURE,
     SAVED_MODEL_FILE,
     WARMUP_FILE,
-    version_of_dir,
 )
 from tasks.config import ExportConfig
 from tasks.logs import logger as _logger
-from tasks.model_store import ModelStore, model_store
-from tasks.staging import EXPORT, DiskFull, disk_full, staging_path, sweep
+from tasks.model_store import LocalStore, ModelStore, S3Store, model_store
+from tasks.staging import EXPORT, WITHDRAW, DiskFull, disk_full, staging_path, sweep
 
 CLASSIFY_SIGNATURE = "classify"
 TUTORIAL_SIGNATURE = "predict_images"
@@ -55,7 +63,7 @@ CLASS_LABELS = tuple(str(digit) for digit in range(NUM_CLASSES))
 # rename(2) of a directory onto an existing one fails with one of these when the target is taken
 # (a non-empty directory) or is not a directory at all.
 _TAKEN = {errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR}
-# Each failed rename means another export just took a version; this many in a row means something
+# Each failed claim means another export just took a version; this many in a row means something
 # else is wrong (e.g. a directory that cannot be renamed into), not contention.
 _MAX_ATTEMPTS = 100
 
@@ -64,51 +72,61 @@ _MAX_ATTEMPTS = 100
 class ExportResult:
     model_name: str
     version: int
-    path: Path  # <export.base_path>/<model_name>/<version>
+    # <export.base_path>/<model_name>/<version>, or for an s3:// base its local copy
+    path: Path
 
 
-def next_version(*model_dirs: Path) -> int:
-    """One above the highest version in any of ``model_dirs``; 1 when there is none.
-
-    Every directory named like a version counts, complete or not (one without ``saved_model.pb``
-    yet is a version being written); other names, hidden temporary ones among them, do not."""
-    highest = 0
-    for model_dir in model_dirs:
-        if not model_dir.is_dir():
-            continue
-        for entry in model_dir.iterdir():
-            version = version_of_dir(entry.name)
-            if version is not None and entry.is_dir():
-                highest = max(highest, version)
-    return highest + 1
+def next_version(*stores: ModelStore) -> int:
+    """One above the highest version in any of ``stores``; 1 when there is none. Versions being
+    written, or claimed, count."""
+    return max(set().union(*(store.versions() for store in stores)), default=0) + 1
 
 
-def claim_next_version(
-    staging: Path, export_dir: Path, serving_store: ModelStore
-) -> tuple[int, Path]:
-    """Claim the next free version number under ``export_dir`` by renaming the complete
-    SavedModel at ``staging`` to it; returns the number and the version's directory.
-
-    ``staging`` must be in ``export_dir`` (rename is atomic only within a file system). If another
-    export takes the number between the scan and the rename, the rename fails because the target is
-    non-empty, and the next number is tried.
-    """
-
-    def free() -> int:
-        return max(next_version(export_dir), max(serving_store.versions(), default=0) + 1)
-
-    candidate = free()
+def claim_next_version(take: Callable[[int], bool], *stores: ModelStore) -> int:
+    """The first free version number above every version of ``stores`` that ``take`` gets:
+    ``take(n)`` claims ``n`` atomically, or returns False when another export holds it."""
+    candidate = next_version(*stores)
     for _ in range(_MAX_ATTEMPTS):
-        target = export_dir / str(candidate)
-        try:
-            os.rename(staging, target)
-            return candidate, target
-        except OSError as exc:
-            if exc.errno not in _TAKEN:
-                raise
+        if take(candidate):
+            return candidate
         # Rescan too: a concurrent export may have pushed the highest version further than +1.
-        candidate = max(candidate + 1, free())
-    raise RuntimeError(f"no free version under {export_dir} after {_MAX_ATTEMPTS} attempts")
+        candidate = max(candidate + 1, next_version(*stores))
+    raise RuntimeError(f"no free version under {stores[0]} after {_MAX_ATTEMPTS} attempts")
+
+
+def _renamed(staging: Path, target: Path) -> bool:
+    try:
+        os.rename(staging, target)
+    except OSError as exc:
+        if exc.errno not in _TAKEN:
+            raise
+        return False
+    return True
+
+
+def claim_in_directory(
+    staging: Path, exports: LocalStore, serving_store: ModelStore
+) -> tuple[int, Path]:
+    """Rename the finished SavedModel ``staging`` (in ``exports``: rename is atomic only within
+    a file system) to the next free version; returns the version and its directory."""
+    version = claim_next_version(
+        lambda n: _renamed(staging, exports.root / str(n)), exports, serving_store
+    )
+    return version, exports.root / str(version)
+
+
+def claim_in_s3(staging: Path, exports: S3Store, serving_store: ModelStore) -> tuple[int, Path]:
+    """Claim the next free version in ``exports``, upload ``staging`` as it, and rename
+    ``staging`` to its local copy ``<local_dir>/<n>``; returns the version and that copy."""
+    version = claim_next_version(exports.claim, exports, serving_store)
+    exports.upload(staging, version)
+    local = staging.parent / str(version)
+    if local.exists():  # a copy of an earlier store's version n (a bucket emptied since)
+        trash = staging_path(local.parent, WITHDRAW, version)
+        local.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    staging.rename(local)
+    return version, local
 
 
 class _ServingModule(tf.Module):
@@ -258,18 +276,20 @@ def export(
     """Write ``model`` as the next version of ``cfg.model_name`` under ``cfg.base_path``."""
     logger = _logger()
     images = _check_images(warmup_images)
-    export_dir = Path(cfg.base_path) / cfg.model_name
+    exports = model_store(cfg.base_path, cfg.model_name)
     serving_store = model_store(serving_base_path, cfg.model_name)
-    export_dir.mkdir(parents=True, exist_ok=True)
-    sweep(export_dir)
+    work_dir = exports.local_dir()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    sweep(work_dir)
     # Hidden, and in the same directory as the final version so the rename is atomic.
-    staging = staging_path(export_dir, EXPORT)
+    staging = staging_path(work_dir, EXPORT)
+    claim = claim_in_s3 if isinstance(exports, S3Store) else claim_in_directory
     try:
         _write_saved_model(model, staging, cfg.model_name, images, cfg.warmup_requests)
-        version, path = claim_next_version(staging, export_dir, serving_store)
+        version, path = claim(staging, exports, serving_store)
     except Exception as error:
         if disk_full(error):
-            raise DiskFull(export_dir, error) from error
+            raise DiskFull(work_dir, error) from error
         raise
     finally:
         # Only left when something failed before or during the rename.
@@ -278,7 +298,7 @@ def export(
         "exported %s version %d to %s (warmup: %d predict + 1 classify requests)",
         cfg.model_name,
         version,
-        path,
+        exports,
         cfg.warmup_requests,
     )
     return ExportResult(model_name=cfg.model_name, version=version, path=path)

@@ -7,12 +7,21 @@ publishing or withdrawing one so that a polling server never sees half of it.
   sweeps away what killed runs left). A full disk is ``DiskFull``, with nothing published.
 - S3 (``serving.object_store``): publish uploads ``saved_model.pb`` last; withdraw deletes it
   first. Servers list only versions that have it.
+
+Export claims its version number in the store: in a directory by renaming the finished version
+into place; on S3 by creating ``<n>/.claim`` with a conditional PUT (``S3Store.claim``), then
+uploading (``S3Store.upload``). A claimed number is never given again, even when its upload
+failed; a claim alone is not a version to a server (no ``saved_model.pb``).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import socket
 import tempfile
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -22,6 +31,7 @@ from serving.object_store import S3Url
 from tasks.staging import PUBLISH, WITHDRAW, DiskFull, disk_full, staging_path, sweep
 
 ROLLOUT_LOCK = ".rollout.lock"
+CLAIM = ".claim"  # <n>/.claim: export's claim of version n in an S3 store
 
 
 class VersionExists(RuntimeError):
@@ -50,6 +60,10 @@ class LocalStore:
 
     def lock_path(self) -> Path:
         return self.root / ROLLOUT_LOCK
+
+    def local_dir(self) -> Path:
+        """Where an export writes (the rename into place must stay within one file system)."""
+        return self.root
 
     def publish(self, export_dir: Path, version: int) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -109,15 +123,36 @@ class S3Store:
         name = urllib.parse.quote(str(self.root), safe="")
         return Path(tempfile.gettempdir()) / "train-and-serve-rollout-locks" / f"{name}.lock"
 
+    def local_dir(self) -> Path:
+        """Where an export into this store writes, and keeps, its local copies: under this host's
+        temporary directory, apart per endpoint (two S3 services may have the same bucket)."""
+        endpoint = urllib.parse.urlsplit(object_store.client().meta.endpoint_url).netloc
+        exports = Path(tempfile.gettempdir()) / "train-and-serve-exports"
+        return exports / endpoint / self.root.bucket / self.root.prefix
+
+    def claim(self, version: int) -> bool:
+        """Take version number ``version`` for an export, atomically; False when it was taken.
+        The claim says who took it (host, pid, time), for whoever finds one never completed."""
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        url = self.root.child(str(version))
+        return object_store.create_if_absent(url, CLAIM, json.dumps(owner).encode())
+
+    def upload(self, export_dir: Path, version: int) -> None:
+        """Upload the SavedModel ``export_dir`` as ``version``; on failure delete what was
+        uploaded (a claim stays: the number is not given again)."""
+        target = self.root.child(str(version))
+        try:
+            object_store.upload_version(export_dir, target)
+        except BaseException:
+            # never complete: servers skipped it anyway
+            object_store.delete_version(target, keep=frozenset({CLAIM}))
+            raise
+
     def publish(self, export_dir: Path, version: int) -> None:
         target = self.root.child(str(version))
         if object_store.version_exists(target):
             raise VersionExists(f"{target} already exists: version {version} was pushed before")
-        try:
-            object_store.upload_version(export_dir, target)
-        except BaseException:
-            object_store.delete_version(target)  # never complete: servers skipped it anyway
-            raise
+        self.upload(export_dir, version)
 
     def withdraw(self, version: int) -> None:
         object_store.delete_version(self.root.child(str(version)))

@@ -1,7 +1,5 @@
 """The configuration: defaults, overrides, and errors that name the key."""
 
-from pathlib import Path
-
 import pytest
 
 from tasks.config import REPO_ROOT, ConfigError, load_config
@@ -42,7 +40,8 @@ def test_overrides_are_parsed_as_yaml_values():
         ("labels", REPO_ROOT / "b.config"),
     ]
     assert cfg.validate_.max_error_rate == 0.2
-    assert cfg.export.base_path == Path("/tmp/x")
+    assert cfg.export.base_path == "/tmp/x"
+    assert load_config(overrides=["export.base_path=s3://b/e"]).export.base_path == "s3://b/e"
 
 
 @pytest.mark.parametrize(
@@ -67,6 +66,7 @@ def test_overrides_are_parsed_as_yaml_values():
         ("push.stages=[1]", "push.stages"),
         ("push.bake_s=200", "push.bake_deadline_s must be at least push.bake_s"),
         ("push.model_base_path=s3:///models", "push.model_base_path: Value error, s3:///models"),
+        ("export.base_path=s3://", "export.base_path: Value error, s3://: no bucket"),
         ("train.epochs.deep=1", "train.epochs"),
         ("noequals", "noequals"),
         ("data.drift=ignore", "data.drift"),

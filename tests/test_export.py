@@ -23,7 +23,7 @@ from tasks.config import ExportConfig, ModelConfig
 from tasks.export import (
     TUTORIAL_SIGNATURE,
     ExportResult,
-    claim_next_version,
+    claim_in_directory,
     export,
     image_example,
     next_version,
@@ -47,42 +47,47 @@ def _leftovers(model_dir: Path) -> list[str]:
 # --- version numbers ---------------------------------------------------------------------------
 
 
+def _stores(tmp_path: Path) -> tuple[LocalStore, LocalStore]:
+    return LocalStore(tmp_path / "exports", "mnist"), LocalStore(tmp_path / "serving", "mnist")
+
+
 def test_next_version_of_nothing_is_1(tmp_path: Path) -> None:
-    assert next_version(tmp_path / "exports" / "mnist", tmp_path / "serving" / "mnist") == 1
-    (tmp_path / "exports" / "mnist").mkdir(parents=True)
-    assert next_version(tmp_path / "exports" / "mnist", tmp_path / "serving" / "mnist") == 1
+    exports, serving = _stores(tmp_path)
+    assert next_version(exports, serving) == 1
+    exports.root.mkdir(parents=True)
+    assert next_version(exports, serving) == 1
 
 
 def test_next_version_is_above_both_stores(tmp_path: Path) -> None:
-    exports, serving = tmp_path / "exports" / "mnist", tmp_path / "serving" / "mnist"
-    _version_dirs(exports, ["1", "3"])
-    _version_dirs(serving, ["2", "7"])
+    exports, serving = _stores(tmp_path)
+    _version_dirs(exports.root, ["1", "3"])
+    _version_dirs(serving.root, ["2", "7"])
     assert next_version(exports, serving) == 8
     assert next_version(serving, exports) == 8
 
 
 def test_next_version_ignores_what_is_not_a_version(tmp_path: Path) -> None:
-    exports, serving = tmp_path / "exports" / "mnist", tmp_path / "serving" / "mnist"
-    _version_dirs(exports, ["2", "latest", "v9", ".tmp-0123", ".12", "0", "-4", "1.5"])
-    serving.mkdir(parents=True)
-    (serving / "40").write_text("a file, not a version directory")
+    exports, serving = _stores(tmp_path)
+    _version_dirs(exports.root, ["2", "latest", "v9", ".tmp-0123", ".12", "0", "-4", "1.5"])
+    serving.root.mkdir(parents=True)
+    (serving.root / "40").write_text("a file, not a version directory")
     assert next_version(exports, serving) == 3
 
 
 def test_claim_retries_when_the_version_was_taken(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    exports, serving = tmp_path / "exports" / "mnist", tmp_path / "serving" / "mnist"
-    _version_dirs(exports, ["1", "2", "3"])
-    staging = exports / ".tmp-a"
-    _version_dirs(exports, [staging.name])
+    exports, serving = _stores(tmp_path)
+    _version_dirs(exports.root, ["1", "2", "3"])
+    staging = exports.root / ".tmp-a"
+    _version_dirs(exports.root, [staging.name])
     # A scan that is always stale: as if other exports took each version between scan and rename.
-    monkeypatch.setattr(export_module, "next_version", lambda *dirs: 1)
-    version, path = claim_next_version(staging, exports, LocalStore(serving.parent, "mnist"))
-    assert (version, path) == (4, exports / "4")
+    monkeypatch.setattr(export_module, "next_version", lambda *stores: 1)
+    version, path = claim_in_directory(staging, exports, serving)
+    assert (version, path) == (4, exports.root / "4")
     assert (path / "saved_model.pb").read_bytes() == b"x"
     assert not staging.exists()
-    assert all((exports / name / "saved_model.pb").exists() for name in ("1", "2", "3"))
+    assert all((exports.root / name / "saved_model.pb").exists() for name in ("1", "2", "3"))
 
 
 def test_concurrent_claims_get_distinct_versions(tmp_path: Path) -> None:
@@ -97,8 +102,8 @@ def test_concurrent_claims_get_distinct_versions(tmp_path: Path) -> None:
 
     def run(staging: Path) -> None:
         start.wait()
-        store = LocalStore(serving.parent, "mnist")
-        results[staging.name] = claim_next_version(staging, exports, store)[0]
+        stores = LocalStore(exports.parent, "mnist"), LocalStore(serving.parent, "mnist")
+        results[staging.name] = claim_in_directory(staging, *stores)[0]
 
     threads = [threading.Thread(target=run, args=(staging,)) for staging in stagings]
     for thread in threads:
@@ -263,28 +268,36 @@ def test_warmup_requests(exported: ExportResult, images: np.ndarray) -> None:
     )
 
 
-def test_concurrent_exports_get_distinct_versions(
-    model: keras.Model, images: np.ndarray, tmp_path: Path
-) -> None:
-    cfg = ExportConfig(base_path=tmp_path / "exports", model_name="mnist", warmup_requests=1)
-    _version_dirs(tmp_path / "serving" / "mnist", ["2"])
-    start = threading.Barrier(2)
+def exports_at_once(
+    count: int, model: keras.Model, cfg: ExportConfig, serving: str | Path, images: np.ndarray
+) -> list[ExportResult]:
+    """``count`` exports started together on threads; their results, once all succeeded."""
+    start = threading.Barrier(count)
     results: list[ExportResult] = []
     errors: list[BaseException] = []
 
     def run() -> None:
         start.wait()
         try:
-            results.append(export.fn(model, cfg, tmp_path / "serving", images[:1]))
+            results.append(export.fn(model, cfg, serving, images))
         except BaseException as exc:  # surfaced by the assertion below
             errors.append(exc)
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
+    threads = [threading.Thread(target=run) for _ in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert errors == []
+    return results
+
+
+def test_concurrent_exports_get_distinct_versions(
+    model: keras.Model, images: np.ndarray, tmp_path: Path
+) -> None:
+    cfg = ExportConfig(base_path=tmp_path / "exports", model_name="mnist", warmup_requests=1)
+    _version_dirs(tmp_path / "serving" / "mnist", ["2"])
+    results = exports_at_once(2, model, cfg, tmp_path / "serving", images[:1])
     assert sorted(result.version for result in results) == [3, 4]
     assert all((result.path / "saved_model.pb").is_file() for result in results)
     assert _leftovers(tmp_path / "exports" / "mnist") == []

@@ -3,24 +3,32 @@ polling ``s3://`` and push publishing there."""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
+import tasks.export as export_module
 from serving import object_store
 from serving.object_store import S3Url
-from tasks.config import PushConfig
-from tasks.export import ExportResult
+from tasks.config import ExportConfig, ModelConfig, PushConfig
+from tasks.export import ExportResult, export
 from tasks.model_store import S3Store
 from tasks.push import PushError, push
+from tasks.train import build_model
 from tests import saved_models
 from tests.processes import s3_server
 from tests.saved_models import expected_scores, make_template
 from tests.servers import AVAILABLE, END, Server, images
+from tests.test_export import exports_at_once
 from tests.test_push import verdict
 
 pytestmark = pytest.mark.slow
@@ -153,3 +161,85 @@ def test_push_rolls_out_into_an_s3_store_and_withdraws_a_bad_version(s3, tmp_pat
         assert store.versions() == {1, 2}
         server.wait_for(lambda s: s.get(3, (0,))[0] in (END, 0), "version 3 gone")
         assert served_class(server) == 2
+
+
+# --- export into an s3:// base --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(3)
+    return build_model(ModelConfig(kind="mlp", hidden_units=8))
+
+
+@pytest.fixture
+def local_tmp(tmp_path, monkeypatch):
+    """Exports keep their local copies under this test's directory, not the host's $TMPDIR."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def relative_files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_claim_is_taken_once(s3):
+    store = S3Store(f"s3://{BUCKET}/claims", "mnist")
+    assert store.claim(5) and not store.claim(5)
+    assert store.versions() == {5} and not store.has_complete(5)
+    assert object_store.list_versions(store.root) == {}  # a claim is not a version to a server
+
+
+def test_concurrent_exports_into_s3_get_distinct_complete_versions(
+    s3, model, local_tmp, monkeypatch
+):
+    """Two exports at once, both scanning a stale "next is 3" where 3 is claimed (an export that
+    died): each claim of 3 is refused, and one of them also loses 4 to the other."""
+    exports = S3Store(f"s3://{BUCKET}/race", "mnist")
+    serving = local_tmp / "serving"
+    assert exports.claim(3)
+    monkeypatch.setattr(export_module, "next_version", lambda *stores: 3)
+    cfg = ExportConfig(base_path=f"s3://{BUCKET}/race", warmup_requests=1)
+    results = exports_at_once(2, model, cfg, serving, images(2))
+    assert sorted(r.version for r in results) == [4, 5]
+    assert sorted(object_store.list_versions(exports.root)) == [4, 5]
+    for result in results:
+        version = exports.root.child(str(result.version))
+        uploaded = {key.removeprefix(version.key("")) for key in keys(version)}
+        assert uploaded == relative_files(result.path) | {".claim"}
+        assert {"saved_model.pb", "variables/variables.index"} <= uploaded
+        assert result.path.parent == exports.local_dir() and result.path.name == str(result.version)
+        scores = tf.saved_model.load(str(result.path)).signatures["serving_default"](
+            images=tf.constant(images(2))
+        )["scores"]
+        np.testing.assert_allclose(scores.numpy(), model.predict(images(2), verbose=0), atol=1e-6)
+    assert sorted(p.name for p in exports.local_dir().iterdir()) == ["4", "5"]  # no staging left
+
+
+def test_a_failed_upload_leaves_its_claim_and_no_version(s3, model, local_tmp):
+    exports = S3Store(f"s3://{BUCKET}/broken", "mnist")
+    cfg = ExportConfig(base_path=f"s3://{BUCKET}/broken", warmup_requests=1)
+
+    def network_down(params, **_):
+        if params["Key"].endswith("saved_model.pb"):
+            raise ConnectionError("network down")
+
+    s3_client = object_store.client()
+    s3_client.meta.events.register("before-parameter-build.s3.PutObject", network_down)
+    try:
+        with pytest.raises(ConnectionError, match="network down"):
+            export.fn(model, cfg, local_tmp / "serving", images(1))
+    finally:
+        s3_client.meta.events.unregister("before-parameter-build.s3.PutObject", network_down)
+    assert keys(exports.root) == [exports.root.child("1").key(".claim")]
+    claim = object_store.client().get_object(Bucket=BUCKET, Key=keys(exports.root)[0])
+    assert json.loads(claim["Body"].read())["pid"] == os.getpid()
+    assert list(exports.local_dir().iterdir()) == []  # no local copy, no staging left
+    # Version 1 is never given again; a local copy of an earlier store's 2 is replaced.
+    stale = exports.local_dir() / "2"
+    stale.mkdir()
+    (stale / "stale").write_text("from a bucket emptied since")
+    result = export.fn(model, cfg, local_tmp / "serving", images(1))
+    assert (result.version, result.path) == (2, stale)
+    assert "stale" not in relative_files(stale) and (stale / "saved_model.pb").is_file()
+    assert list(object_store.list_versions(exports.root)) == [2]

@@ -1,8 +1,10 @@
 """The team profile: a whole flow run with MLflow's tracking server on PostgreSQL (Debian's
-``postgresql``), its artifacts and the serving model store on S3 (moto's server), our model
-server polling ``s3://``; all real processes on loopback."""
+``postgresql``), its artifacts, the exports and the serving model store on S3 (moto's server),
+our model server polling ``s3://``; all real processes on loopback."""
 
 from __future__ import annotations
+
+import tempfile
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from serving.api_client import ModelServer
 from serving.mnist import load_test
 from serving.object_store import S3Url
 from tasks.config import REPO_ROOT
+from tasks.model_store import S3Store
 from tests.processes import mlflow_server, model_server, postgres_server, s3_server
 
 pytestmark = pytest.mark.slow
@@ -28,18 +31,20 @@ def keys(bucket: str, prefix: str) -> list[str]:
     return [o["Key"] for p in pages.paginate(Bucket=bucket, Prefix=prefix) for o in p["Contents"]]
 
 
-def test_a_flow_run_records_in_postgres_and_s3_and_pushes_into_an_s3_store(tmp_path):
+def test_a_flow_run_records_in_postgres_and_s3_and_pushes_into_an_s3_store(tmp_path, monkeypatch):
     with s3_server(tmp_path) as s3, postgres_server(tmp_path) as database:
-        for bucket in ("models", "mlflow"):
+        for bucket in ("models", "mlflow", "exports"):
             object_store.client().create_bucket(Bucket=bucket)
         with (
             mlflow_server(tmp_path, database, "s3://mlflow/artifacts") as tracking_uri,
             prefect_test_harness(server_startup_timeout=180),
             model_server(f"s3://models/{MODEL}", MODEL, tmp_path / "server.log") as server,
         ):
+            # The exports' local copies (set now: PostgreSQL's user cannot enter tmp_path).
+            monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
             outcome = train_and_serve(
                 overrides=[
-                    f"export.base_path={tmp_path / 'exports'}",
+                    "export.base_path=s3://exports/team",
                     "push.model_base_path=s3://models",
                     f'push.replicas=[{{name: local, grpc: "{server.grpc_address}"}}]',
                     f"mlflow.tracking_uri={tracking_uri}",
@@ -53,6 +58,12 @@ def test_a_flow_run_records_in_postgres_and_s3_and_pushes_into_an_s3_store(tmp_p
                 assert client.serving_version() == 1
                 assert np.argmax(client.predict_scores(images), axis=1).shape == (5,)
             assert list(object_store.list_versions(S3Url("models", MODEL))) == [1]
+            exported = keys("exports", f"team/{MODEL}/1/")
+            assert {"saved_model.pb", "variables/variables.index", ".claim"} <= {
+                key.removeprefix(f"team/{MODEL}/1/") for key in exported
+            }
+            local = S3Store("s3://exports/team", MODEL).local_dir() / "1"
+            assert local.is_relative_to(tmp_path) and (local / "saved_model.pb").is_file()
 
             tracking = MlflowClient(tracking_uri)
             experiment = tracking.get_experiment_by_name("train-and-serve")
