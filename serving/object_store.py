@@ -81,28 +81,42 @@ def client() -> Any:
         return _clients[key]
 
 
-def list_versions(base: S3Url) -> dict[int, RemoteVersion]:
-    """The complete versions under ``base``. Errors (no bucket, no endpoint) propagate: a store
-    that cannot be read is not a store without versions."""
-    s3, found = client(), {}
+def version_prefixes(base: S3Url) -> list[tuple[int, S3Url]]:
+    """Every version prefix under ``base`` (``<n>/``, ``n`` a version directory name), complete or
+    not, in the store's order (by name). Errors propagate."""
+    s3, found = client(), []
     pages = s3.get_paginator("list_objects_v2").paginate(
         Bucket=base.bucket, Prefix=base.key(""), Delimiter="/"
     )
     for page in pages:
         for common in page.get("CommonPrefixes", []):
             name = common["Prefix"].rstrip("/").rsplit("/", 1)[-1]
-            version = version_of_dir(name)
-            if version is None:
-                continue
-            marker = base.child(name).key(SAVED_MODEL_FILE)
-            try:
-                head = s3.head_object(Bucket=base.bucket, Key=marker)
-            except s3.exceptions.ClientError as error:
-                if error.response["Error"]["Code"] in ("404", "NoSuchKey"):
-                    continue  # still uploading, or being withdrawn
-                raise
-            if version not in found or name < found[version].url.prefix.rsplit("/", 1)[-1]:
-                found[version] = RemoteVersion(version, base.child(name), head["ETag"].strip('"'))
+            if (version := version_of_dir(name)) is not None:
+                found.append((version, base.child(name)))
+    return found
+
+
+def saved_model_etag(url: S3Url) -> str | None:
+    """The ETag of the version prefix ``url``'s ``saved_model.pb``; None when there is none
+    (still uploading, or being withdrawn)."""
+    s3 = client()
+    try:
+        head = s3.head_object(Bucket=url.bucket, Key=url.key(SAVED_MODEL_FILE))
+    except s3.exceptions.ClientError as error:
+        if error.response["Error"]["Code"] in ("404", "NoSuchKey"):
+            return None
+        raise
+    return head["ETag"].strip('"')
+
+
+def list_versions(base: S3Url) -> dict[int, RemoteVersion]:
+    """The complete versions under ``base``; of two complete names for one number (``1``,
+    ``01``) the first by name. Errors (no bucket, no endpoint) propagate: a store that cannot be
+    read is not a store without versions."""
+    found: dict[int, RemoteVersion] = {}
+    for version, url in version_prefixes(base):
+        if version not in found and (etag := saved_model_etag(url)) is not None:
+            found[version] = RemoteVersion(version, url, etag)
     return found
 
 

@@ -103,20 +103,12 @@ class S3Store:
         return str(self.root)
 
     def versions(self) -> set[int]:
-        """Every version prefix the store holds, complete or not."""
-        s3, found = object_store.client(), set()
-        pages = s3.get_paginator("list_objects_v2").paginate(
-            Bucket=self.root.bucket, Prefix=self.root.key(""), Delimiter="/"
-        )
-        for page in pages:
-            for common in page.get("CommonPrefixes", []):
-                version = version_of_dir(common["Prefix"].rstrip("/").rsplit("/", 1)[-1])
-                if version is not None:
-                    found.add(version)
-        return found
+        """Every version prefix the store holds, complete or not (a claimed one counts)."""
+        return {version for version, _ in object_store.version_prefixes(self.root)}
 
     def has_complete(self, version: int) -> bool:
-        return version in object_store.list_versions(self.root)
+        """Whether ``<n>/saved_model.pb`` is there (the name push writes): one HEAD request."""
+        return object_store.saved_model_etag(self.root.child(str(version))) is not None
 
     def lock_path(self) -> Path:
         """A bucket has no lock of its own: rollouts from this host take turns on a local file."""

@@ -97,6 +97,17 @@ def test_listing_skips_versions_without_saved_model_pb(s3, templates):
     )
     object_store.client().put_object(Bucket=BUCKET, Key=base.key("notaversion/x"), Body=b"")
     assert list(object_store.list_versions(base)) == [1]
+    # Two names for version 3, the first by name incomplete: the complete one is version 3.
+    object_store.client().put_object(Bucket=BUCKET, Key=base.child("003").key("x"), Body=b"")
+    object_store.upload_version(templates[7], base.child("03"))
+    assert {v: r.url.prefix for v, r in object_store.list_versions(base).items()} == {
+        1: base.child("1").prefix,
+        3: base.child("03").prefix,
+    }
+    store = S3Store(f"s3://{BUCKET}/partial", "mnist")
+    assert store.versions() == {1, 2, 3}
+    # has_complete asks of the name push writes, 3, as in a directory store
+    assert [store.has_complete(v) for v in (1, 2, 3)] == [True, False, False]
 
 
 def test_server_serves_swaps_and_withdraws_versions_from_s3(s3, templates, tmp_path):
