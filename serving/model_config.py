@@ -121,7 +121,9 @@ def _policy(name: str, entry: model_server_config_pb2.ModelConfig) -> VersionPol
 class ModelConfigController:
     """Owns the sources of the configured models and applies new model lists to the manager.
 
-    Thread-safe: reloads (RPC, file poll) and filesystem polls are serialised by one lock.
+    Thread-safe: reloads (RPC, file poll) and the model list are serialised by one lock. A
+    source's polls run outside it, one at a time under the source's own lock: polling an
+    ``s3://`` base path downloads versions, which must not hold up a reload.
     """
 
     def __init__(
@@ -150,7 +152,8 @@ class ModelConfigController:
         version loaded at startup. FAILED_PRECONDITION when one does not; the server exits then.
         """
         with self._lock:
-            self._apply(configs, with_labels=False)
+            added = self._apply(configs, with_labels=False)
+        self._poll(added)
         self._manager.wait_until_idle()
         with self._lock:
             self._check_labels(configs)
@@ -171,7 +174,8 @@ class ModelConfigController:
             return
         with self._lock:
             self._check_labels(configs)
-            self._apply(configs, with_labels=True)
+            added = self._apply(configs, with_labels=True)
+        self._poll(added)
         if not self._manager.wait_until_idle(timeout_s):
             raise ServingError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -183,13 +187,25 @@ class ModelConfigController:
     def poll_sources(self) -> None:
         """One filesystem poll of every configured model (``--file_system_poll_wait_seconds``)."""
         with self._lock:
-            for name, source in self._sources.items():
-                self._manager.set_aspired_versions(name, source.poll())
+            sources = dict(self._sources)
+        self._poll(sources)
+
+    def _poll(self, sources: dict[str, StoragePathSource]) -> None:
+        """Poll ``sources`` and give the manager their aspired versions, but not a source that a
+        reload replaced or removed meanwhile."""
+        for name, source in sources.items():
+            with source.polling:  # taken before _lock: its answer is given before its next poll
+                aspired = source.poll()
+                with self._lock:
+                    if self._sources.get(name) is source:
+                        self._manager.set_aspired_versions(name, aspired)
 
     # -- internals (callers hold _lock) --------------------------------------------------------
 
-    def _apply(self, configs: list[ModelConfig], with_labels: bool) -> None:
-        new = {c.name: c for c in configs}
+    def _apply(self, configs: list[ModelConfig], with_labels: bool) -> dict[str, StoragePathSource]:
+        """Make the model list ``configs``; returns the new sources, for the caller to poll
+        (unless the filesystem is never polled) once it has released _lock."""
+        new, added = {c.name: c for c in configs}, {}
         for name in [n for n in self._sources if n not in new]:
             del self._sources[name]
             self._configs.pop(name, None)
@@ -214,7 +230,8 @@ class ModelConfigController:
                 self._manager.set_labels(config.name, config.labels)
                 self._configs[config.name] = config
             if self._poll_filesystem:
-                self._manager.set_aspired_versions(config.name, source.poll())
+                added[config.name] = source
+        return added
 
     def _check_labels(self, configs: list[ModelConfig]) -> None:
         """FAILED_PRECONDITION unless every label points at an AVAILABLE version.

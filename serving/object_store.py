@@ -156,7 +156,11 @@ class VersionCache:
         staging = target.with_name(f".download-{target.name}-{uuid.uuid4().hex}")
         try:
             download(remote.url, staging)
-            staging.rename(target)
+            try:
+                staging.rename(target)
+            except OSError:
+                if not target.is_dir():
+                    raise  # else another model with this base path fetched it meanwhile
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target

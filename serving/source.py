@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -114,6 +115,7 @@ class StoragePathSource:
         self._polled = False
         self._cache = cache
         self._aspired: dict[int, VersionDir] = {}
+        self.polling = threading.Lock()  # held by whoever calls poll(): one poll at a time
 
     def poll(self) -> dict[int, VersionDir]:
         """One poll of the store; returns the aspired versions."""

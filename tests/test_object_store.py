@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -18,7 +19,10 @@ import tensorflow as tf
 
 import tasks.export as export_module
 from serving import object_store
+from serving.manager import Manager
+from serving.model_config import ModelConfigController, ModelServerConfig, single_model
 from serving.object_store import S3Url
+from serving.types import State
 from tasks.config import ExportConfig, ModelConfig, PushConfig
 from tasks.export import ExportResult, export
 from tasks.model_store import S3Store
@@ -30,6 +34,7 @@ from tests.saved_models import expected_scores, make_template
 from tests.servers import AVAILABLE, END, Server, images
 from tests.test_export import exports_at_once
 from tests.test_push import verdict
+from tests.test_serving_units import OneWorkerInProcess
 
 pytestmark = pytest.mark.slow
 
@@ -254,3 +259,51 @@ def test_a_failed_upload_leaves_its_claim_and_no_version(s3, model, local_tmp):
     assert (result.version, result.path) == (2, stale)
     assert "stale" not in relative_files(stale) and (stale / "saved_model.pb").is_file()
     assert list(object_store.list_versions(exports.root)) == [2]
+
+
+# --- a slow download under a server's controller ---------------------------------------------
+
+
+def model_list(**base_paths: str) -> ModelServerConfig:
+    config = ModelServerConfig()
+    for name, base_path in base_paths.items():
+        config.model_config_list.config.add(name=name, base_path=base_path)
+    return config
+
+
+def test_a_slow_download_holds_up_no_reload(s3, templates, tmp_path, monkeypatch):
+    """A poll of an s3:// model stuck downloading its new version: a reload that adds a model
+    applies and loads it meanwhile; the download then ends and its version loads too."""
+    base = S3Url.parse(f"s3://{BUCKET}/slow/mnist")
+    object_store.upload_version(templates[3], base.child("1"))
+    manager = Manager(OneWorkerInProcess().load, enable_warmup=False)
+    controller = ModelConfigController(manager)
+    downloading, release = threading.Event(), threading.Event()
+    manager.start()
+    try:
+        controller.start(single_model("remote", str(base)))
+        object_store.upload_version(templates[7], base.child("2"))
+        download = object_store.download
+
+        def slow(url: S3Url, into: Path) -> None:
+            downloading.set()
+            assert release.wait(60)
+            download(url, into)
+
+        monkeypatch.setattr(object_store, "download", slow)
+        poll = threading.Thread(target=controller.poll_sources)
+        poll.start()
+        assert downloading.wait(30)
+        saved_models.copy_version(templates[3], tmp_path / "local", 1)
+        reload = model_list(remote=str(base), local=str(tmp_path / "local"))
+        controller.reload(reload, timeout_s=60)  # before the change: stuck behind the poll
+        assert not release.is_set() and poll.is_alive()
+        assert [s.state for s in manager.statuses("local")] == [State.AVAILABLE]
+        release.set()
+        poll.join(60)
+        assert manager.wait_until_idle(60)
+        assert {s.version: s.state for s in manager.statuses("remote")}[2] == State.AVAILABLE
+    finally:
+        release.set()
+        manager.stop()
+        controller.close()
