@@ -125,7 +125,8 @@ class S3Store:
     def claim(self, version: int) -> bool:
         """Take version number ``version`` for an export, atomically; False when it was taken.
         The claim says who took it (host, pid, time), for whoever finds one never completed."""
-        owner = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "time": when}
         url = self.root.child(str(version))
         return object_store.create_if_absent(url, CLAIM, json.dumps(owner).encode())
 
