@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 from uuid import UUID
 
+from flows.local_stack import DURABLE_LEASES
 from tasks.config import REPO_ROOT
 from tasks.processes import stop_group
 from tests.processes import BIN, free_port, wait_for_http
@@ -350,6 +351,7 @@ def server_env(root: Path, port: int) -> dict[str, str]:
         "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_ENABLED": "false",  # nothing to build or serve: starts faster
+        **DURABLE_LEASES,  # as make run's server: a restart keeps the runs' concurrency leases
         # Received events are stored this often (Prefect's default is every 5 s), for events().
         "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": str(EVENT_FLUSH_S),
         "TF_CPP_MIN_LOG_LEVEL": "2",  # deploys and flow runs import TensorFlow
