@@ -20,27 +20,17 @@ import signal
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks.config import CONCURRENCY_LIMIT
 from tasks.model_store import LocalStore
-from tests.prefect_stack import WORK_POOL, prefect_server
-from tests.processes import mlflow_server, model_server
-from tests.test_new_data import MODEL, Stack, wait_until
+from tests.prefect_stack import WORK_POOL
+from tests.test_new_data import MODEL, Stack, pipeline_stack, wait_until
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Stack:
-    root = tmp_path_factory.mktemp("prefect-restarts")
-    with (
-        mlflow_server(root) as tracking_uri,
-        model_server(root / "models" / MODEL, MODEL, root / "model-server.log") as server,
-        prefect_server(root) as prefect,
-    ):
-        prefect.create_work_pool(WORK_POOL)
-        prefect.create_concurrency_limit(CONCURRENCY_LIMIT, 1)
-        stack = Stack(root, prefect, tracking_uri, server)
-        prefect.deploy("on-demand", {"overrides": stack.overrides(), "force": True})
+    with pipeline_stack(tmp_path_factory.mktemp("prefect-restarts")) as stack:
+        stack.prefect.deploy("on-demand", {"overrides": stack.overrides(), "force": True})
         yield stack
 
 
