@@ -65,12 +65,20 @@ SERVING_PORT = int(os.environ.get("LOCAL_STACK_SERVING_PORT", "8500"))  # REST: 
 BIN = Path(sys.executable).parent
 WORK_POOL = "train-and-serve"
 PREFECT_API = f"http://127.0.0.1:{PREFECT_PORT}/api"
+# Concurrency-limit leases on disk (under PREFECT_HOME), not in the server's memory: a server
+# restarted mid-run would otherwise forget the run's lease, and its slot would stay taken forever.
+DURABLE_LEASES = {
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
+        "prefect.server.concurrency.lease_storage.filesystem"
+    )
+}
 PREFECT_ENV = {
     "PREFECT_HOME": str(STACK / "prefect"),
     "PREFECT_API_URL": PREFECT_API,
     "PREFECT_SERVER_API_HOST": "127.0.0.1",
     "PREFECT_SERVER_API_PORT": str(PREFECT_PORT),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    **DURABLE_LEASES,
 }
 
 CHECK_S = 1.0  # how often the supervisor looks

@@ -12,10 +12,13 @@ subprocesses on 127.0.0.1, set up the way ``make run`` sets up the local one
 - ``create_work_pool(name)``, ``create_concurrency_limit(name, limit)`` (global), and
   ``deploy(name, params)``: ``prefect --no-prompt deploy`` of the real ``prefect.yaml``, so
   its triggers become automations exactly as ``make run`` creates them;
-- ``worker(pool)``: a process worker polling every ``WORKER_QUERY_S`` s, until the ``with`` ends;
+- ``worker(pool)``: a process worker polling every ``WORKER_QUERY_S`` s, until the ``with`` ends
+  (a ``Worker``: its name, log and process);
 - ``flow_runs(deployment)``, ``wait_for_flow_runs(deployment, count)``,
-  ``wait_for_flow_run(flow_run_id)``, ``run_deployment(deployment)``, ``automations(deployment)``,
+  ``wait_for_flow_run(flow_run_id)``, ``flow_run_logs(flow_run_id)``,
+  ``task_run_states(flow_run_id)``, ``run_deployment(deployment)``, ``automations(deployment)``,
   ``delete_flow_runs(deployment)``: the API, through ``prefect.client.orchestration.get_client``;
+- ``restart(down_s)``: the server stopped (SIGTERM) and started again on its port and database;
 - ``emit_data_landed(digest, name, rows)``: ``tasks.events.emit_data_landed`` in a subprocess with
   ``env``, i.e. what ``python -m tasks.data add`` does: the process exits right after the event;
   ``events(name)``, ``wait_for_events(name, count)``: the events the server has stored.
@@ -39,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 from uuid import UUID
 
+from flows.local_stack import DURABLE_LEASES
 from tasks.config import REPO_ROOT
 from tasks.processes import stop_group
 from tests.processes import BIN, free_port, wait_for_http
@@ -59,14 +63,21 @@ STOP_GRACE_S = 10.0
 EVENT_FLUSH_S = 0.5
 
 
+@dataclass(frozen=True)
+class Worker:
+    name: str
+    log: Path
+    process: subprocess.Popen  # the leader of its process group
+
+
 class PrefectCLIError(RuntimeError):
     """A ``prefect`` command failed; the message has its command line, status and output."""
 
 
-@contextmanager
-def _group(command: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+def _spawn(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """``command`` from the repository root, in a session (process group) of its own."""
     with log.open("ab") as out:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             command,
             cwd=REPO_ROOT,
             env={**os.environ, **env},
@@ -75,6 +86,11 @@ def _group(command: list[str], log: Path, env: dict[str, str]) -> Iterator[subpr
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+
+
+@contextmanager
+def _group(command: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    process = _spawn(command, log, env)
     try:
         yield process
     finally:
@@ -100,6 +116,17 @@ class PrefectServer:
     def log_tail(self, chars: int = 3000) -> str:
         """The end of the server's log: where a failed automation action says why."""
         return _tail(self.log, chars)
+
+    def restart(self, down_s: float = 0.0, timeout_s: float = SERVER_START_TIMEOUT_S) -> float:
+        """Stop the server as a service manager does (SIGTERM to its group, SIGKILL after
+        ``STOP_GRACE_S``), leave it down ``down_s`` more seconds, start it again on the same
+        port with the same PREFECT_HOME (its SQLite database); returns once ``/api/health``
+        answers, with the seconds the API did not answer."""
+        stopped = time.monotonic()
+        stop_group(self.process, STOP_GRACE_S)
+        time.sleep(down_s)
+        self.process = _start_server(self.env, self.log, timeout_s)
+        return time.monotonic() - stopped
 
     # --- the CLI -------------------------------------------------------------------------------
 
@@ -144,11 +171,12 @@ class PrefectServer:
     # --- a worker ------------------------------------------------------------------------------
 
     @contextmanager
-    def worker(self, pool: str = WORK_POOL, timeout_s: float = 60.0) -> Iterator[Path]:
+    def worker(self, pool: str = WORK_POOL, timeout_s: float = 60.0) -> Iterator[Worker]:
         """``prefect worker start --pool pool --type process``, polling every ``WORKER_QUERY_S``
-        s; yields its log once the API lists it in the pool, stops it (and the flow runs it
-        started) when the ``with`` ends. Its flow runs inherit ``env`` and run from the directory
-        the deployment was deployed from (the repository root: no pull step)."""
+        s; yields it once the API lists it in the pool, stops its process group when the
+        ``with`` ends. Its flow runs inherit ``env`` and run from the directory the deployment
+        was deployed from (the repository root: no pull step), each in a session of its own
+        (Prefect's choice): stopping the worker's group does not reach them."""
         self._workers += 1
         name = f"test-worker-{self._workers}"
         log = self.root / f"prefect-{name}.log"
@@ -162,7 +190,7 @@ class PrefectServer:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"worker not in pool {pool} in {timeout_s} s:\n{_tail(log)}")
                 time.sleep(0.3)
-            yield log
+            yield Worker(name, log, process)
 
     def _worker_registered(self, pool: str, name: str) -> bool:
         from prefect.exceptions import ObjectNotFound
@@ -238,6 +266,26 @@ class PrefectServer:
                 raise TimeoutError(f"flow run {run.name} still {state} after {timeout_s} s")
             time.sleep(poll_s)
 
+    def flow_run_logs(self, flow_run_id: UUID) -> str:
+        """The flow run's log as the API has it, one line per record, oldest first: where its
+        output is (the deployments do not stream it to the worker: ``prefect.yaml``)."""
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+        from prefect.client.schemas.sorting import LogSort
+
+        only_this_run = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        with self.client() as client:
+            logs = client.read_logs(log_filter=only_this_run, sort=LogSort.TIMESTAMP_ASC)
+        return "\n".join(f"{log.timestamp:%H:%M:%S} {log.name}: {log.message}" for log in logs)
+
+    def task_run_states(self, flow_run_id: UUID) -> dict[str, str]:
+        """The flow run's task runs, by name (``train-a1e``), and their state types."""
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        of_this_run = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        with self.client() as client:
+            runs = client.read_task_runs(flow_run_filter=of_this_run)
+        return {run.name: run.state.type.value for run in runs if run.state is not None}
+
     def run_deployment(self, deployment: str, parameters: dict[str, Any] | None = None) -> FlowRun:
         """A flow run of the deployment, scheduled now (``parameters`` merged into the
         deployment's), as ``prefect deployment run`` creates it."""
@@ -303,10 +351,27 @@ def server_env(root: Path, port: int) -> dict[str, str]:
         "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_ENABLED": "false",  # nothing to build or serve: starts faster
+        **DURABLE_LEASES,  # as make run's server: a restart keeps the runs' concurrency leases
         # Received events are stored this often (Prefect's default is every 5 s), for events().
         "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": str(EVENT_FLUSH_S),
         "TF_CPP_MIN_LOG_LEVEL": "2",  # deploys and flow runs import TensorFlow
     }
+
+
+def _server_command(env: dict[str, str]) -> list[str]:
+    host, port = env["PREFECT_SERVER_API_HOST"], env["PREFECT_SERVER_API_PORT"]
+    return [str(BIN / "prefect"), "server", "start", "--host", host, "--port", port]
+
+
+def _start_server(env: dict[str, str], log: Path, timeout_s: float) -> subprocess.Popen:
+    """``prefect server start`` in a session of its own, once ``/api/health`` answers."""
+    process = _spawn(_server_command(env), log, env)
+    try:
+        wait_for_http(f"{env['PREFECT_API_URL']}/health", process, log, timeout_s=timeout_s)
+    except BaseException:
+        stop_group(process, STOP_GRACE_S)
+        raise
+    return process
 
 
 @contextmanager
@@ -314,13 +379,15 @@ def prefect_server(
     root: Path, timeout_s: float = SERVER_START_TIMEOUT_S
 ) -> Iterator[PrefectServer]:
     """``prefect server start`` on a free port with its state under ``root``, once
-    ``/api/health`` answers; stopped (its process group) when the ``with`` ends."""
+    ``/api/health`` answers; stopped (its process group, whichever process ``restart`` left)
+    when the ``with`` ends."""
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = server_env(root, port)
+    env = server_env(root, free_port())
     log = root / "prefect-server.log"
-    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with _group(command, log, env) as process:
-        api_url = env["PREFECT_API_URL"]
-        wait_for_http(f"{api_url}/health", process, log, timeout_s=timeout_s)
-        yield PrefectServer(api_url, env, root, log, process)
+    server = PrefectServer(
+        env["PREFECT_API_URL"], env, root, log, _start_server(env, log, timeout_s)
+    )
+    try:
+        yield server
+    finally:
+        stop_group(server.process, STOP_GRACE_S)

@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,9 +70,10 @@ class Stack:
             return client.read_global_concurrency_limit_by_name(CONCURRENCY_LIMIT).active_slots
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Stack:
-    root = tmp_path_factory.mktemp("new-data")
+@contextmanager
+def pipeline_stack(root: Path) -> Iterator[Stack]:
+    """MLflow, our model server and a Prefect server with the work pool and the concurrency
+    limit ``make run`` creates; no deployment, no worker yet."""
     with (
         mlflow_server(root) as tracking_uri,
         model_server(root / "models" / MODEL, MODEL, root / "model-server.log") as server,
@@ -78,10 +81,15 @@ def stack(tmp_path_factory) -> Stack:
     ):
         prefect.create_work_pool(WORK_POOL)
         prefect.create_concurrency_limit(CONCURRENCY_LIMIT, 1)
-        stack = Stack(root, prefect, tracking_uri, server)
+        yield Stack(root, prefect, tracking_uri, server)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Stack:
+    with pipeline_stack(tmp_path_factory.mktemp("new-data")) as stack:
         for name in ("on-new-data", "on-demand"):
-            prefect.deploy(name, {"overrides": stack.overrides()})
-        with prefect.worker(WORK_POOL):
+            stack.prefect.deploy(name, {"overrides": stack.overrides()})
+        with stack.prefect.worker(WORK_POOL):
             yield stack
 
 

@@ -77,8 +77,9 @@ def test_data_landed_events_in_one_window_start_one_run(server: PrefectServer):
 
 def test_worker_runs_a_deployment(server: PrefectServer):
     server.deploy("on-demand", {"overrides": ["train.epochs=0"]})
-    with server.worker(WORK_POOL) as log:
+    with server.worker(WORK_POOL) as worker:
         scheduled = server.run_deployment("on-demand")
         run = server.wait_for_flow_run(scheduled.id, timeout_s=120)
-    assert run.state.is_failed(), (run.state, log.read_text()[-3000:])
-    assert "train.epochs" in log.read_text()  # the ConfigError, from this checkout's flow
+    output = server.flow_run_logs(run.id)
+    assert run.state.is_failed(), (run.state, output[-3000:], worker.log.read_text()[-3000:])
+    assert "train.epochs" in output  # the ConfigError, from this checkout's flow
