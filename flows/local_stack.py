@@ -72,6 +72,9 @@ DURABLE_LEASES = {
         "prefect.server.concurrency.lease_storage.filesystem"
     )
 }
+# Prefect's zombie-flow detection: a run whose process died without reporting is marked Crashed.
+AUTOMATIONS = REPO_ROOT / "deploy" / "prefect" / "automations.yaml"
+CRASH_SILENT_RUNS = "crash-silent-flow-runs"  # the automation in it
 PREFECT_ENV = {
     "PREFECT_HOME": str(STACK / "prefect"),
     "PREFECT_API_URL": PREFECT_API,
@@ -377,6 +380,11 @@ def up(replicas: int) -> None:
         f"concurrency limit {CONCURRENCY_LIMIT}",
         ["gcl", "inspect", CONCURRENCY_LIMIT],
         ["gcl", "create", CONCURRENCY_LIMIT, "--limit", "1"],
+    )
+    ensure(
+        f"automation {CRASH_SILENT_RUNS}",
+        ["automation", "inspect", CRASH_SILENT_RUNS],
+        ["automation", "create", "--from-file", str(AUTOMATIONS)],
     )
     deployed = prefect("--no-prompt", "deploy", "--all")
     if deployed.returncode != 0:

@@ -9,7 +9,8 @@ subprocesses on 127.0.0.1, set up the way ``make run`` sets up the local one
   an overlay on ``os.environ``), ``log`` and ``log_tail()`` (the server's log);
 - ``prefect(*args)``: the ``prefect`` CLI against it, from the repository root; a failure raises
   ``PrefectCLIError`` with its output;
-- ``create_work_pool(name)``, ``create_concurrency_limit(name, limit)`` (global), and
+- ``create_work_pool(name)``, ``create_concurrency_limit(name, limit)`` (global),
+  ``create_automations()`` (``deploy/prefect/automations.yaml``), and
   ``deploy(name, params)``: ``prefect --no-prompt deploy`` of the real ``prefect.yaml``, so
   its triggers become automations exactly as ``make run`` creates them;
 - ``worker(pool)``: a process worker polling every ``WORKER_QUERY_S`` s, until the ``with`` ends
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 from uuid import UUID
 
-from flows.local_stack import DURABLE_LEASES
+from flows.local_stack import AUTOMATIONS, DURABLE_LEASES
 from tasks.config import REPO_ROOT
 from tasks.processes import stop_group
 from tests.processes import BIN, free_port, wait_for_http
@@ -155,6 +156,10 @@ class PrefectServer:
     def create_concurrency_limit(self, name: str, limit: int) -> None:
         """A global concurrency limit (``prefect gcl create``), as ``make run`` creates it."""
         self.prefect("gcl", "create", name, "--limit", str(limit))
+
+    def create_automations(self) -> None:
+        """The automations of ``deploy/prefect/automations.yaml``, as ``make run`` creates them."""
+        self.prefect("automation", "create", "--from-file", str(AUTOMATIONS))
 
     def deploy(self, name: str, params: dict[str, Any] | None = None) -> Deployment:
         """``prefect --no-prompt deploy`` of the deployment ``name`` of the real ``prefect.yaml``

@@ -1,6 +1,7 @@
 """The local stack of ``make run`` (``flows/local_stack.py``), up for real in a directory of its
 own on free ports (``LOCAL_STACK_*``): its supervisor restarts a service killed with SIGKILL and
-one that hangs (SIGSTOP), ``status`` restarts one when the supervisor is dead too, and every
+one that hangs (SIGSTOP), ``up`` again creates nothing twice (the automation for silent
+runs among what it creates), ``status`` restarts one when the supervisor is dead too, and every
 socket its processes listen on is a loopback one. One ``up`` for the module: ~100 s on 2 busy
 cores (the Prefect server, the deployments' import of TensorFlow).
 """
@@ -23,7 +24,7 @@ from typing import Iterator
 import psutil
 import pytest
 
-from flows.local_stack import START_TIMEOUT_S
+from flows.local_stack import CRASH_SILENT_RUNS, START_TIMEOUT_S
 from tasks.config import REPO_ROOT
 from tasks.processes import free_port
 
@@ -125,6 +126,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
             env={**os.environ, **env},
             timeout=120,
         )
+
+
+def test_up_creates_the_automation_for_silent_runs_once(stack: LocalStack) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    stack.cli("up")  # a second ``make run``: nothing is created twice
+    api = f"http://127.0.0.1:{stack.ports['prefect']}/api"
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        found = client.read_automations_by_name(CRASH_SILENT_RUNS)
+    assert len(found) == 1, found
+    (automation,) = found
+    assert automation.enabled and automation.trigger.posture == "Proactive"
+    assert automation.actions[0].state == "CRASHED"
 
 
 def test_supervisor_restarts_a_killed_model_server(stack: LocalStack) -> None:

@@ -72,8 +72,8 @@ class Stack:
 
 @contextmanager
 def pipeline_stack(root: Path) -> Iterator[Stack]:
-    """MLflow, our model server and a Prefect server with the work pool and the concurrency
-    limit ``make run`` creates; no deployment, no worker yet."""
+    """MLflow, our model server and a Prefect server with the work pool, the concurrency limit
+    and the automations ``make run`` creates; no deployment, no worker yet."""
     with (
         mlflow_server(root) as tracking_uri,
         model_server(root / "models" / MODEL, MODEL, root / "model-server.log") as server,
@@ -81,6 +81,7 @@ def pipeline_stack(root: Path) -> Iterator[Stack]:
     ):
         prefect.create_work_pool(WORK_POOL)
         prefect.create_concurrency_limit(CONCURRENCY_LIMIT, 1)
+        prefect.create_automations()
         yield Stack(root, prefect, tracking_uri, server)
 
 
