@@ -53,7 +53,7 @@ from serving.model_format import (
 from tasks.config import ExportConfig
 from tasks.logs import logger as _logger
 from tasks.model_store import LocalStore, ModelStore, S3Store, model_store
-from tasks.staging import EXPORT, WITHDRAW, DiskFull, disk_full, staging_path, sweep
+from tasks.staging import EXPORT, DiskFull, discard, disk_full, staging_path, sweep
 
 CLASSIFY_SIGNATURE = "classify"
 TUTORIAL_SIGNATURE = "predict_images"
@@ -121,10 +121,7 @@ def claim_in_s3(staging: Path, exports: S3Store, serving_store: ModelStore) -> t
     version = claim_next_version(exports.claim, exports, serving_store)
     exports.upload(staging, version)
     local = staging.parent / str(version)
-    if local.exists():  # a copy of an earlier store's version n (a bucket emptied since)
-        trash = staging_path(local.parent, WITHDRAW, version)
-        local.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
+    discard(local, version)  # a copy of an earlier store's version n (a bucket emptied since)
     staging.rename(local)
     return version, local
 

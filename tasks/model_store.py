@@ -28,7 +28,7 @@ from pathlib import Path
 from serving import object_store
 from serving.model_format import SAVED_MODEL_FILE, version_of_dir
 from serving.object_store import S3Url
-from tasks.staging import PUBLISH, WITHDRAW, DiskFull, disk_full, staging_path, sweep
+from tasks.staging import PUBLISH, DiskFull, discard, disk_full, staging_path, sweep
 
 ROLLOUT_LOCK = ".rollout.lock"
 CLAIM = ".claim"  # <n>/.claim: export's claim of version n in an S3 store
@@ -79,11 +79,7 @@ class LocalStore:
             shutil.rmtree(staging, ignore_errors=True)  # only there when the copy or rename failed
 
     def withdraw(self, version: int) -> None:
-        target = self.root / str(version)
-        if target.exists():
-            trash = staging_path(self.root, WITHDRAW, version)
-            target.rename(trash)
-            shutil.rmtree(trash, ignore_errors=True)
+        discard(self.root / str(version), version)
 
 
 def _copy_or_disk_full(source: str, destination: str) -> None:

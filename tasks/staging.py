@@ -2,7 +2,7 @@
 left behind.
 
 Export writes a version under ``.tmp@<owner>``, publish copies one under ``.push-<v>@<owner>``,
-withdraw renames one away to ``.rollback-<v>@<owner>`` before deleting it (the model server and
+``discard`` renames one away to ``.rollback-<v>@<owner>`` before deleting it (the model server and
 ``next_version`` ignore every hidden name). ``<owner>`` is ``<host>:<pid>:<random>``: the process
 that works in it. A process killed with -9 leaves its directory; the next export or publish into
 the same directory calls ``sweep``, which removes a leftover when
@@ -44,6 +44,16 @@ def staging_path(directory: Path, kind: str, version: int | str | None = None) -
     label = "" if version is None else f"-{version}"
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
     return directory / f".{kind}{label}@{owner}"
+
+
+def discard(path: Path, version: int | str | None = None) -> None:
+    """Remove the directory ``path`` if it exists: renamed away to a hidden name first, so that
+    no reader sees a half-deleted version, and a kill mid-delete leaves a leftover ``sweep``
+    removes."""
+    if path.exists():
+        trash = staging_path(path.parent, WITHDRAW, version)
+        path.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _owner_is_gone(name: str) -> bool:
