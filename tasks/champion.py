@@ -28,8 +28,15 @@ from prefect.transactions import Transaction, get_transaction
 from serving.api_client import ModelServer
 from tasks.config import PipelineConfig, ReplicaConfig
 from tasks.logs import logger
-from tasks.model_store import ModelStore, model_store
-from tasks.push import PushError, describe, move_stable, rollout_lock, wait_until_serving
+from tasks.model_store import ModelStore
+from tasks.push import (
+    PushError,
+    describe,
+    move_stable,
+    rollout_lock,
+    stores_of,
+    wait_until_serving,
+)
 from tasks.tracking import (
     CHAMPION,
     PREVIOUS_CHAMPION,
@@ -103,8 +110,7 @@ def roll_back_champion(cfg: PipelineConfig, to: str = PREVIOUS_CHAMPION) -> str:
     if before[to] is None:
         raise PushError(f"{model_name} has no {to} alias: nothing to roll back to")
     target = export_version(client, model_name, before[to])
-    bases = {replica.model_base_path for replica in cfg.push.replicas}
-    stores = [model_store(base, model_name) for base in bases]
+    stores = stores_of(cfg.push.replicas, model_name)
     with rollout_lock(stores, cfg.push.timeout_s):
         return_replicas_to(cfg, stores, target)
     if to == PREVIOUS_CHAMPION:

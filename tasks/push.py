@@ -176,9 +176,10 @@ def rollout_lock(stores: list[ModelStore], timeout_s: float) -> Iterator[None]:
         yield
 
 
-def stores_of(export: ExportResult, cfg: PushConfig) -> list[ModelStore]:
-    bases = {replica.model_base_path for replica in cfg.replicas}
-    return [model_store(base, export.model_name) for base in bases]
+def stores_of(replicas: list[ReplicaConfig], model_name: str) -> list[ModelStore]:
+    """The distinct stores the replicas serve from, in the order of the replicas."""
+    bases = dict.fromkeys(replica.model_base_path for replica in replicas)
+    return [model_store(base, model_name) for base in bases]
 
 
 def wait_until_available(server: ModelServer, version: int, timeout_s: float) -> None:
@@ -557,7 +558,7 @@ def push(export: ExportResult, verdict: Verdict, cfg: PushConfig) -> RolloutRepo
     transaction = get_transaction()
     if transaction is not None:  # for the on_rollback hook
         transaction.set("rollout", rollout)
-    with rollout_lock(stores_of(export, cfg), cfg.timeout_s):
+    with rollout_lock(stores_of(cfg.replicas, export.model_name), cfg.timeout_s):
         return rollout.run(verdict)
 
 
@@ -565,7 +566,8 @@ def push(export: ExportResult, verdict: Verdict, cfg: PushConfig) -> RolloutRepo
 def _withdraw_everywhere(transaction: Transaction) -> None:
     """A step after the push failed: every replica goes back to what it served before."""
     rollout: Rollout = transaction.get("rollout")
-    with rollout_lock(stores_of(rollout.export, rollout.cfg), rollout.cfg.timeout_s):
+    stores = stores_of(rollout.cfg.replicas, rollout.export.model_name)
+    with rollout_lock(stores, rollout.cfg.timeout_s):
         undone = rollout.roll_back("transaction rolled back")
     logger().warning(
         "rolled back %s version %d: %s", rollout.export.model_name, rollout.version, undone
