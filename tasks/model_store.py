@@ -109,14 +109,13 @@ class S3Store:
     def lock_path(self) -> Path:
         """A bucket has no lock of its own: rollouts from this host take turns on a local file."""
         name = urllib.parse.quote(str(self.root), safe="")
-        return Path(tempfile.gettempdir()) / "train-and-serve-rollout-locks" / f"{name}.lock"
+        return _on_this_host("rollout-locks") / f"{name}.lock"
 
     def local_dir(self) -> Path:
         """Where an export into this store writes, and keeps, its local copies: under this host's
         temporary directory, apart per endpoint (two S3 services may have the same bucket)."""
         endpoint = urllib.parse.urlsplit(object_store.client().meta.endpoint_url).netloc
-        exports = Path(tempfile.gettempdir()) / "train-and-serve-exports"
-        return exports / endpoint / self.root.bucket / self.root.prefix
+        return _on_this_host("exports") / endpoint / self.root.bucket / self.root.prefix
 
     def claim(self, version: int) -> bool:
         """Take version number ``version`` for an export, atomically; False when it was taken.
@@ -145,6 +144,11 @@ class S3Store:
 
     def withdraw(self, version: int) -> None:
         object_store.delete_version(self.root.child(str(version)))
+
+
+def _on_this_host(kind: str) -> Path:
+    """Where an S3 store keeps what it needs on this host's disk: its temporary directory."""
+    return Path(tempfile.gettempdir()) / f"train-and-serve-{kind}"
 
 
 ModelStore = LocalStore | S3Store
