@@ -18,7 +18,8 @@ subprocesses on 127.0.0.1, set up the way ``make run`` sets up the local one
 - ``flow_runs(deployment)``, ``wait_for_flow_runs(deployment, count)``,
   ``wait_for_flow_run(flow_run_id)``, ``flow_run_logs(flow_run_id)``,
   ``task_run_states(flow_run_id)``, ``run_deployment(deployment)``, ``automations(deployment)``,
-  ``delete_flow_runs(deployment)``: the API, through ``prefect.client.orchestration.get_client``;
+  ``delete_flow_runs(deployment)``: the API, through ``prefect_client(api_url)`` (a sync
+  ``get_client`` for one server, also for a server this module did not start);
 - ``restart(down_s)``: the server stopped (SIGTERM) and started again on its port and database;
 - ``emit_data_landed(digest, name, rows)``: ``tasks.events.emit_data_landed`` in a subprocess with
   ``env``, i.e. what ``python -m tasks.data add`` does: the process exits right after the event;
@@ -37,7 +38,7 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -209,15 +210,9 @@ class PrefectServer:
 
     # --- the API -------------------------------------------------------------------------------
 
-    @contextmanager
-    def client(self) -> Iterator[SyncPrefectClient]:
-        """``get_client(sync_client=True)`` for this server (whatever this process's settings)."""
-        from prefect.client.orchestration import get_client
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        with temporary_settings({PREFECT_API_URL: self.api_url}):
-            with get_client(sync_client=True) as client:
-                yield client
+    def client(self) -> AbstractContextManager[SyncPrefectClient]:
+        """``prefect_client`` for this server."""
+        return prefect_client(self.api_url)
 
     def deployment(self, name: str) -> Deployment:
         with self.client() as client:
@@ -344,6 +339,18 @@ class PrefectServer:
         )
         if result.returncode != 0:
             raise RuntimeError(f"emit_data_landed({digest!r}, {name!r}) failed:\n{result.stderr}")
+
+
+@contextmanager
+def prefect_client(api_url: str) -> Iterator[SyncPrefectClient]:
+    """``get_client(sync_client=True)`` for the server at ``api_url`` (whatever this process's
+    settings)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        with get_client(sync_client=True) as client:
+            yield client
 
 
 def server_env(root: Path, port: int) -> dict[str, str]:

@@ -27,6 +27,7 @@ import pytest
 from flows.local_stack import CRASH_SILENT_RUNS, START_TIMEOUT_S
 from tasks.config import REPO_ROOT
 from tasks.processes import free_port
+from tests.prefect_stack import prefect_client
 
 pytestmark = pytest.mark.slow
 
@@ -129,12 +130,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
 
 
 def test_up_creates_the_automation_for_silent_runs_once(stack: LocalStack) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     stack.cli("up")  # a second ``make run``: nothing is created twice
-    api = f"http://127.0.0.1:{stack.ports['prefect']}/api"
-    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+    with prefect_client(f"http://127.0.0.1:{stack.ports['prefect']}/api") as client:
         found = client.read_automations_by_name(CRASH_SILENT_RUNS)
     assert len(found) == 1, found
     (automation,) = found
